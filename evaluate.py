@@ -1,0 +1,303 @@
+"""Evaluate a checkpoint with COCO AP (pycocotools), in the paper's prompt modes.
+
+    python evaluate.py --ckpt runs/grqo/last.pt                     # generic prompts, val
+    python evaluate.py --ckpt runs/grqo/last.pt --prompt text
+    python evaluate.py --ckpt CKPT --data coco --split val --shots 10 --vis vis/
+
+Prompt modes (METHOD.md section 1):
+- generic: one prototype per class, the mean of K exemplar embeddings drawn from the support
+  split (all of them without --shots). A closed-set detector; the paper's zero-shot protocol.
+- text: the class names through the text encoder.
+- interactive: each image is prompted with its own ground-truth boxes (one prompt per class
+  present: the mean of that class's boxes on the image).
+
+Metrics: AP, AP50, AP75, APs, APm, APl over all classes, AP over base and over novel classes
+(COCOeval with params.catIds restricted), and AP per class.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import torch
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader, Subset
+from torchvision.utils import draw_bounding_boxes
+from tqdm import tqdm
+
+from data import CocoDetection, build_dataset, collate, sample_exemplars
+from model import DINOR1, Detections, load_checkpoint, model_from_checkpoint, postprocess
+
+SUMMARY_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+@torch.no_grad()
+def generic_prototypes(model: DINOR1, support: CocoDetection, shots: int | None, seed: int,
+                       device, batch_size: int = 8) -> tuple[torch.Tensor, list[int]]:
+    """One prototype per class with an exemplar: the mean embedding of its exemplars.
+
+    Returns (prototypes (C', d), the class index of each prototype)."""
+    exemplars = sample_exemplars(support, shots, seed)
+    by_image: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for class_index, items in exemplars.items():
+        for dataset_index, box in items:
+            by_image.setdefault(dataset_index, []).append((class_index, box))
+    image_indices = sorted(by_image)
+    d = model.config.hidden_dim
+    sums = torch.zeros(len(support.class_names), d, device=device)
+    counts = torch.zeros(len(support.class_names), device=device)
+    loader = DataLoader(Subset(support, image_indices), batch_size=batch_size, collate_fn=collate)
+    position = 0
+    for batch in tqdm(loader, desc="prototypes", leave=False):
+        batch = batch.to(device)
+        image_index, boxes, classes = [], [], []
+        for b in range(len(batch.targets)):
+            for class_index, box in by_image[image_indices[position + b]]:
+                image_index.append(b), boxes.append(box), classes.append(class_index)
+        position += len(batch.targets)
+        embeddings = model.encode_exemplars(batch.images, batch.mask,
+                                            torch.tensor(image_index, device=device),
+                                            torch.stack(boxes).to(device))
+        classes = torch.tensor(classes, device=device)
+        sums.index_add_(0, classes, embeddings.float())
+        counts.index_add_(0, classes, torch.ones_like(classes, dtype=torch.float))
+    present = sorted(exemplars)
+    return sums[present] / counts[present, None], present
+
+
+@torch.no_grad()
+def interactive_prompts(model: DINOR1, batch) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Each image prompted with its own ground truth: per image, one prompt per class present
+    (the mean embedding of that class's boxes). Returns prompts (B, K, d), prompt_mask (B, K)
+    True = padding, and per image the class index of each prompt."""
+    device = batch.images.device
+    image_index = torch.cat([torch.full((len(t.labels),), b, device=device)
+                             for b, t in enumerate(batch.targets)]).long()
+    boxes = torch.cat([t.boxes for t in batch.targets])
+    embeddings = model.encode_exemplars(batch.images, batch.mask, image_index, boxes)
+    per_image, start = [], 0
+    for target in batch.targets:
+        image_embeddings = embeddings[start:start + len(target.labels)]
+        start += len(target.labels)
+        classes = target.labels.unique().tolist()
+        per_image.append((classes, [image_embeddings[target.labels == c].mean(0) for c in classes]))
+    width = max((len(classes) for classes, _ in per_image), default=0)
+    prompts = torch.zeros(len(per_image), width, model.config.hidden_dim, device=device)
+    prompt_mask = torch.ones(len(per_image), width, dtype=torch.bool, device=device)
+    for b, (classes, vectors) in enumerate(per_image):
+        if vectors:
+            prompts[b, :len(vectors)] = torch.stack(vectors)
+            prompt_mask[b, :len(vectors)] = False
+    return prompts, prompt_mask, [classes for classes, _ in per_image]
+
+
+# ----------------------------------------------------------------------------- inference
+
+@torch.no_grad()
+def detect(model: DINOR1, batch, prompts: torch.Tensor, prompt_classes: list[int],
+           chunk_size: int, top_k: int = 300) -> list[Detections]:
+    """Run shared prompts (C, d) over a batch, `chunk_size` prompts at a time (LVIS has 1,203
+    classes), merge the chunks and keep each image's top_k. Labels become class indices."""
+    merged = [[] for _ in batch.targets]
+    classes = torch.tensor(prompt_classes, device=prompts.device)
+    for start in range(0, len(prompt_classes), chunk_size):
+        chunk = prompts[start:start + chunk_size]
+        output = model(batch.images, batch.mask,
+                       prompts=chunk[None].expand(len(batch.targets), -1, -1))
+        found = postprocess(output.logits[-1], output.boxes[-1], original_sizes(batch), top_k)
+        for b, detections in enumerate(found):
+            merged[b].append(Detections(detections.boxes, detections.scores,
+                                        classes[start + detections.labels]))
+    return [keep_top(parts, top_k) for parts in merged]
+
+
+def keep_top(parts: list[Detections], top_k: int) -> Detections:
+    boxes = torch.cat([p.boxes for p in parts])
+    scores = torch.cat([p.scores for p in parts])
+    labels = torch.cat([p.labels for p in parts])
+    order = scores.argsort(descending=True)[:top_k]
+    return Detections(boxes[order], scores[order], labels[order])
+
+
+def original_sizes(batch) -> torch.Tensor:
+    return torch.stack([t.orig_size for t in batch.targets]).to(batch.images.device)
+
+
+def to_coco_results(detections: list[Detections], image_ids: list[int],
+                    category_ids: list[int]) -> list[dict]:
+    """Detections (boxes xyxy in original pixels, labels = class indices) -> COCO result
+    dicts (bbox as [x, y, w, h], category_id the dataset's own id)."""
+    results = []
+    for found, image_id in zip(detections, image_ids):
+        boxes = found.boxes.cpu().clone()
+        boxes[:, 2:] -= boxes[:, :2]
+        for box, score, label in zip(boxes.tolist(), found.scores.tolist(), found.labels.tolist()):
+            results.append({"image_id": int(image_id), "category_id": category_ids[label],
+                            "bbox": [round(v, 2) for v in box], "score": round(score, 5)})
+    return results
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict:
+    """COCOeval on bounding boxes: the six summary numbers over all classes, AP over base
+    and over novel classes, and AP per class (by name). AP values are in [0, 1]."""
+    metrics = {name: 0.0 for name in SUMMARY_NAMES}
+    metrics.update(AP_base=0.0, AP_novel=0.0, per_class={}, num_detections=len(results))
+    if not results:
+        return metrics
+    with contextlib.redirect_stdout(io.StringIO()):
+        detections = dataset.coco.loadRes(results)
+
+    def run(category_ids: list[int]) -> COCOeval:
+        evaluator = COCOeval(dataset.coco, detections, "bbox")
+        evaluator.params.imgIds = dataset.image_ids
+        evaluator.params.catIds = category_ids
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        return evaluator
+
+    everything = run(dataset.category_ids)
+    metrics.update({name: max(float(v), 0.0)
+                    for name, v in zip(SUMMARY_NAMES, everything.stats[:6])})
+    precision = everything.eval["precision"][:, :, :, 0, -1]     # (IoU, recall, class), all areas
+    for k, name in enumerate(dataset.class_names):
+        valid = precision[:, :, k][precision[:, :, k] > -1]
+        metrics["per_class"][name] = float(valid.mean()) if valid.size else None
+    for key, classes in (("AP_base", dataset.base_classes), ("AP_novel", dataset.novel_classes)):
+        if classes:
+            metrics[key] = max(float(run([dataset.category_ids[c] for c in classes]).stats[0]), 0.0)
+        else:
+            metrics[key] = None
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    """A plain-text table of the summary metrics (in AP points, x100)."""
+    names = SUMMARY_NAMES + ["AP_base", "AP_novel"]
+    cells = ["-" if metrics.get(n) is None else f"{100 * metrics[n]:.1f}" for n in names]
+    widths = [max(len(n), len(c)) for n, c in zip(names, cells)]
+    line = lambda values: "| " + " | ".join(v.rjust(w) for v, w in zip(values, widths)) + " |"
+    return "\n".join([line(names), "|" + "|".join("-" * (w + 2) for w in widths) + "|", line(cells)])
+
+
+def format_per_class(metrics: dict, dataset: CocoDetection) -> str:
+    novel = {dataset.class_names[c] for c in dataset.novel_classes}
+    rows = [f"  {'novel' if name in novel else 'base ':5s} {name:30s} "
+            f"{'-' if ap is None else f'{100 * ap:5.1f}'}"
+            for name, ap in metrics["per_class"].items()]
+    return "AP per class:\n" + "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def draw_predictions(dataset: CocoDetection, index: int, found: Detections, path: Path,
+                     threshold: float = 0.3) -> None:
+    """The original image with predicted boxes, class names and scores above `threshold`."""
+    from torchvision.io import write_png
+    from torchvision.transforms.functional import pil_to_tensor
+
+    image = pil_to_tensor(dataset.load_image(index))
+    keep = found.scores >= threshold
+    labels = [f"{dataset.class_names[c]} {s:.2f}"
+              for c, s in zip(found.labels[keep].tolist(), found.scores[keep].tolist())]
+    drawn = draw_bounding_boxes(image, found.boxes[keep].cpu(), labels=labels, colors="white",
+                                width=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(drawn, str(path))
+
+
+# ----------------------------------------------------------------------------- the driver
+
+@torch.no_grad()
+def evaluate(model: DINOR1, data: str, split: str = "val", prompt: str = "generic",
+             shots: int | None = None, device="cpu", batch_size: int = 8, seed: int = 0,
+             support_split: str = "support", chunk_size: int = 80, vis_dir: Path | None = None,
+             num_vis: int = 8, novel: list[str] | None = None) -> dict:
+    """Detect on every image of `split` and score with COCOeval. Returns the metrics."""
+    model.eval().to(device)
+    size = dict(image_size=model.config.image_size, max_size=model.config.max_size)
+    dataset = build_dataset(data, split, train=False, novel=novel, **size)
+    if prompt == "generic":
+        support = build_dataset(data, support_split, train=False, novel=novel, **size)
+        prompts, prompt_classes = generic_prototypes(model, support, shots, seed, device, batch_size)
+    elif prompt == "text":
+        prompt_classes = list(range(len(dataset.class_names)))
+        prompts = model.encode_text(dataset.class_names)
+    elif prompt != "interactive":
+        raise ValueError(f"unknown prompt mode {prompt!r}")
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    results, position = [], 0
+    for batch in tqdm(loader, desc=f"evaluate {split} ({prompt})"):
+        batch = batch.to(device)
+        if prompt == "interactive":
+            found = detect_interactive(model, batch)
+        else:
+            found = detect(model, batch, prompts, prompt_classes, chunk_size)
+        image_ids = [t.image_id for t in batch.targets]
+        results += to_coco_results(found, image_ids, dataset.category_ids)
+        if vis_dir is not None:
+            for b, detections in enumerate(found):
+                if position + b < num_vis:
+                    draw_predictions(dataset, position + b, detections,
+                                     Path(vis_dir) / f"{split}_{image_ids[b]}.png")
+        position += len(batch.targets)
+    metrics = coco_metrics(dataset, results)
+    metrics.update(split=split, prompt=prompt, shots=shots, num_images=len(dataset))
+    return metrics
+
+
+def detect_interactive(model: DINOR1, batch, top_k: int = 300) -> list[Detections]:
+    prompts, prompt_mask, classes = interactive_prompts(model, batch)
+    output = model(batch.images, batch.mask, prompts=prompts, prompt_mask=prompt_mask)
+    found = postprocess(output.logits[-1], output.boxes[-1], original_sizes(batch), top_k)
+    detections = []
+    for b, item in enumerate(found):
+        keep = item.scores > 0          # padding prompts score exactly 0
+        lookup = torch.tensor(classes[b] or [0], device=item.labels.device)
+        detections.append(Detections(item.boxes[keep], item.scores[keep], lookup[item.labels[keep]]))
+    return detections
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="a checkpoint written by training")
+    parser.add_argument("--data", help="shapes | coco | PATH (default: the training data)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--prompt", default="generic", choices=["generic", "text", "interactive"])
+    parser.add_argument("--shots", type=int, help="exemplars per class (default: all)")
+    parser.add_argument("--support-split", default="support",
+                        help="where generic exemplars come from")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--kernel", default=None, choices=["auto", "torch", "triton"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--novel", help="comma-separated novel class names")
+    parser.add_argument("--vis", help="write PNGs with predictions to this folder")
+    parser.add_argument("--out", help="write the metrics as JSON here")
+    args = parser.parse_args(argv)
+    checkpoint = load_checkpoint(args.ckpt)
+    overrides = {"kernel": args.kernel} if args.kernel else {}
+    model = model_from_checkpoint(checkpoint, **overrides)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    data = args.data or checkpoint["args"]["data"]
+    novel = args.novel or checkpoint["args"].get("novel")
+    metrics = evaluate(model, data, args.split, args.prompt, args.shots, device,
+                       args.batch_size, args.seed, args.support_split,
+                       vis_dir=Path(args.vis) if args.vis else None,
+                       novel=novel.split(",") if novel else None)
+    print(format_table(metrics))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
+        print(f"metrics written to {args.out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1028 @@
+"""The DINO-R1 detector: Grounding DINO with a visual prompt encoder (METHOD.md section 2),
+its Hungarian matcher and the SFT losses (METHOD.md section 3).
+
+Read top to bottom:
+
+    DetectorConfig / PRESETS / build_model      settings, the `tiny` and `swin_t` scales
+    Backbone, sine position encodings           multi-scale image features, 4 levels of width d
+    MultiScaleDeformableAttention               the hot spot, through kernels.ms_deform_attn
+    ByteTextEncoder                             one embedding per class name (METHOD 2.3)
+    VisualPromptEncoder                         one embedding per exemplar box (METHOD 2.2)
+    FeatureEnhancer                             image <-> prompt fusion (METHOD 2.6)
+    Decoder                                     cross-modality decoder, box refinement (2.8)
+    DINOR1                                      query selection (2.7), heads (2.9), DN (2.10)
+    HungarianMatcher, SetCriterion              METHOD (1) and the SFT losses
+    postprocess                                 top-k (query, prompt) pairs to boxes
+
+Conventions used everywhere in this file:
+- boxes are normalised (cx, cy, w, h) in [0, 1], relative to the *unpadded* image;
+- masks are True where something is padding (image pixels, tokens or prompts);
+- `prompts` are (B, K, d): K prompt embeddings per image, one per class being asked for;
+  class logits are (B, Q, K): query q against prompt k.
+"""
+
+import math
+from pathlib import Path
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from kernels import ms_deform_attn
+
+
+# ----------------------------------------------------------------------------- settings
+
+@dataclass
+class DetectorConfig:
+    """Every size of the detector. `PRESETS` holds the named scales."""
+    backbone: str = "tiny"              # "tiny" | "swin_t" | "r50"
+    pretrained_backbone: bool = False   # torchvision ImageNet weights (never by default)
+    hidden_dim: int = 64                # d
+    num_heads: int = 4
+    num_levels: int = 4                 # strides 8, 16, 32, 64
+    num_points: int = 4                 # sampling points per head and level
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 3
+    ffn_dim: int = 256
+    num_queries: int = 100              # N_q, the selected tokens
+    num_dn_queries: int = 40            # contrastive denoising queries (METHOD 2.10)
+    dn_label_noise: float = 0.25        # probability of a wrong prompt on a DN query
+    dn_box_noise: float = 1.0           # lambda of DINO's box noise
+    text_encoder: str = "bytes"         # "bytes" or a local Hugging Face BERT name
+    text_layers: int = 2
+    image_size: int = 128               # short side at evaluation
+    max_size: int = 171                 # long side cap
+    kernel: str = "auto"                # deformable attention backend: auto | torch | triton
+
+
+PRESETS = {
+    # Trains on the embedded shapes data on a 2-core CPU in minutes.
+    "tiny": DetectorConfig(),
+    # The paper's model (METHOD.md section 2, "Paper-scale settings").
+    "swin_t": DetectorConfig(backbone="swin_t", hidden_dim=256, num_heads=8,
+                             num_encoder_layers=6, num_decoder_layers=6, ffn_dim=2048,
+                             num_queries=900, num_dn_queries=100, image_size=800,
+                             max_size=1333),
+    "r50": DetectorConfig(backbone="r50", hidden_dim=256, num_heads=8,
+                          num_encoder_layers=6, num_decoder_layers=6, ffn_dim=2048,
+                          num_queries=900, num_dn_queries=100, image_size=800, max_size=1333),
+}
+
+
+def build_model(preset: str = "tiny", **overrides) -> "DINOR1":
+    """The detector at a named scale; keyword overrides replace DetectorConfig fields."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return DINOR1(replace(PRESETS[preset], **overrides))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+@dataclass
+class ImageFeatures:
+    """Multi-scale image tokens, flattened level after level (S = sum of H_l * W_l)."""
+    tokens: Tensor             # (B, S, d)
+    pos: Tensor                # (B, S, d) sine position + level embedding
+    padding_mask: Tensor       # (B, S) True = padding
+    spatial_shapes: Tensor     # (L, 2) long, (H_l, W_l)
+    level_start_index: Tensor  # (L,) long
+    valid_ratios: Tensor       # (B, L, 2) (w, h) fraction of each level that is not padding
+
+
+@dataclass
+class VisualInstructions:
+    """Exemplar boxes that become prompts (METHOD 2.5, Algorithm 1 line 8).
+
+    All N exemplars are encoded (the contrastive loss uses them all); `selected` picks the K
+    that become the prompts shown to every image in the batch, one per class.
+    """
+    boxes: Tensor          # (N, 4) cxcywh of each exemplar on its own image
+    image_index: Tensor    # (N,) long, which image of the batch each exemplar is on
+    labels: Tensor         # (N,) long, prompt index (0..K-1) of each exemplar's class
+    selected: Tensor       # (K,) long, the exemplar used as prompt k
+    class_names: list      # K names, for the text side of the contrastive loss
+
+
+@dataclass
+class Selection:
+    """Prompt-guided query selection (METHOD 2.7); queries are in descending score order."""
+    indices: Tensor             # (B, Q) long, token index into the S encoder tokens
+    objectness_logits: Tensor   # (B, Q) s_i; O_i = sigmoid(s_i)
+
+
+@dataclass
+class DenoisingTargets:
+    """Where the denoising (DN) queries sit and what they must recover (METHOD 2.10)."""
+    labels: Tensor     # (B, N_dn) long, prompt index each DN query should predict
+    boxes: Tensor      # (B, N_dn, 4) ground-truth cxcywh each positive should recover
+    positive: Tensor   # (B, N_dn) bool, True = a positive (box and class targets)
+    valid: Tensor      # (B, N_dn) bool, False = a padding slot (no loss at all)
+    num_groups: int    # each group holds one positive and one negative per ground truth
+
+
+@dataclass
+class DetectorOutput:
+    """Everything a loss or a post-processor needs. K = number of prompts."""
+    logits: Tensor                  # (layers, B, Q, K) class logits per decoder layer
+    boxes: Tensor                   # (layers, B, Q, 4) cxcywh per decoder layer
+    encoder_logits: Tensor          # (B, Q, K) on the selected encoder tokens
+    encoder_boxes: Tensor           # (B, Q, 4) their proposal boxes
+    selection: Selection
+    prompt_mask: Tensor             # (B, K) True = padding prompt
+    dn_logits: Tensor | None = None       # (layers, B, N_dn, K)
+    dn_boxes: Tensor | None = None        # (layers, B, N_dn, 4)
+    dn_targets: DenoisingTargets | None = None
+    contrastive_logits: Tensor | None = None  # (K, K) visual class means x text (METHOD 2.4)
+
+
+# ----------------------------------------------------------------------------- small parts
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
+
+
+def sine_encoding(coords: Tensor, num_features: int, temperature: float = 10000.0) -> Tensor:
+    """(..., C) coordinates in [0, 1] -> (..., C * num_features) sine/cosine features."""
+    exponent = 2 * (torch.arange(num_features, device=coords.device) // 2) / num_features
+    frequencies = temperature ** exponent.to(coords.dtype)
+    angles = coords[..., None] * (2 * math.pi) / frequencies          # (..., C, F)
+    encoded = torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=-1)
+    return encoded.flatten(-3)
+
+
+class MLP(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class FeedForward(nn.Module):
+    """Post-norm FFN block: x + FFN(x), then LayerNorm."""
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.net(x))
+
+
+def attend(attention: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+           key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+    """nn.MultiheadAttention that returns zeros (not NaN) for a row whose keys are all padding.
+
+    That happens for an image prompted with nothing (an interactive prompt on an image
+    without ground truth).
+    """
+    if key.shape[1] == 0:
+        return torch.zeros_like(query)
+    if key_padding_mask is None:
+        return attention(query, key, value, attn_mask=attn_mask, need_weights=False)[0]
+    all_padding = key_padding_mask.all(dim=1)                          # (B,)
+    safe_mask = key_padding_mask.clone()
+    safe_mask[all_padding, 0] = False
+    out = attention(query, key, value, key_padding_mask=safe_mask, attn_mask=attn_mask,
+                    need_weights=False)[0]
+    return out * (~all_padding)[:, None, None].to(out.dtype)
+
+
+# ----------------------------------------------------------------------------- backbone
+
+class TinyConvNet(nn.Module):
+    """A small convolutional backbone for the `tiny` preset: strides 8, 16, 32."""
+    def __init__(self, widths=(32, 64, 96, 128)):
+        super().__init__()
+
+        def block(cin, cout):  # a stride-2 conv then a stride-1 conv
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU())
+
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False),
+                                  nn.GroupNorm(8, widths[0]), nn.ReLU())      # stride 2
+        self.stage1 = block(widths[0], widths[0])                              # stride 4
+        self.stage2 = block(widths[0], widths[1])                              # stride 8
+        self.stage3 = block(widths[1], widths[2])                              # stride 16
+        self.stage4 = block(widths[2], widths[3])                              # stride 32
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.stage4(self.stage3(self.stage2(self.stage1(self.stem(x)))))
+
+
+def make_backbone(name: str, pretrained: bool) -> tuple[nn.Module, list[int], bool]:
+    """A torchvision feature extractor returning strides 8, 16, 32.
+
+    Returns (extractor, channels per level, channels_last) where channels_last is True for
+    Swin, whose stages produce (B, H, W, C).
+    """
+    from torchvision import models
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    if name == "tiny":
+        if pretrained:
+            raise ValueError("the tiny backbone has no pretrained weights; drop "
+                             "--pretrained-backbone or use --model swin_t / r50")
+        network, nodes, channels = TinyConvNet(), ["stage2", "stage3", "stage4"], [64, 96, 128]
+        channels_last = False
+    elif name == "swin_t":
+        network = models.swin_t(weights="IMAGENET1K_V1" if pretrained else None)
+        nodes, channels, channels_last = ["features.3", "features.5", "features.7"], \
+            [192, 384, 768], True
+    elif name == "r50":
+        network = models.resnet50(weights="IMAGENET1K_V2" if pretrained else None)
+        nodes, channels, channels_last = ["layer2", "layer3", "layer4"], [512, 1024, 2048], False
+    else:
+        raise ValueError(f"unknown backbone {name!r}; choose tiny, swin_t or r50")
+    extractor = create_feature_extractor(network, {node: str(i) for i, node in enumerate(nodes)})
+    return extractor, channels, channels_last
+
+
+class Backbone(nn.Module):
+    """Backbone + neck: 4 levels of width d, with sine positions and level embeddings
+    (METHOD 2.1). The 4th level is a stride-2 conv on the last backbone stage."""
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        d = config.hidden_dim
+        self.body, channels, self.channels_last = make_backbone(config.backbone,
+                                                                config.pretrained_backbone)
+        groups = min(32, d // 4)
+        self.projections = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(groups, d)) for c in channels)
+        self.projections.append(nn.Sequential(nn.Conv2d(channels[-1], d, 3, 2, 1),
+                                              nn.GroupNorm(groups, d)))
+        self.level_embed = nn.Parameter(torch.randn(config.num_levels, d) * 0.02)
+
+    def forward(self, images: Tensor, mask: Tensor) -> ImageFeatures:
+        """images (B, 3, H, W) normalised; mask (B, H, W) True = padding."""
+        stages = list(self.body(images).values())
+        if self.channels_last:
+            stages = [s.permute(0, 3, 1, 2) for s in stages]
+        maps = [proj(s) for proj, s in zip(self.projections, stages)]
+        maps.append(self.projections[-1](stages[-1]))
+        tokens, positions, masks, shapes, ratios = [], [], [], [], []
+        for level, feature in enumerate(maps):
+            height, width = feature.shape[-2:]
+            level_mask = F.interpolate(mask[:, None].float(), size=(height, width))[:, 0].bool()
+            not_mask = (~level_mask).float()
+            # DETR's normalised sine position: coordinates over the unpadded extent.
+            y = not_mask.cumsum(1) / not_mask.cumsum(1)[:, -1:, :].clamp(min=1)
+            x = not_mask.cumsum(2) / not_mask.cumsum(2)[:, :, -1:].clamp(min=1)
+            pos = sine_encoding(torch.stack([y, x], dim=-1), feature.shape[1] // 2)
+            tokens.append(feature.flatten(2).transpose(1, 2))
+            positions.append(pos.flatten(1, 2) + self.level_embed[level])
+            masks.append(level_mask.flatten(1))
+            shapes.append((height, width))
+            ratios.append(torch.stack([not_mask[:, 0, :].sum(1) / width,
+                                       not_mask[:, :, 0].sum(1) / height], dim=-1))
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=images.device)
+        level_sizes = spatial_shapes.prod(1)
+        return ImageFeatures(
+            tokens=torch.cat(tokens, 1), pos=torch.cat(positions, 1).to(tokens[0].dtype),
+            padding_mask=torch.cat(masks, 1), spatial_shapes=spatial_shapes,
+            level_start_index=torch.cat([level_sizes.new_zeros(1), level_sizes.cumsum(0)[:-1]]),
+            valid_ratios=torch.stack(ratios, 1))
+
+
+# ----------------------------------------------------------------------------- attention
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Deformable attention (Deformable DETR): each query samples P points per head and level
+    around its reference and mixes them with learned weights. The sampling itself is
+    kernels.ms_deform_attn (PyTorch reference or Triton)."""
+
+    def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int,
+                 kernel: str = "auto"):
+        super().__init__()
+        self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
+        self.kernel = kernel
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # Start with points spread on a ring around the reference, one direction per head,
+        # further out for later points (as in Deformable DETR), and uniform weights.
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads) * (2 * math.pi / self.num_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True).values
+        grid = directions[:, None, None, :].repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1)[None, None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query: Tensor, reference: Tensor, features: ImageFeatures,
+                value: Tensor | None = None) -> Tensor:
+        """query (B, Q, d); reference (B, Q, L, 2) points or (B, Q, L, 4) boxes, normalised
+        to the padded feature map (already multiplied by valid ratios); value (B, S, d)
+        defaults to features.tokens. Returns (B, Q, d)."""
+        value = features.tokens if value is None else value
+        batch, num_queries, _ = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        value = self.value_proj(value).masked_fill(features.padding_mask[..., None], 0)
+        value = value.unflatten(-1, (heads, -1))                               # (B, S, h, D)
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        reference = reference.float()[:, :, None, :, None, :]                 # (B, Q, 1, L, 1, .)
+        if reference.shape[-1] == 2:
+            size_xy = features.spatial_shapes.flip(-1).float()                 # (L, 2) as (W, H)
+            locations = reference + offsets.float() / size_xy[None, None, None, :, None, :]
+        else:
+            locations = (reference[..., :2] + offsets.float() / points * reference[..., 2:] * 0.5)
+        out = ms_deform_attn(value, features.spatial_shapes, features.level_start_index,
+                             locations, weights.to(value.dtype), backend=self.kernel)
+        return self.output_proj(out)
+
+
+def scale_reference(boxes: Tensor, valid_ratios: Tensor) -> Tensor:
+    """Boxes or points normalised to the unpadded image (B, Q, 4|2) -> per level, normalised
+    to each padded feature map: (B, Q, L, 4|2)."""
+    ratios = valid_ratios if boxes.shape[-1] == 2 else torch.cat([valid_ratios] * 2, -1)
+    return boxes[:, :, None] * ratios[:, None]
+
+
+# ----------------------------------------------------------------------------- text encoder
+
+class ByteTextEncoder(nn.Module):
+    """A small transformer over UTF-8 bytes: any class name, in any script, no download
+    (METHOD 2.3). One embedding per name: the mean of its token states."""
+    max_bytes = 48
+
+    def __init__(self, dim: int, num_layers: int, num_heads: int):
+        super().__init__()
+        self.byte_embed = nn.Embedding(256, dim)
+        self.position_embed = nn.Parameter(torch.randn(self.max_bytes, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, num_heads, dim * 4, dropout=0.0,
+                                           batch_first=True)
+        self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, names: list[str]) -> Tensor:
+        """K names -> (K, d)."""
+        device = self.position_embed.device
+        encoded = [list(name.encode("utf-8"))[: self.max_bytes] or [0] for name in names]
+        length = max((len(e) for e in encoded), default=1)
+        byte_ids = torch.zeros(len(names), length, dtype=torch.long, device=device)
+        padding = torch.ones(len(names), length, dtype=torch.bool, device=device)
+        for i, e in enumerate(encoded):
+            byte_ids[i, : len(e)] = torch.tensor(e, device=device)
+            padding[i, : len(e)] = False
+        x = self.byte_embed(byte_ids) + self.position_embed[:length]
+        x = self.layers(x, src_key_padding_mask=padding)
+        keep = (~padding).float()[..., None]
+        return self.out((x * keep).sum(1) / keep.sum(1))
+
+
+class BertTextEncoder(nn.Module):
+    """A Hugging Face BERT from local files (optional; `--text-encoder bert-base-uncased`)."""
+
+    def __init__(self, name: str, dim: int):
+        super().__init__()
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as error:
+            raise ImportError("--text-encoder %s needs the transformers package "
+                              "(pip install transformers); the default 'bytes' encoder "
+                              "needs nothing" % name) from error
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            self.bert = AutoModel.from_pretrained(name, local_files_only=True)
+        except OSError as error:
+            raise OSError(f"no local copy of {name!r}; download it once with "
+                          f"transformers (from_pretrained) before training") from error
+        self.out = nn.Linear(self.bert.config.hidden_size, dim)
+
+    def forward(self, names: list[str]) -> Tensor:
+        device = self.out.weight.device
+        tokens = self.tokenizer(names, padding=True, return_tensors="pt").to(device)
+        states = self.bert(**tokens).last_hidden_state
+        keep = tokens["attention_mask"][..., None].float()
+        return self.out((states * keep).sum(1) / keep.sum(1))
+
+
+# ----------------------------------------------------------------------------- prompts
+
+class VisualPromptEncoder(nn.Module):
+    """One embedding per exemplar box (METHOD 2.2): a learned query shared by all prompts,
+    positioned by an MLP of the box's sine encoding, reads the image with one deformable
+    cross-attention around the box, then self-attention (each prompt attends only to itself,
+    as in the release), an FFN and LayerNorms."""
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        d = config.hidden_dim
+        self.query = nn.Parameter(torch.randn(d) * 0.02)
+        self.box_position = MLP(d, d, d, 2)
+        self.cross_attention = MultiScaleDeformableAttention(
+            d, config.num_heads, config.num_levels, config.num_points, config.kernel)
+        self.cross_norm = nn.LayerNorm(d)
+        self.self_attention = nn.MultiheadAttention(d, config.num_heads, batch_first=True)
+        self.self_norm = nn.LayerNorm(d)
+        self.ffn = FeedForward(d, config.ffn_dim)
+
+    def forward(self, features: ImageFeatures, image_index: Tensor, boxes: Tensor) -> Tensor:
+        """image_index (N,) long: the image each box is on; boxes (N, 4) cxcywh. -> (N, d)."""
+        batch, d = features.tokens.shape[0], self.query.shape[0]
+        if boxes.shape[0] == 0:
+            return features.tokens.new_zeros(0, d)
+        # Lay the exemplars out as (B, slots) so each one reads the features of its own image.
+        counts = torch.bincount(image_index, minlength=batch)
+        first_of_image = counts.cumsum(0) - counts
+        order = torch.argsort(image_index, stable=True)
+        slot = torch.empty_like(image_index)
+        slot[order] = torch.arange(len(order), device=slot.device) - first_of_image[image_index[order]]
+        num_slots = int(counts.max())
+        box_grid = boxes.new_full((batch, num_slots, 4), 0.5)
+        box_grid[image_index, slot] = boxes.to(box_grid.dtype)
+        position = self.box_position(sine_encoding(box_grid, d // 4))          # (B, slots, d)
+        query = self.query.expand(batch, num_slots, d)
+        reference = scale_reference(box_grid, features.valid_ratios)
+        x = self.cross_norm(query + self.cross_attention(query + position, reference, features))
+        only_itself = ~torch.eye(num_slots, dtype=torch.bool, device=x.device)
+        x = self.self_norm(x + attend(self.self_attention, x + position, x + position, x,
+                                      attn_mask=only_itself))
+        return self.ffn(x)[image_index, slot]
+
+
+def contrastive_logits(visual: Tensor, labels: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+    """METHOD 2.4: visual (N, d) exemplar embeddings with labels (N,) in 0..K-1, text (K, d).
+
+    Returns (K, K) logits between each class's mean visual embedding and every class's text
+    embedding; the symmetric InfoNCE over them (SetCriterion) is L_contra.
+    """
+    num_classes = text.shape[0]
+    sums = visual.new_zeros(num_classes, visual.shape[1]).index_add(0, labels, visual)
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1)
+    means = F.normalize(sums / counts[:, None].to(sums.dtype), dim=-1)
+    return logit_scale.exp().clamp(max=100) * means @ F.normalize(text, dim=-1).T
+
+
+# ----------------------------------------------------------------------------- enhancer
+
+class EnhancerLayer(nn.Module):
+    """One feature-enhancer layer (METHOD 2.6): bi-directional image <-> prompt
+    cross-attention with layer scale 1e-4, prompt self-attention + FFN, image deformable
+    self-attention + FFN."""
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        d, heads = config.hidden_dim, config.num_heads
+        self.fusion_image_norm, self.fusion_prompt_norm = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.image_from_prompts = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.prompts_from_image = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.image_scale = nn.Parameter(torch.full((d,), 1e-4))
+        self.prompt_scale = nn.Parameter(torch.full((d,), 1e-4))
+        self.prompt_self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.prompt_norm = nn.LayerNorm(d)
+        self.prompt_ffn = FeedForward(d, config.ffn_dim)
+        self.image_self_attention = MultiScaleDeformableAttention(
+            d, heads, config.num_levels, config.num_points, config.kernel)
+        self.image_norm = nn.LayerNorm(d)
+        self.image_ffn = FeedForward(d, config.ffn_dim)
+
+    def forward(self, image: Tensor, prompts: Tensor, prompt_mask: Tensor,
+                features: ImageFeatures, reference_points: Tensor) -> tuple[Tensor, Tensor]:
+        """image (B, S, d), prompts (B, K, d), prompt_mask (B, K), reference_points
+        (B, S, L, 2). Returns the updated (image, prompts)."""
+        if prompts.shape[1] > 0:
+            image_in = self.fusion_image_norm(image)
+            prompts_in = self.fusion_prompt_norm(prompts)
+            image = image + self.image_scale * attend(
+                self.image_from_prompts, image_in, prompts_in, prompts_in, prompt_mask)
+            prompts = prompts + self.prompt_scale * attend(
+                self.prompts_from_image, prompts_in, image_in, image_in, features.padding_mask)
+            prompts = self.prompt_norm(prompts + attend(
+                self.prompt_self_attention, prompts, prompts, prompts, prompt_mask))
+            prompts = self.prompt_ffn(prompts)
+        attended = self.image_self_attention(image + features.pos, reference_points, features,
+                                             value=image)
+        image = self.image_ffn(self.image_norm(image + attended))
+        return image, prompts
+
+
+def token_centres(features: ImageFeatures) -> Tensor:
+    """The centre of every token, normalised to its level's unpadded extent: (B, S, 2)."""
+    centres = []
+    for level, (height, width) in enumerate(features.spatial_shapes.tolist()):
+        y, x = torch.meshgrid(torch.arange(height, device=features.tokens.device) + 0.5,
+                              torch.arange(width, device=features.tokens.device) + 0.5,
+                              indexing="ij")
+        ratios = features.valid_ratios[:, level]                               # (B, 2) (w, h)
+        x = x.flatten()[None] / (ratios[:, None, 0] * width)
+        y = y.flatten()[None] / (ratios[:, None, 1] * height)
+        centres.append(torch.stack([x, y], -1))
+    return torch.cat(centres, 1)
+
+
+def token_anchors(features: ImageFeatures) -> Tensor:
+    """One anchor box per token (METHOD 2.7): at its centre, side 0.05 * 2^level, in
+    inverse-sigmoid space: (B, S, 4)."""
+    centres = token_centres(features)
+    sides = [torch.full((h * w,), 0.05 * 2 ** level, device=centres.device)
+             for level, (h, w) in enumerate(features.spatial_shapes.tolist())]
+    sides = torch.cat(sides)[None, :, None].expand(centres.shape[0], -1, 2)
+    return inverse_sigmoid(torch.cat([centres, sides], -1))
+
+
+class ContrastiveHead(nn.Module):
+    """Class logits = (query . prompt) / sqrt(d) + bias (METHOD 2.9): any prompt set works.
+    Padding prompts get a large negative logit (probability 0, no gradient)."""
+
+    def __init__(self, dim: int, prior_probability: float = 0.01):
+        super().__init__()
+        self.scale = dim ** -0.5
+        self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior_probability) / prior_probability)))
+
+    def forward(self, queries: Tensor, prompts: Tensor, prompt_mask: Tensor) -> Tensor:
+        """queries (..., B, Q, d), prompts (B, K, d), prompt_mask (B, K) -> (..., B, Q, K)."""
+        logits = queries @ prompts.transpose(-1, -2) * self.scale + self.bias
+        return logits.masked_fill(prompt_mask[:, None, :], -1e4)
+
+
+# ----------------------------------------------------------------------------- decoder
+
+class DecoderLayer(nn.Module):
+    """Query self-attention, cross-attention to the prompts, deformable cross-attention to the
+    image memory, FFN; post-norm (METHOD 2.8)."""
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        d, heads = config.hidden_dim, config.num_heads
+        self.self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.self_norm = nn.LayerNorm(d)
+        self.prompt_attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.prompt_norm = nn.LayerNorm(d)
+        self.image_attention = MultiScaleDeformableAttention(
+            d, heads, config.num_levels, config.num_points, config.kernel)
+        self.image_norm = nn.LayerNorm(d)
+        self.ffn = FeedForward(d, config.ffn_dim)
+
+    def forward(self, queries: Tensor, query_pos: Tensor, reference: Tensor,
+                features: ImageFeatures, memory: Tensor, prompts: Tensor, prompt_mask: Tensor,
+                attn_mask: Tensor | None) -> Tensor:
+        """queries, query_pos (B, T, d); reference (B, T, L, 4); attn_mask (T, T) True =
+        may not attend (keeps the DN groups and the matching queries apart)."""
+        q = queries + query_pos
+        queries = self.self_norm(queries + attend(self.self_attention, q, q, queries,
+                                                  attn_mask=attn_mask))
+        queries = self.prompt_norm(queries + attend(self.prompt_attention, queries + query_pos,
+                                                    prompts, prompts, prompt_mask))
+        queries = self.image_norm(queries + self.image_attention(queries + query_pos, reference,
+                                                                 features, value=memory))
+        return self.ffn(queries)
+
+
+class Decoder(nn.Module):
+    """Cross-modality decoder with iterative box refinement: each layer predicts a delta on
+    the previous layer's box (METHOD 2.8)."""
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        d = config.hidden_dim
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_decoder_layers))
+        self.box_heads = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(config.num_decoder_layers))
+        for head in self.box_heads:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        self.query_pos_head = MLP(d, d, d, 2)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, queries: Tensor, reference: Tensor, features: ImageFeatures,
+                memory: Tensor, prompts: Tensor, prompt_mask: Tensor,
+                attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """queries (B, T, d), reference (B, T, 4) cxcywh. Returns hidden states
+        (layers, B, T, d) and boxes (layers, B, T, 4)."""
+        hidden, boxes = [], []
+        for layer, box_head in zip(self.layers, self.box_heads):
+            query_pos = self.query_pos_head(sine_encoding(reference, queries.shape[-1] // 4))
+            queries = layer(queries, query_pos.to(queries.dtype),
+                            scale_reference(reference, features.valid_ratios), features,
+                            memory, prompts, prompt_mask, attn_mask)
+            refined = (box_head(queries).float() + inverse_sigmoid(reference)).sigmoid()
+            hidden.append(self.norm(queries))
+            boxes.append(refined)
+            reference = refined.detach()
+        return torch.stack(hidden), torch.stack(boxes)
+
+
+# ----------------------------------------------------------------------------- the detector
+
+def gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:
+    """tokens (B, S, C), indices (B, Q) -> (B, Q, C)."""
+    return tokens.gather(1, indices[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+class DINOR1(nn.Module):
+    """Grounding DINO with a visual prompt encoder and prompt-guided query selection."""
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_dim
+        self.backbone = Backbone(config)
+        if config.text_encoder == "bytes":
+            self.text_encoder = ByteTextEncoder(d, config.text_layers, config.num_heads)
+        else:
+            self.text_encoder = BertTextEncoder(config.text_encoder, d)
+        self.prompt_encoder = VisualPromptEncoder(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))    # METHOD 2.4
+        self.enhancer = nn.ModuleList(EnhancerLayer(config)
+                                      for _ in range(config.num_encoder_layers))
+        self.encoder_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
+        self.encoder_class_head = ContrastiveHead(d)
+        self.encoder_box_head = MLP(d, d, 4, 3)
+        self.query_content = nn.Embedding(config.num_queries, d)
+        self.dn_content = nn.Linear(d, d)
+        self.decoder = Decoder(config)
+        self.decoder_class_head = ContrastiveHead(d)
+
+    # -- prompts ------------------------------------------------------------------------
+
+    def encode_text(self, names: list[str]) -> Tensor:
+        """K class names -> (K, d) text prompts (METHOD 2.3)."""
+        return self.text_encoder(names)
+
+    def encode_exemplars(self, images: Tensor, mask: Tensor, image_index: Tensor,
+                         boxes: Tensor) -> Tensor:
+        """Visual prompt embeddings for exemplar boxes (cxcywh) on these images: (N, d)."""
+        return self.prompt_encoder(self.backbone(images, mask), image_index, boxes)
+
+    def instruction_prompts(self, features: ImageFeatures,
+                            instructions: VisualInstructions) -> tuple[Tensor, Tensor]:
+        """Encode every exemplar, then pick one per class as the prompt shown to every image
+        (METHOD 2.5). Returns (prompts (B, K, d), all exemplar embeddings (N, d))."""
+        embeddings = self.prompt_encoder(features, instructions.image_index, instructions.boxes)
+        prompts = embeddings[instructions.selected]
+        return prompts.expand(features.tokens.shape[0], -1, -1), embeddings
+
+    # -- image side ---------------------------------------------------------------------
+
+    def enhance(self, features: ImageFeatures, prompts: Tensor,
+                prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Feature enhancer: returns memory (B, S, d) and enhanced prompts (B, K, d)."""
+        reference = scale_reference(token_centres(features), features.valid_ratios)
+        image = features.tokens
+        for layer in self.enhancer:
+            image, prompts = layer(image, prompts, prompt_mask, features, reference)
+        return image, prompts
+
+    def score_tokens(self, features: ImageFeatures, memory: Tensor, prompts: Tensor,
+                     prompt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """METHOD 2.7: s_n = max_k (I'_n . v'_k) / sqrt(d) + bias for every token.
+
+        Returns output memory (B, S, d), token logits (B, S, K) and scores (B, S); padding
+        tokens score -1e4 so they are never selected ahead of image tokens.
+        """
+        output = self.encoder_output(memory).masked_fill(features.padding_mask[..., None], 0)
+        logits = self.encoder_class_head(output, prompts, prompt_mask)
+        if logits.shape[-1] > 0:
+            scores = logits.max(-1).values
+        else:
+            scores = self.encoder_class_head.bias.expand(logits.shape[:2])
+        return output, logits, scores.float().masked_fill(features.padding_mask, -1e4)
+
+    def select_queries(self, scores: Tensor) -> Selection:
+        """The top N_q tokens by score, in descending order (METHOD 2.7)."""
+        objectness, indices = scores.topk(min(self.config.num_queries, scores.shape[1]), dim=1)
+        return Selection(indices=indices, objectness_logits=objectness)
+
+    def objectness(self, images: Tensor, mask: Tensor, indices: Tensor,
+                   prompts: Tensor | None = None, prompt_mask: Tensor | None = None,
+                   instructions: VisualInstructions | None = None) -> Tensor:
+        """The light path for the GRQO reference model: backbone, prompt encoder, enhancer
+        and score head only (no decoder). Returns the objectness logits (B, Q) of the given
+        token indices (B, Q), e.g. the ones the policy selected."""
+        features = self.backbone(images, mask)
+        if instructions is not None:
+            prompts, _ = self.instruction_prompts(features, instructions)
+        if prompt_mask is None:
+            prompt_mask = torch.zeros(prompts.shape[:2], dtype=torch.bool, device=prompts.device)
+        memory, enhanced = self.enhance(features, prompts, prompt_mask)
+        _, _, scores = self.score_tokens(features, memory, enhanced, prompt_mask)
+        return scores.gather(1, indices)
+
+    # -- denoising ----------------------------------------------------------------------
+
+    def denoising_queries(self, targets: list, prompts: Tensor, num_matching: int):
+        """Contrastive denoising queries (METHOD 2.10, as in DINO).
+
+        targets: per image an object with `boxes` (M, 4) cxcywh and `labels` (M,) prompt
+        indices. Each group holds a positive (box corners moved by < lambda * half size) and
+        a negative (between lambda and 2 lambda) copy of every ground truth; some queries get
+        a wrong prompt as content (label noise). Returns (content (B, N, d), reference
+        (B, N, 4), attn_mask (N + Q, N + Q), DenoisingTargets), or None when there is nothing
+        to denoise.
+        """
+        config, device = self.config, prompts.device
+        batch, num_prompts = prompts.shape[:2]
+        max_gt = max((len(t.labels) for t in targets), default=0)
+        if max_gt == 0 or num_prompts == 0 or config.num_dn_queries == 0:
+            return None
+        groups = max(1, config.num_dn_queries // (2 * max_gt))
+        labels = torch.zeros(batch, max_gt, dtype=torch.long, device=device)
+        boxes = torch.full((batch, max_gt, 4), 0.5, device=device)
+        valid = torch.zeros(batch, max_gt, dtype=torch.bool, device=device)
+        for b, target in enumerate(targets):
+            count = len(target.labels)
+            labels[b, :count], boxes[b, :count], valid[b, :count] = target.labels, target.boxes, True
+        shape = (batch, groups, 2, max_gt)          # group, (positive, negative), ground truth
+        labels, valid = labels[:, None, None].expand(shape), valid[:, None, None].expand(shape)
+        boxes = boxes[:, None, None].expand(*shape, 4)
+        positive = torch.tensor([True, False], device=device)[None, None, :, None].expand(shape)
+        flip = torch.rand(shape, device=device) < config.dn_label_noise
+        noisy_labels = torch.where(flip, torch.randint(0, num_prompts, shape, device=device), labels)
+        half_size = torch.cat([boxes[..., 2:]] * 2, -1) / 2          # (w, h, w, h) / 2
+        magnitude = torch.rand(*shape, 4, device=device) + (~positive)[..., None].float()
+        sign = torch.randint(0, 2, (*shape, 4), device=device) * 2.0 - 1.0
+        corners = box_convert(boxes, "cxcywh", "xyxy")
+        corners = (corners + sign * magnitude * half_size * config.dn_box_noise).clamp(0, 1)
+        reference = box_convert(corners, "xyxy", "cxcywh")
+        batch_index = torch.arange(batch, device=device)[:, None, None, None]
+        content = self.dn_content(prompts[batch_index, noisy_labels])
+        total = groups * 2 * max_gt
+        attn_mask = torch.zeros(total + num_matching, total + num_matching, dtype=torch.bool,
+                                device=device)
+        attn_mask[total:, :total] = True             # matching queries never see DN queries
+        group_of = torch.arange(total, device=device) // (2 * max_gt)
+        attn_mask[:total, :total] = group_of[:, None] != group_of[None, :]
+        targets_out = DenoisingTargets(labels=labels.flatten(1), boxes=boxes.flatten(1, 3),
+                                       positive=positive.flatten(1), valid=valid.flatten(1),
+                                       num_groups=groups)
+        return content.flatten(1, 3), reference.flatten(1, 3), attn_mask, targets_out
+
+    # -- forward ------------------------------------------------------------------------
+
+    def forward(self, images: Tensor, mask: Tensor, prompts: Tensor | None = None,
+                prompt_mask: Tensor | None = None,
+                instructions: VisualInstructions | None = None,
+                dn_targets: list | None = None) -> DetectorOutput:
+        """images (B, 3, H, W) normalised, mask (B, H, W) True = padding.
+
+        Prompts come either ready-made (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g.
+        generic prototypes or text) or as `instructions` (training: exemplar boxes of this
+        batch, one per class becomes the prompt; also yields the contrastive logits).
+        `dn_targets` (training only) adds denoising queries.
+        """
+        features = self.backbone(images, mask)
+        contrast = None
+        if instructions is not None:
+            prompts, embeddings = self.instruction_prompts(features, instructions)
+            contrast = contrastive_logits(embeddings, instructions.labels,
+                                          self.encode_text(instructions.class_names),
+                                          self.logit_scale)
+        if prompt_mask is None:
+            prompt_mask = torch.zeros(prompts.shape[:2], dtype=torch.bool, device=prompts.device)
+        memory, enhanced = self.enhance(features, prompts, prompt_mask)
+        output, token_logits, scores = self.score_tokens(features, memory, enhanced, prompt_mask)
+        selection = self.select_queries(scores)
+        anchors = gather_tokens(token_anchors(features), selection.indices)
+        encoder_boxes = (self.encoder_box_head(gather_tokens(output, selection.indices)).float()
+                         + anchors).sigmoid()
+        # "Mixed" query selection: learned content, positions from the selected proposals.
+        queries = self.query_content.weight.expand(images.shape[0], -1, -1)[:, :encoder_boxes.shape[1]]
+        reference, attn_mask = encoder_boxes.detach(), None
+        denoising = None
+        if self.training and dn_targets is not None:
+            denoising = self.denoising_queries(dn_targets, prompts, queries.shape[1])
+        if denoising is not None:
+            dn_content, dn_reference, attn_mask, _ = denoising
+            queries = torch.cat([dn_content.to(queries.dtype), queries], 1)
+            reference = torch.cat([dn_reference, reference], 1)
+        hidden, boxes = self.decoder(queries, reference, features, memory, enhanced,
+                                     prompt_mask, attn_mask)
+        logits = self.decoder_class_head(hidden, enhanced, prompt_mask).float()
+        num_dn = 0 if denoising is None else denoising[0].shape[1]
+        return DetectorOutput(
+            logits=logits[:, :, num_dn:], boxes=boxes[:, :, num_dn:],
+            encoder_logits=gather_tokens(token_logits, selection.indices).float(),
+            encoder_boxes=encoder_boxes, selection=selection, prompt_mask=prompt_mask,
+            dn_logits=logits[:, :, :num_dn] if num_dn else None,
+            dn_boxes=boxes[:, :, :num_dn] if num_dn else None,
+            dn_targets=None if denoising is None else denoising[3],
+            contrastive_logits=contrast)
+
+
+# ----------------------------------------------------------------------------- matching
+
+def pad_targets(targets: list, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image targets -> labels (B, M) long, boxes (B, M, 4) cxcywh, gt_mask (B, M) with
+    True = a real ground truth (M = the most any image has; padding boxes are a harmless
+    dummy so that GIoU stays finite)."""
+    max_gt = max((len(t.labels) for t in targets), default=0)
+    labels = torch.zeros(len(targets), max_gt, dtype=torch.long, device=device)
+    boxes = torch.tensor([0.5, 0.5, 0.1, 0.1], device=device).repeat(len(targets), max_gt, 1)
+    gt_mask = torch.zeros(len(targets), max_gt, dtype=torch.bool, device=device)
+    for b, target in enumerate(targets):
+        count = len(target.labels)
+        labels[b, :count], boxes[b, :count], gt_mask[b, :count] = target.labels, target.boxes, True
+    return labels, boxes, gt_mask
+
+
+def paired_giou(boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+    """GIoU between every prediction and every ground truth of the same image:
+    boxes (B, Q, 4), gt_boxes (B, M, 4) cxcywh -> (B, Q, M)."""
+    batch, num_queries, num_gt = boxes.shape[0], boxes.shape[1], gt_boxes.shape[1]
+    all_pairs = generalized_box_iou(box_convert(boxes.flatten(0, 1), "cxcywh", "xyxy"),
+                                    box_convert(gt_boxes.flatten(0, 1), "cxcywh", "xyxy"))
+    all_pairs = all_pairs.view(batch, num_queries, batch, num_gt)
+    same_image = torch.arange(batch, device=boxes.device)
+    return all_pairs[same_image, :, same_image]
+
+
+class HungarianMatcher:
+    """One-to-one matching of predictions to ground truth with the cost of METHOD (1):
+
+        C_ij = 2.0 * C_focal(i, class_j) + 5.0 * |b_i - b_j|_1 + 2.0 * (-GIoU(b_i, b_j))
+    """
+
+    def __init__(self, class_weight: float = 2.0, l1_weight: float = 5.0,
+                 giou_weight: float = 2.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+        self.class_weight, self.l1_weight, self.giou_weight = class_weight, l1_weight, giou_weight
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    def pairwise_cost(self, logits: Tensor, boxes: Tensor, targets: list) -> tuple[Tensor, Tensor]:
+        """The full cost matrices, differentiable (GRQO builds its rewards from them).
+
+        logits (B, Q, K), boxes (B, Q, 4) cxcywh, targets with labels in 0..K-1.
+        Returns cost (B, Q, M) and gt_mask (B, M), True = real ground truth; the cost of a
+        padding column is meaningless and must be masked by the caller.
+        """
+        labels, gt_boxes, gt_mask = pad_targets(targets, logits.device)
+        batch, num_queries = logits.shape[:2]
+        if labels.shape[1] == 0:
+            return logits.new_zeros(batch, num_queries, 0), gt_mask
+        probability = logits.float().sigmoid()
+        probability = probability.gather(2, labels[:, None, :].expand(-1, num_queries, -1))
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        positive = alpha * (1 - probability) ** gamma * -(probability + 1e-8).log()
+        negative = (1 - alpha) * probability ** gamma * -(1 - probability + 1e-8).log()
+        boxes = boxes.float()
+        l1 = torch.cdist(boxes, gt_boxes, p=1)
+        cost = (self.class_weight * (positive - negative) + self.l1_weight * l1
+                - self.giou_weight * paired_giou(boxes, gt_boxes))
+        return cost, gt_mask
+
+    @torch.no_grad()
+    def __call__(self, logits: Tensor, boxes: Tensor, targets: list) -> list[tuple[Tensor, Tensor]]:
+        """Per image (query indices, ground-truth indices), each (min(Q, M),) long."""
+        cost, gt_mask = self.pairwise_cost(logits, boxes, targets)
+        cost = cost.cpu()
+        matches = []
+        for b, count in enumerate(gt_mask.sum(1).tolist()):
+            rows, cols = linear_sum_assignment(cost[b, :, :count].numpy())
+            matches.append((torch.as_tensor(rows, dtype=torch.long, device=logits.device),
+                            torch.as_tensor(cols, dtype=torch.long, device=logits.device)))
+        return matches
+
+
+# ----------------------------------------------------------------------------- SFT losses
+
+class SetCriterion:
+    """The SFT losses (METHOD section 3): per decoder layer, on the selected encoder proposals
+    and on the DN queries, sigmoid focal loss over the prompt logits (unmatched queries: an
+    all-zero target), L1 x 5 and GIoU x 2 on matched boxes; plus L_contra (METHOD 2.4).
+    Losses are normalised by `num_boxes`, the number of ground truths per process (averaged
+    over processes under DDP)."""
+
+    def __init__(self, matcher: HungarianMatcher | None = None, class_weight: float = 1.0,
+                 l1_weight: float = 5.0, giou_weight: float = 2.0,
+                 contrastive_weight: float = 1.0, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0):
+        self.matcher = matcher or HungarianMatcher()
+        self.class_weight, self.l1_weight, self.giou_weight = class_weight, l1_weight, giou_weight
+        self.contrastive_weight = contrastive_weight
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    def focal(self, logits: Tensor, target: Tensor, keep: Tensor, num_boxes: float) -> Tensor:
+        loss = sigmoid_focal_loss(logits, target, self.focal_alpha, self.focal_gamma, "none")
+        return (loss * keep).sum() / num_boxes
+
+    def box_losses(self, boxes: Tensor, gt_boxes: Tensor, num_boxes: float) -> Tensor:
+        """boxes, gt_boxes (N, 4) cxcywh, paired -> weighted L1 + GIoU."""
+        l1 = (boxes - gt_boxes).abs().sum() / num_boxes
+        giou = torch.diag(generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                              box_convert(gt_boxes, "cxcywh", "xyxy")))
+        return self.l1_weight * l1 + self.giou_weight * (1 - giou).sum() / num_boxes
+
+    def set_loss(self, logits: Tensor, boxes: Tensor, targets: list, prompt_mask: Tensor,
+                 num_boxes: float) -> Tensor:
+        """Hungarian-matched loss of one prediction set: logits (B, Q, K), boxes (B, Q, 4)."""
+        matches = self.matcher(logits, boxes, targets)
+        target_classes = torch.zeros_like(logits)
+        matched_boxes, gt_boxes = [], []
+        for b, (rows, cols) in enumerate(matches):
+            target_classes[b, rows, targets[b].labels[cols]] = 1
+            matched_boxes.append(boxes[b, rows])
+            gt_boxes.append(targets[b].boxes[cols])
+        keep = (~prompt_mask)[:, None, :].float()
+        loss = self.class_weight * self.focal(logits, target_classes, keep, num_boxes)
+        return loss + self.box_losses(torch.cat(matched_boxes), torch.cat(gt_boxes), num_boxes)
+
+    def denoising_loss(self, logits: Tensor, boxes: Tensor, dn: DenoisingTargets,
+                       prompt_mask: Tensor, num_boxes: float) -> Tensor:
+        """DN queries know their targets (no matching): positives recover class and box,
+        negatives must predict no class. logits (B, N, K), boxes (B, N, 4)."""
+        normaliser = num_boxes * dn.num_groups
+        positive = dn.positive & dn.valid
+        target_classes = torch.zeros_like(logits)
+        target_classes[positive] = F.one_hot(dn.labels[positive], logits.shape[-1]).to(logits.dtype)
+        keep = (dn.valid[..., None] & ~prompt_mask[:, None, :]).float()
+        loss = self.class_weight * self.focal(logits, target_classes, keep, normaliser)
+        return loss + self.box_losses(boxes[positive], dn.boxes[positive], normaliser)
+
+    def contrastive_loss(self, logits: Tensor) -> Tensor:
+        """Symmetric InfoNCE between class-mean visual and text embeddings (METHOD 2.4)."""
+        classes = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, classes) + F.cross_entropy(logits.T, classes)) / 2
+
+    def __call__(self, output: DetectorOutput, targets: list, num_boxes: float) -> dict[str, Tensor]:
+        """targets: per image `boxes` (M, 4) cxcywh and `labels` (M,) prompt indices.
+        Returns named loss terms (each already weighted) and their sum under "sft"."""
+        mask = output.prompt_mask
+        terms = {"decoder": sum(self.set_loss(logits, boxes, targets, mask, num_boxes)
+                                for logits, boxes in zip(output.logits, output.boxes)),
+                 "encoder": self.set_loss(output.encoder_logits, output.encoder_boxes, targets,
+                                          mask, num_boxes)}
+        if output.dn_targets is not None:
+            terms["denoising"] = sum(
+                self.denoising_loss(logits, boxes, output.dn_targets, mask, num_boxes)
+                for logits, boxes in zip(output.dn_logits, output.dn_boxes))
+        if output.contrastive_logits is not None and output.contrastive_logits.shape[0] > 0:
+            terms["contrastive"] = self.contrastive_weight * self.contrastive_loss(
+                output.contrastive_logits.float())
+        terms["sft"] = sum(terms.values())
+        return terms
+
+
+# ----------------------------------------------------------------------------- inference
+
+@dataclass
+class Detections:
+    """One image's detections, in original image pixels."""
+    boxes: Tensor    # (N, 4) xyxy
+    scores: Tensor   # (N,)
+    labels: Tensor   # (N,) long, prompt index
+
+
+@torch.no_grad()
+def postprocess(logits: Tensor, boxes: Tensor, original_sizes: Tensor,
+                top_k: int = 300) -> list[Detections]:
+    """The top_k (query, prompt) pairs per image by sigmoid score.
+
+    logits (B, Q, K) of the last decoder layer, boxes (B, Q, 4) cxcywh normalised to the
+    unpadded image, original_sizes (B, 2) as (h, w) of the files. A query may appear with
+    several prompts (multi-label), as in DINO's evaluation.
+    """
+    batch, num_queries, num_prompts = logits.shape
+    scores, flat_index = logits.float().sigmoid().flatten(1).topk(
+        min(top_k, num_queries * num_prompts), dim=1)
+    query_index, prompt_index = flat_index // num_prompts, flat_index % num_prompts
+    picked = boxes.float().gather(1, query_index[..., None].expand(-1, -1, 4))
+    height, width = original_sizes.float().unbind(-1)
+    scale = torch.stack([width, height, width, height], -1)[:, None, :]
+    picked = box_convert(picked, "cxcywh", "xyxy") * scale
+    return [Detections(boxes=picked[b], scores=scores[b], labels=prompt_index[b])
+            for b in range(batch)]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint without executing pickled code (weights_only=True)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or tampered file: name it, say why
+        raise SystemExit(f"cannot load checkpoint {path}: it is truncated, corrupt or holds "
+                         f"more than tensors and plain values ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200]})") from error
+
+
+def model_from_checkpoint(checkpoint: dict, **overrides) -> DINOR1:
+    """Rebuild the detector a checkpoint was trained with and load its weights (strict)."""
+    config = DetectorConfig(**{**checkpoint["config"], **overrides})
+    model = DINOR1(config)
+    model.load_state_dict(checkpoint["model"])
+    return model
