@@ -1,0 +1,461 @@
+"""Tests of data.py: the shapes generator, COCO loading and its bad-input cases,
+transforms, batching and prompt sampling. Everything runs on small files in tmp_path."""
+
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
+
+import data
+
+SMALL_SHAPES = dict(image_size=64, train_images=20, support_images=12, dev_images=4, val_images=24)
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    return data.generate_shapes(tmp_path_factory.mktemp("shapes"), seed=0, **SMALL_SHAPES)
+
+
+def write_split(root, pictures, annotations, categories=None, split="val", size=(40, 30)):
+    """A COCO-format split on disk. pictures: per image a PIL image, raw bytes (written
+    as they are) or None (listed but not written); image ids run from 1."""
+    categories = categories or [{"id": 1, "name": "thing"}, {"id": 2, "name": "other"}]
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    images = []
+    for image_id, picture in enumerate(pictures, start=1):
+        file_name = f"{image_id}.png"
+        width, height = picture.size if isinstance(picture, Image.Image) else size
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        if isinstance(picture, Image.Image):
+            picture.save(root / split / file_name)
+        elif picture is not None:
+            (root / split / file_name).write_bytes(picture)
+    annotations = [
+        {"id": index, "iscrowd": 0, "area": 1.0, **annotation} for index, annotation in enumerate(annotations, start=1)
+    ]
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco, ensure_ascii=False), encoding="utf-8")
+    return root
+
+
+def rgb(size=(40, 30), colour=(200, 30, 30)):
+    return Image.new("RGB", size, colour)
+
+
+def unnormalise(image):
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    return image * std + mean
+
+
+def make_target(labels, image_id=0):
+    labels = torch.tensor(labels, dtype=torch.long)
+    boxes = torch.rand(len(labels), 4) * 0.5 + 0.25
+    size = torch.tensor([32, 32])
+    return data.Target(boxes, labels, image_id, size, size)
+
+
+# ---------------------------------------------------------------- the shapes dataset
+
+
+def test_generation_is_deterministic(shapes_root, tmp_path):
+    again = data.generate_shapes(tmp_path / "again", seed=0, **SMALL_SHAPES)
+    other = data.generate_shapes(tmp_path / "other", seed=1, **SMALL_SHAPES)
+    for split in data.SPLIT_CLASSES:
+        name = f"annotations/instances_{split}.json"
+        assert (again / name).read_bytes() == (shapes_root / name).read_bytes()
+        assert (other / name).read_bytes() != (shapes_root / name).read_bytes()
+    assert (again / "val" / "000001.png").read_bytes() == (shapes_root / "val" / "000001.png").read_bytes()
+
+
+def test_novel_classes_split(shapes_root):
+    split = json.loads((shapes_root / "annotations" / "split.json").read_text())
+    names = [category["name"] for category in data.shapes_categories()]
+    assert len(names) >= 20 and len(split["novel"]) == len(names) // 4
+    assert sorted(split["base"] + split["novel"]) == sorted(names)
+    base_parts = {part for name in split["base"] for part in enumerate(name.split(" "))}
+    for name in split["novel"]:  # (0, colour) and (1, shape) both occur among base classes
+        assert set(enumerate(name.split(" "))) <= base_parts
+    train = data.CocoDetection(shapes_root, "train")
+    val = data.CocoDetection(shapes_root, "val")
+    assert train.novel_classes == val.novel_classes and len(train.novel_classes) == len(split["novel"])
+    assert not set(train.instance_labels.tolist()) & set(train.novel_classes)
+    assert set(val.novel_classes) <= set(val.instance_labels.tolist())
+
+
+def test_support_split_has_every_class(shapes_root):
+    support = data.CocoDetection(shapes_root, "support")
+    counts = torch.bincount(support.instance_labels, minlength=len(support.class_names))
+    assert counts.min() >= 1
+
+
+def test_shapes_boxes_inside_images(shapes_root):
+    coco = data.load_coco(shapes_root / "annotations" / "instances_val.json")
+    for annotation in coco.dataset["annotations"]:
+        x, y, width, height = annotation["bbox"]
+        assert x >= 0 and y >= 0 and width >= 1 and height >= 1
+        assert x + width <= SMALL_SHAPES["image_size"] and y + height <= SMALL_SHAPES["image_size"]
+        assert 0 < annotation["area"] <= width * height
+
+
+def test_ground_truth_round_trip_gives_ap_one(shapes_root):
+    """Targets converted back to COCO detections score AP = 1 against the JSON."""
+    dataset = data.CocoDetection(shapes_root, "val")
+    detections = []
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        height, width = target.orig_size.tolist()
+        boxes = box_convert(target.boxes * torch.tensor([width, height, width, height]), "cxcywh", "xywh")
+        for box, label in zip(boxes.tolist(), target.labels.tolist()):
+            category_id = dataset.category_ids[label]
+            detections.append({"image_id": target.image_id, "category_id": category_id, "bbox": box, "score": 1.0})
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluation = COCOeval(dataset.coco, dataset.coco.loadRes(detections), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert evaluation.stats[0] == pytest.approx(1.0)
+
+
+def test_reused_when_complete_regenerated_otherwise(tmp_path, monkeypatch):
+    sizes = dict(image_size=48, train_images=2, support_images=1, dev_images=1, val_images=1)
+    data.ensure_shapes(tmp_path, **sizes)
+    calls = []
+    original = data.generate_shapes
+    monkeypatch.setattr(data, "generate_shapes", lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs))
+    data.ensure_shapes(tmp_path, **sizes)
+    assert calls == []
+    (tmp_path / "COMPLETE").unlink()
+    data.ensure_shapes(tmp_path, **sizes)
+    assert len(calls) == 1 and (tmp_path / "COMPLETE").is_file()
+    data.ensure_shapes(tmp_path, **{**sizes, "train_images": 3})
+    assert len(calls) == 2
+    assert len(json.loads((tmp_path / "annotations" / "instances_train.json").read_text())["images"]) == 3
+
+
+def test_preview_command_writes_png(shapes_root, tmp_path):
+    out = tmp_path / "preview.png"
+    data.main(["preview", "--data", str(shapes_root), "--split", "val", "--out", str(out), "--num-images", "4"])
+    picture = Image.open(out)
+    assert picture.mode == "RGB" and min(picture.size) > 2 * 384
+
+
+# ---------------------------------------------------------------- transforms and batching
+
+
+def test_training_scales():
+    assert data.training_scales(800) == list(range(480, 801, 32))
+    assert data.training_scales(128) == [80, 88, 96, 104, 112, 120, 128]
+
+
+def test_two_flips_are_identity():
+    image = torch.rand(3, 20, 30)
+    boxes = torch.tensor([[2.0, 3.0, 10.0, 15.0], [0.0, 0.0, 30.0, 20.0]])
+    labels = torch.tensor([0, 1])
+    flip = data.RandomHorizontalFlip(probability=1.0)
+    flipped_image, flipped_boxes, _ = flip(image, boxes, labels)
+    assert torch.equal(flipped_boxes[0], torch.tensor([20.0, 3.0, 28.0, 15.0]))
+    again_image, again_boxes, again_labels = flip(flipped_image, flipped_boxes, labels)
+    assert torch.equal(again_image, image) and torch.equal(again_boxes, boxes) and torch.equal(again_labels, labels)
+
+
+def test_crops_keep_boxes_inside():
+    torch.manual_seed(0)
+    image = Image.new("RGB", (100, 80))
+    boxes = torch.tensor([[5.0, 5.0, 30.0, 40.0], [60.0, 10.0, 95.0, 75.0], [40.0, 50.0, 45.0, 55.0]])
+    labels = torch.tensor([0, 1, 2])
+    crop = data.RandomSizeCrop(30, 60)
+    for _ in range(50):
+        cropped, cropped_boxes, cropped_labels = crop(image, boxes, labels)
+        width, height = cropped.size
+        assert 30 <= width <= 60 and 30 <= height <= 60
+        assert len(cropped_boxes) == len(cropped_labels)
+        assert (cropped_boxes >= 0).all()
+        assert (cropped_boxes[:, [0, 2]] <= width).all() and (cropped_boxes[:, [1, 3]] <= height).all()
+        assert (cropped_boxes[:, 2:] > cropped_boxes[:, :2]).all()
+
+
+def test_training_transforms_keep_boxes_consistent(shapes_root):
+    torch.manual_seed(0)
+    dataset = data.CocoDetection(shapes_root, "train", data.make_transforms(True, 64, 85))
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        height, width = target.size.tolist()
+        assert image.shape == (3, height, width) and min(height, width) <= 64 and max(height, width) <= 85
+        corners = box_convert(target.boxes, "cxcywh", "xyxy")
+        assert (corners >= -1e-6).all() and (corners <= 1 + 1e-6).all()
+        assert len(target.boxes) == len(target.labels)
+
+
+def test_eval_resize_keeps_normalised_boxes(shapes_root):
+    plain = data.CocoDetection(shapes_root, "val")
+    resized = data.CocoDetection(shapes_root, "val", data.make_transforms(False, 96, 128))
+    _, target = plain[0]
+    image, resized_target = resized[0]
+    assert image.shape == (3, 96, 96) and resized_target.size.tolist() == [96, 96]
+    assert target.orig_size.tolist() == [64, 64]
+    assert torch.allclose(target.boxes, resized_target.boxes, atol=1e-5)
+
+
+def test_resized_shape_caps_long_side():
+    assert data.resized_shape(480, 640, 800, 1333) == (800, 1066)
+    assert data.resized_shape(300, 1000, 800, 1333) == (399, 1330)
+    assert data.resized_shape(1000, 300, 128, 171) == (170, 51)
+
+
+def test_collate_pads_and_masks():
+    first = (torch.ones(3, 40, 50), make_target([0]))
+    second = (torch.ones(3, 70, 20), replace(make_target([1, 2]), replaced=True))
+    batch = data.collate([first, second])
+    assert batch.images.shape == (2, 3, 96, 64) and batch.mask.shape == (2, 96, 64)
+    assert not batch.mask[0, :40, :50].any() and batch.mask[0, 40:].all() and batch.mask[0, :, 50:].all()
+    assert not batch.mask[1, :70, :20].any() and batch.mask[1, 70:].all() and batch.mask[1, :, 20:].all()
+    assert torch.equal(batch.images.sum(dim=1) == 0, batch.mask)
+    assert batch.num_replaced == 1 and len(batch.targets) == 2
+    moved = batch.to("cpu")
+    assert moved.targets[1].labels.tolist() == [1, 2]
+
+
+# ---------------------------------------------------------------- COCO loading and bad input
+
+
+def test_noncontiguous_category_ids(tmp_path):
+    categories = [{"id": 90, "name": "zebra"}, {"id": 3, "name": "car"}, {"id": 17, "name": "cat"}]
+    annotations = [
+        {"image_id": 1, "category_id": 90, "bbox": [1, 1, 10, 10]},
+        {"image_id": 1, "category_id": 3, "bbox": [5, 5, 10, 10]},
+    ]
+    dataset = data.CocoDetection(write_split(tmp_path, [rgb()], annotations, categories), "val")
+    assert dataset.category_ids == [3, 17, 90] and dataset.class_names == ["car", "cat", "zebra"]
+    assert dataset.category_index == {3: 0, 17: 1, 90: 2}
+    _, target = dataset[0]
+    assert target.labels.tolist() == [2, 0]
+    assert torch.allclose(target.boxes[0], torch.tensor([6 / 40, 6 / 30, 10 / 40, 10 / 30]))
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(data.DataError, match=str(tmp_path / "absent")):
+        data.CocoDetection(tmp_path / "absent", "val")
+
+
+def test_missing_annotation_file(tmp_path):
+    (tmp_path / "val").mkdir()
+    with pytest.raises(data.DataError, match="instances_val.json"):
+        data.CocoDetection(tmp_path, "val")
+
+
+def test_coco_layout_and_hint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DataError, match="cocodataset.org") as error:
+        data.build_dataset("coco", "val", train=False, image_size=64, max_size=64)
+    assert "data/coco" in str(error.value)
+    write_split(tmp_path / "data" / "coco", [rgb()], [], split="val2017")  # COCO's naming
+    annotation_file, image_dir = data.split_files(data.resolve_data_root("coco"), "val")
+    assert annotation_file.name == "instances_val2017.json" and image_dir.name == "val2017"
+
+
+def test_invalid_json_names_file_and_position(tmp_path):
+    write_split(tmp_path, [rgb()], [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}])
+    annotation_file = tmp_path / "annotations" / "instances_val.json"
+    text = annotation_file.read_text()
+    annotation_file.write_text(text[: len(text) // 2])
+    with pytest.raises(data.DataError, match=r"instances_val\.json.*line 1 column \d+"):
+        data.CocoDetection(tmp_path, "val")
+
+
+def test_corrupt_image_is_replaced_and_counted(tmp_path):
+    annotations = [{"image_id": 2, "category_id": 2, "bbox": [1, 1, 5, 5]}]
+    write_split(tmp_path, [b"\x89PNG\r\n\x1a\nnot really a png", rgb()], annotations)
+    dataset = data.CocoDetection(tmp_path, "val")
+    with pytest.warns(UserWarning, match="1.png"):
+        image, target = dataset[0]
+    assert target.image_id == 2 and target.replaced and dataset.num_replaced == 1
+    assert target.labels.tolist() == [1] and image.shape == (3, 30, 40)
+    _, target = dataset[1]
+    assert not target.replaced and dataset.num_replaced == 1
+    strict = data.CocoDetection(tmp_path, "val", skip_corrupt=False)
+    with pytest.raises(data.DataError, match="1.png"):
+        strict[0]
+
+
+def test_replacements_are_counted_across_workers(tmp_path):
+    write_split(tmp_path, [b"broken", rgb(), rgb(), rgb()], [])
+    dataset = data.CocoDetection(tmp_path, "val")
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=1, collate_fn=data.collate)
+    batches = list(loader)
+    assert len(batches) == 1 and batches[0].images.shape == (2, 3, 32, 64)
+    assert [target.image_id for target in batches[0].targets] == [2, 3]  # sample 0 replaced by 1
+    assert batches[0].num_replaced == 1 and dataset.num_replaced == 0  # counted in the worker
+
+
+def test_missing_image_file_is_replaced(tmp_path):
+    write_split(tmp_path, [rgb(), None], [])
+    dataset = data.CocoDetection(tmp_path, "val")
+    with pytest.warns(UserWarning, match=r"val/2\.png is missing"):
+        _, target = dataset[1]
+    assert target.image_id == 1 and target.replaced and dataset.num_replaced == 1
+    with pytest.raises(data.DataError, match=r"val/2\.png"):
+        data.CocoDetection(tmp_path, "val", skip_corrupt=False)[1]
+
+
+def test_bad_boxes_are_clipped_or_dropped_and_counted(tmp_path):
+    boxes = [
+        [2, 2, 10, 10],  # fine
+        [-5, -4, 15, 14],  # clipped to [0, 0, 10, 10]
+        [35, 20, 20, 20],  # clipped to [35, 20, 40, 30]
+        [5, 5, 0, 8],  # zero width: dropped
+        [10, 10, -3, 5],  # negative width: dropped
+        [50, 5, 10, 10],  # outside the image: dropped
+    ]
+    annotations = [{"image_id": 1, "category_id": 1, "bbox": box} for box in boxes]
+    write_split(tmp_path, [rgb()], annotations)
+    with pytest.warns(UserWarning, match="3 boxes dropped.*2 clipped"):
+        dataset = data.CocoDetection(tmp_path, "val")
+    assert dataset.num_dropped_boxes == 3 and dataset.num_clipped_boxes == 2
+    boxes, labels = dataset.instances(0)
+    assert boxes.tolist() == [[2, 2, 12, 12], [0, 0, 10, 10], [35, 20, 40, 30]]
+    assert labels.tolist() == [0, 0, 0]
+
+
+def test_crowd_boxes_are_not_targets(tmp_path):
+    annotations = [
+        {"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
+        {"image_id": 1, "category_id": 2, "bbox": [5, 5, 20, 20], "iscrowd": 1},
+    ]
+    dataset = data.CocoDetection(write_split(tmp_path, [rgb()], annotations), "val")
+    _, target = dataset[0]
+    assert target.labels.tolist() == [0]
+
+
+def test_unknown_category_names_annotation(tmp_path):
+    annotations = [
+        {"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
+        {"image_id": 1, "category_id": 7, "bbox": [2, 2, 10, 10]},
+    ]
+    write_split(tmp_path, [rgb()], annotations)
+    with pytest.raises(data.DataError, match="annotation 2 has category_id 7"):
+        data.CocoDetection(tmp_path, "val")
+
+
+def test_image_modes_load_as_8_bit_rgb(tmp_path):
+    sixteen_bit = np.zeros((30, 40), dtype=np.uint16)
+    sixteen_bit[:, 20:] = 65535
+    palette = Image.new("P", (40, 30), 1)
+    palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    pictures = [
+        Image.new("L", (40, 30), 128),
+        Image.new("RGBA", (40, 30), (255, 0, 0, 0)),
+        Image.fromarray(sixteen_bit),
+        palette,
+    ]
+    assert pictures[2].mode == "I;16"
+    dataset = data.CocoDetection(write_split(tmp_path, pictures, []), "val")
+    for index in range(len(pictures)):
+        assert dataset.load_image(index).mode == "RGB"
+    images = [unnormalise(dataset[index][0]) for index in range(len(pictures))]
+    assert all(image.shape == (3, 30, 40) for image in images)
+    assert torch.allclose(images[0], torch.full_like(images[0], 128 / 255), atol=1e-3)
+    assert torch.allclose(images[1][:, 0, 0], torch.tensor([1.0, 0.0, 0.0]), atol=1e-3)
+    assert torch.allclose(images[2][:, 0, 0], torch.zeros(3), atol=1e-3)
+    assert torch.allclose(images[2][:, 0, 39], torch.ones(3), atol=1e-3)
+    assert torch.allclose(images[3][:, 0, 0], torch.tensor([0.0, 0.0, 1.0]), atol=1e-3)
+
+
+def test_image_without_annotations_is_kept(tmp_path):
+    annotations = [{"image_id": 2, "category_id": 1, "bbox": [2, 2, 10, 10]}]
+    dataset = data.CocoDetection(write_split(tmp_path, [rgb(), rgb()], annotations), "val")
+    assert len(dataset) == 2
+    _, target = dataset[0]
+    assert target.boxes.shape == (0, 4) and target.labels.shape == (0,) and target.image_id == 1
+    batch = data.collate([dataset[0], dataset[1]])
+    assert [len(target.labels) for target in batch.targets] == [0, 1]
+
+
+def test_non_ascii_names_and_novel_argument(tmp_path):
+    categories = [{"id": 1, "name": "café"}, {"id": 2, "name": "猫"}, {"id": 3, "name": "Ärger"}]
+    annotations = [{"image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10]}]
+    write_split(tmp_path, [rgb()], annotations, categories)
+    dataset = data.CocoDetection(tmp_path, "val", novel=["猫"])
+    assert dataset.class_names == ["café", "猫", "Ärger"]
+    assert dataset.novel_classes == [1] and dataset.base_classes == [0, 2]
+    with pytest.raises(data.DataError, match="dog"):
+        data.CocoDetection(tmp_path, "val", novel=["猫", "dog"])
+
+
+def test_split_file_gives_novel_classes(tmp_path):
+    write_split(tmp_path, [rgb()], [])
+    split = {"base": ["thing"], "novel": ["other"]}
+    (tmp_path / "annotations" / "split.json").write_text(json.dumps(split))
+    assert data.CocoDetection(tmp_path, "val").novel_classes == [1]
+    assert data.CocoDetection(tmp_path, "val", novel=[]).novel_classes == []
+
+
+# ---------------------------------------------------------------- prompt sampling
+
+
+def test_visual_instructions_one_per_class_and_deterministic():
+    targets = [make_target([1, 3]), make_target([3, 5, 1, 3]), make_target([])]
+    labels = torch.cat([target.labels for target in targets])
+    sample = data.sample_visual_instructions(targets, torch.Generator().manual_seed(0))
+    assert sample.classes.tolist() == [1, 3, 5]
+    assert torch.equal(labels[sample.instance_index], sample.classes)
+    again = data.sample_visual_instructions(targets, torch.Generator().manual_seed(0))
+    assert torch.equal(again.instance_index, sample.instance_index)
+    seen = {
+        tuple(data.sample_visual_instructions(targets, torch.Generator().manual_seed(seed)).instance_index.tolist())
+        for seed in range(20)
+    }
+    assert len(seen) > 1
+
+
+def test_visual_instructions_of_empty_batch():
+    sample = data.sample_visual_instructions([make_target([]), make_target([])], torch.Generator().manual_seed(0))
+    assert sample.classes.shape == (0,) and sample.instance_index.shape == (0,)
+
+
+def test_instance_image_index():
+    targets = [make_target([1, 3]), make_target([]), make_target([0, 0, 2])]
+    assert data.instance_image_index(targets).tolist() == [0, 0, 2, 2, 2]
+
+
+def test_sample_exemplars(tmp_path):
+    annotations = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 15]},
+        {"image_id": 2, "category_id": 1, "bbox": [10, 15, 10, 10]},
+        {"image_id": 2, "category_id": 1, "bbox": [20, 0, 20, 30]},
+    ]
+    categories = [{"id": 1, "name": "thing"}, {"id": 2, "name": "never seen"}]
+    dataset = data.CocoDetection(write_split(tmp_path, [rgb(), rgb()], annotations, categories), "val")
+    with pytest.warns(UserWarning, match="never seen"):
+        exemplars = data.sample_exemplars(dataset, shots=None, seed=0)
+    assert list(exemplars) == [0]
+    assert [index for index, _ in exemplars[0]] == [0, 1, 1]
+    assert torch.allclose(exemplars[0][1][1], torch.tensor([15 / 40, 20 / 30, 10 / 40, 10 / 30]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        two = data.sample_exemplars(dataset, shots=2, seed=3)
+        assert len(two[0]) == 2
+        again = data.sample_exemplars(dataset, shots=2, seed=3)
+    assert [index for index, _ in two[0]] == [index for index, _ in again[0]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(two[0], again[0]))
+
+
+def test_target_to_device():
+    target = make_target([1, 2]).to("cpu")
+    assert target.labels.tolist() == [1, 2] and target.size.dtype == torch.long
+
+
+def test_coco_object_is_pycocotools(shapes_root):
+    dataset = data.CocoDetection(shapes_root, "dev")
+    assert isinstance(dataset.coco, COCO)
+    assert dataset.image_ids == sorted(dataset.coco.getImgIds())
