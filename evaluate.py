@@ -147,7 +147,8 @@ def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict:
     """COCOeval on bounding boxes: the six summary numbers over all classes, AP over base
     and over novel classes, and AP per class (by name). AP values are in [0, 1]."""
     metrics = {name: 0.0 for name in SUMMARY_NAMES}
-    metrics.update(AP_base=0.0, AP_novel=0.0, per_class={}, num_detections=len(results))
+    metrics.update(AP_base=0.0, AP_novel=0.0, AP50_base=0.0, AP50_novel=0.0, per_class={},
+                   num_detections=len(results))
     if not results:
         return metrics
     with contextlib.redirect_stdout(io.StringIO()):
@@ -170,17 +171,16 @@ def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict:
     for k, name in enumerate(dataset.class_names):
         valid = precision[:, :, k][precision[:, :, k] > -1]
         metrics["per_class"][name] = float(valid.mean()) if valid.size else None
-    for key, classes in (("AP_base", dataset.base_classes), ("AP_novel", dataset.novel_classes)):
-        if classes:
-            metrics[key] = max(float(run([dataset.category_ids[c] for c in classes]).stats[0]), 0.0)
-        else:
-            metrics[key] = None
+    for subset, classes in (("base", dataset.base_classes), ("novel", dataset.novel_classes)):
+        stats = run([dataset.category_ids[c] for c in classes]).stats if classes else None
+        metrics[f"AP_{subset}"] = None if stats is None else max(float(stats[0]), 0.0)
+        metrics[f"AP50_{subset}"] = None if stats is None else max(float(stats[1]), 0.0)
     return metrics
 
 
 def format_table(metrics: dict) -> str:
     """A plain-text table of the summary metrics (in AP points, x100)."""
-    names = SUMMARY_NAMES + ["AP_base", "AP_novel"]
+    names = SUMMARY_NAMES + ["AP_base", "AP_novel", "AP50_base", "AP50_novel"]
     cells = ["-" if metrics.get(n) is None else f"{100 * metrics[n]:.1f}" for n in names]
     widths = [max(len(n), len(c)) for n, c in zip(names, cells)]
     line = lambda values: "| " + " | ".join(v.rjust(w) for v, w in zip(values, widths)) + " |"
@@ -198,12 +198,16 @@ def format_per_class(metrics: dict, dataset: CocoDetection) -> str:
 # ----------------------------------------------------------------------------- pictures
 
 def draw_predictions(dataset: CocoDetection, index: int, found: Detections, path: Path,
-                     threshold: float = 0.3) -> None:
-    """The original image with predicted boxes, class names and scores above `threshold`."""
+                     threshold: float = 0.3, min_side: int = 512) -> None:
+    """The original image with predicted boxes, class names and scores above `threshold`;
+    small images are enlarged so that the labels can be read."""
     from torchvision.io import write_png
-    from torchvision.transforms.functional import pil_to_tensor
+    from torchvision.transforms.functional import pil_to_tensor, resize
 
     image = pil_to_tensor(dataset.load_image(index))
+    zoom = max(1.0, min_side / min(image.shape[-2:]))
+    image = resize(image, [round(image.shape[-2] * zoom), round(image.shape[-1] * zoom)])
+    found = Detections(found.boxes * zoom, found.scores, found.labels)
     keep = found.scores >= threshold
     labels = [f"{dataset.class_names[c]} {s:.2f}"
               for c, s in zip(found.labels[keep].tolist(), found.scores[keep].tolist())]

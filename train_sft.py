@@ -57,6 +57,7 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, help="stop after this many steps in total")
     parser.add_argument("--out", default=None, help="run folder (default runs/<script>)")
     parser.add_argument("--resume", help="a checkpoint (last.pt) to continue exactly")
+    parser.add_argument("--init", help="start from this checkpoint's weights (new optimiser)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--amp", default="none", choices=["none", "bf16"],
                         help="bf16 autocast (CUDA only)")
@@ -69,7 +70,12 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--pretrained-backbone", action="store_true",
                         help="start the backbone from torchvision's ImageNet weights")
     parser.add_argument("--text-encoder", default="bytes")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also write last.pt every this many steps (0: every epoch only)")
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="skip (and count) a step whose loss is NaN or Inf instead of "
+                             "stopping the run")
     parser.add_argument("--eval-split", default="val", help="split evaluated at the end")
     parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     return parser
@@ -204,7 +210,7 @@ class SFTObjective:
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, model: DINOR1) -> None:
         pass
 
     def __call__(self, model, batch: Batch, instructions: VisualInstructions, targets: list,
@@ -228,6 +234,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(temporary, path)
 
 
+def compatible_checkpoint(path: str, model: DINOR1, args) -> dict:
+    """Load a checkpoint and check it holds this architecture (the kernel may differ)."""
+    checkpoint = load_checkpoint(path)
+    ours = {k: v for k, v in asdict(model.config).items() if k != "kernel"}
+    theirs = {k: v for k, v in checkpoint["config"].items() if k != "kernel"}
+    if ours != theirs:
+        differences = ", ".join(f"{k}: {theirs.get(k)!r} there, {v!r} here"
+                                for k, v in ours.items() if theirs.get(k) != v)
+        raise SystemExit(f"{path} holds a different model (preset "
+                         f"{checkpoint['args'].get('model')!r}, not --model {args.model}): "
+                         f"{differences}")
+    return checkpoint
+
+
 def rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if device.type == "cuda":
@@ -237,10 +257,26 @@ def rng_state(device: torch.device) -> dict:
 
 # ----------------------------------------------------------------------------- the loop
 
-def check_finite(loss: torch.Tensor, terms: dict, step: int) -> None:
-    if not math.isfinite(loss.item()):
-        values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-        raise FloatingPointError(f"non-finite loss at step {step}: {values}")
+def loss_is_finite(loss: torch.Tensor, device: torch.device) -> bool:
+    """True when the loss is finite in every process (all must skip a step together)."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def nonfinite_message(terms: dict, step: int) -> str:
+    values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
+    return f"non-finite loss at step {step + 1}: {values}"
+
+
+def resident_memory_mb() -> float:
+    """This process's resident set size (Linux; 0 where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return 0.0
 
 
 def build_model_for(args, device: torch.device) -> DINOR1:
@@ -251,8 +287,9 @@ def build_model_for(args, device: torch.device) -> DINOR1:
     return DINOR1(config).to(device)
 
 
-def train(args, objective: SFTObjective) -> Path:
-    """Train, checkpoint every epoch, evaluate at the end; returns the run folder."""
+def train(args, objective: SFTObjective) -> DINOR1:
+    """Train, checkpoint every epoch, evaluate at the end; returns the trained model
+    (the run folder is args.out)."""
     device, rank, world_size = setup_distributed(args.device)
     is_main = rank == 0
     torch.manual_seed(args.seed)
@@ -273,16 +310,14 @@ def train(args, objective: SFTObjective) -> Path:
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, steps_per_epoch)
     start_epoch, step, skip_batches = 0, 0, 0
+    if args.init:
+        model.load_state_dict(compatible_checkpoint(args.init, model, args)["model"])
     if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        if checkpoint["config"] != asdict(model.config):
-            raise SystemExit(f"{args.resume} was trained with model preset "
-                             f"{checkpoint['args'].get('model')!r} and settings that differ "
-                             f"from --model {args.model}")
+        checkpoint = compatible_checkpoint(args.resume, model, args)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        objective.load_state_dict(checkpoint["objective"])
+        objective.load_state_dict(checkpoint["objective"], model)
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
         skip_batches = checkpoint["batch_in_epoch"]
     if is_main:
@@ -315,7 +350,7 @@ def train(args, objective: SFTObjective) -> Path:
         loader = make_loader(samples, sampler, args.batch_size, workers, skip_batches)
         bar = tqdm(loader, desc=f"epoch {epoch}", initial=skip_batches, total=steps_per_epoch,
                    disable=not is_main, dynamic_ncols=True)
-        replaced = 0
+        replaced = skipped = 0
         model.train()
         batch_index = skip_batches
         for batch_index, batch in enumerate(bar, start=skip_batches):
@@ -329,7 +364,15 @@ def train(args, objective: SFTObjective) -> Path:
                 float(sum(len(t.labels) for t in targets)), device), 1.0)
             with autocast:
                 loss, terms = objective(network, batch, instructions, targets, num_boxes)
-            check_finite(loss, terms, step)
+            if not loss_is_finite(loss, device):
+                if not args.skip_nonfinite:
+                    raise FloatingPointError(nonfinite_message(terms, step) + "; the last "
+                                             "checkpoint is untouched (--skip-nonfinite skips "
+                                             "such steps instead)")
+                skipped += 1
+                if is_main:
+                    print(nonfinite_message(terms, step) + ": step skipped")
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -341,8 +384,12 @@ def train(args, objective: SFTObjective) -> Path:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
                 log.write(json.dumps({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                                       "step_seconds": time.perf_counter() - started,
+                                      "rss_mb": round(resident_memory_mb(), 1),
                                       **values}) + "\n")
                 log.flush()
+            if is_main and args.save_every and step % args.save_every == 0 \
+                    and batch_index + 1 < steps_per_epoch:
+                save_checkpoint(out / "last.pt", checkpoint_state(epoch, batch_index + 1))
             if step >= total_steps:
                 break
         finished_epoch = batch_index + 1 >= steps_per_epoch
@@ -350,6 +397,8 @@ def train(args, objective: SFTObjective) -> Path:
         if replaced and is_main:
             print(f"epoch {epoch}: {replaced} unreadable images were replaced by others "
                   f"(see the warnings above)")
+        if skipped and is_main:
+            print(f"epoch {epoch}: {skipped} steps skipped for a non-finite loss")
         if is_main:
             save_checkpoint(out / "last.pt", checkpoint_state(
                 epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else batch_index + 1))
@@ -360,7 +409,7 @@ def train(args, objective: SFTObjective) -> Path:
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return out
+    return model
 
 
 def mix_generator(*values: int) -> torch.Generator:
@@ -380,7 +429,7 @@ def final_evaluation(model: DINOR1, args, out: Path, device: torch.device) -> di
     return metrics
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> DINOR1:
     args = finish_args(make_parser().parse_args(argv), "sft")
     return train(args, SFTObjective(args))
 

@@ -1,0 +1,235 @@
+"""The detector (model.py): shapes, matcher invariants, losses, DN isolation, gradients,
+learning on a fixed batch, and the light objectness path."""
+
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from data import Target, collate
+from model import (DetectorOutput, HungarianMatcher, SetCriterion, VisualInstructions,
+                   build_model, postprocess)
+
+
+def make_target(boxes, labels, size=(96, 128)):
+    return Target(boxes=torch.tensor(boxes, dtype=torch.float).reshape(-1, 4),
+                  labels=torch.tensor(labels, dtype=torch.long), image_id=1,
+                  orig_size=torch.tensor(size), size=torch.tensor(size))
+
+
+def tiny_batch(seed=0):
+    """Two images, the second with padding on the right; 3 + 1 instances of 2 classes."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.randn(3, 96, 128, generator=generator), torch.randn(3, 96, 96, generator=generator)]
+    targets = [make_target([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2], [0.7, 0.3, 0.1, 0.15]],
+                           [0, 1, 1]),
+               make_target([[0.5, 0.5, 0.3, 0.3]], [1], size=(96, 96))]
+    batch = collate(list(zip(images, targets)))
+    instructions = VisualInstructions(
+        boxes=torch.cat([t.boxes for t in targets]), image_index=torch.tensor([0, 0, 0, 1]),
+        labels=torch.tensor([0, 1, 1, 1]), selected=torch.tensor([0, 3]),
+        class_names=["red circle", "blue star"])
+    return batch, instructions, batch.targets
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model("tiny", kernel="torch")
+
+
+def test_tiny_forward_shapes(tiny):
+    batch, instructions, targets = tiny_batch()
+    tiny.train()
+    out = tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+    layers, queries = tiny.config.num_decoder_layers, tiny.config.num_queries
+    assert isinstance(out, DetectorOutput)
+    assert out.logits.shape == (layers, 2, queries, 2)
+    assert out.boxes.shape == (layers, 2, queries, 4)
+    assert out.encoder_logits.shape == (2, queries, 2)
+    assert out.selection.indices.shape == out.selection.objectness_logits.shape == (2, queries)
+    # selection in descending score order
+    assert (out.selection.objectness_logits.diff(dim=1) <= 0).all()
+    assert out.dn_logits.shape[:2] == (layers, 2) and out.dn_boxes.shape[-1] == 4
+    assert out.contrastive_logits.shape == (2, 2)
+    assert ((out.boxes >= 0) & (out.boxes <= 1)).all()
+
+
+def test_every_parameter_gets_a_gradient_from_one_step(tiny):
+    batch, instructions, targets = tiny_batch()
+    tiny.train()
+    tiny.zero_grad(set_to_none=True)
+    out = tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+    terms = SetCriterion()(out, targets, num_boxes=4.0)
+    for name, value in terms.items():
+        assert torch.isfinite(value) and value > 0, name
+    terms["sft"].backward()
+    missing = [n for n, p in tiny.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_image_without_ground_truth_does_not_crash(tiny):
+    batch, instructions, targets = tiny_batch()
+    empty = make_target([], [], size=(96, 96))
+    targets = [targets[0], empty]
+    instructions = VisualInstructions(
+        boxes=targets[0].boxes, image_index=torch.tensor([0, 0, 0]),
+        labels=torch.tensor([0, 1, 1]), selected=torch.tensor([0, 1]),
+        class_names=["red circle", "blue star"])
+    tiny.train()
+    out = tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+    terms = SetCriterion()(out, targets, num_boxes=3.0)
+    assert torch.isfinite(terms["sft"])
+    terms["sft"].backward()
+
+
+def test_denoising_queries_do_not_leak_into_matching_queries(tiny):
+    batch, instructions, targets = tiny_batch()
+    tiny.train()
+    torch.manual_seed(1)
+    first = tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+    torch.manual_seed(2)                     # other DN noise: other DN queries
+    second = tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+    assert not torch.allclose(first.dn_boxes, second.dn_boxes)
+    torch.testing.assert_close(first.logits, second.logits)
+    torch.testing.assert_close(first.boxes, second.boxes)
+    without = tiny(batch.images, batch.mask, instructions=instructions)
+    torch.testing.assert_close(first.logits, without.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_light_objectness_path_equals_full_forward(tiny):
+    batch, instructions, _ = tiny_batch()
+    tiny.eval()
+    with torch.no_grad():
+        out = tiny(batch.images, batch.mask, instructions=instructions)
+        light = tiny.objectness(batch.images, batch.mask, out.selection.indices,
+                                instructions=instructions)
+        shuffled = out.selection.indices.flip(1)
+        light_shuffled = tiny.objectness(batch.images, batch.mask, shuffled,
+                                         instructions=instructions)
+    torch.testing.assert_close(light, out.selection.objectness_logits)
+    torch.testing.assert_close(light_shuffled, out.selection.objectness_logits.flip(1))
+
+
+# ----------------------------------------------------------------------------- matcher
+
+def random_predictions(batch=3, queries=7, prompts=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, queries, prompts, generator=generator)
+    boxes = torch.rand(batch, queries, 4, generator=generator) * 0.5 + 0.25
+    return logits, boxes
+
+
+def random_targets(counts, prompts=4, seed=0):
+    generator = torch.Generator().manual_seed(seed + 100)
+    return [make_target((torch.rand(n, 4, generator=generator) * 0.5 + 0.2).tolist(),
+                        torch.randint(0, prompts, (n,), generator=generator).tolist())
+            for n in counts]
+
+
+def test_matcher_batched_equals_per_image():
+    logits, boxes = random_predictions()
+    targets = random_targets([2, 5, 3])
+    matcher = HungarianMatcher()
+    batched = matcher(logits, boxes, targets)
+    for b in range(3):
+        (rows, cols), = matcher(logits[b:b + 1], boxes[b:b + 1], targets[b:b + 1])
+        assert torch.equal(rows, batched[b][0]) and torch.equal(cols, batched[b][1])
+
+
+def test_matcher_empty_targets():
+    logits, boxes = random_predictions()
+    targets = random_targets([0, 2, 0])
+    matches = HungarianMatcher()(logits, boxes, targets)
+    assert [len(rows) for rows, _ in matches] == [0, 2, 0]
+    cost, gt_mask = HungarianMatcher().pairwise_cost(logits, boxes, random_targets([0, 0, 0]))
+    assert cost.shape == (3, 7, 0) and gt_mask.shape == (3, 0)
+
+
+def test_matched_total_cost_is_the_assignment_optimum():
+    logits, boxes = random_predictions(batch=1, queries=6)
+    targets = random_targets([4])
+    matcher = HungarianMatcher()
+    (rows, cols), = matcher(logits, boxes, targets)
+    cost, _ = matcher.pairwise_cost(logits, boxes, targets)
+    matched = cost[0, rows, cols].sum()
+    # brute force over every injective assignment of 4 ground truths to 6 queries
+    import itertools
+    best = min(sum(cost[0, q, j].item() for j, q in enumerate(perm))
+               for perm in itertools.permutations(range(6), 4))
+    assert matched.item() == pytest.approx(best, abs=1e-5)
+    optimal_rows, optimal_cols = linear_sum_assignment(cost[0].detach().numpy())
+    assert matched.item() == pytest.approx(cost[0, optimal_rows, optimal_cols].sum().item())
+
+
+def test_pairwise_cost_is_differentiable_and_follows_method_1():
+    logits, boxes = random_predictions(batch=1, queries=2, prompts=3)
+    logits.requires_grad_(True)
+    boxes.requires_grad_(True)
+    targets = random_targets([1], prompts=3)
+    cost, _ = HungarianMatcher().pairwise_cost(logits, boxes, targets)
+    cost.sum().backward()
+    assert logits.grad.abs().sum() > 0 and boxes.grad.abs().sum() > 0
+    # METHOD (1) for query 0 against the single ground truth, written out:
+    from torchvision.ops import box_convert, generalized_box_iou
+    p = logits[0, 0, targets[0].labels[0]].sigmoid()
+    focal = 0.25 * (1 - p) ** 2 * -(p + 1e-8).log() - 0.75 * p ** 2 * -(1 - p + 1e-8).log()
+    l1 = (boxes[0, 0] - targets[0].boxes[0]).abs().sum()
+    giou = generalized_box_iou(box_convert(boxes[0, :1], "cxcywh", "xyxy"),
+                               box_convert(targets[0].boxes, "cxcywh", "xyxy"))[0, 0]
+    assert cost[0, 0, 0].item() == pytest.approx((2 * focal + 5 * l1 - 2 * giou).item(), abs=1e-5)
+
+
+def test_postprocess_scales_to_original_image():
+    logits = torch.full((1, 2, 1), -10.0)
+    logits[0, 1, 0] = 10.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.5, 1.0]]])
+    found = postprocess(logits, boxes, torch.tensor([[200, 100]]), top_k=1)[0]
+    torch.testing.assert_close(found.boxes, torch.tensor([[25.0, 0.0, 75.0, 200.0]]))
+    assert found.labels.tolist() == [0]
+
+
+# ----------------------------------------------------------------------------- scales
+
+def test_swin_t_builds_and_runs_at_a_small_size():
+    torch.manual_seed(0)
+    model = build_model("swin_t", kernel="torch", num_queries=50).eval()
+    images = torch.randn(1, 3, 128, 160)
+    mask = torch.zeros(1, 128, 160, dtype=torch.bool)
+    with torch.no_grad():
+        prompts = model.encode_text(["cat", "dog"])[None]
+        out = model(images, mask, prompts=prompts)
+    assert out.logits.shape == (6, 1, 50, 2)
+    detector = sum(p.numel() for n, p in model.named_parameters()
+                   if not n.startswith("text_encoder."))
+    assert 40e6 < detector < 70e6
+
+
+def test_tiny_learns_a_fixed_batch():
+    """Loss on one fixed batch of 2 shapes images halves within 150 steps."""
+    from data import generate_shapes, build_dataset
+    import tempfile
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        generate_shapes(folder, seed=3, image_size=128, train_images=4, support_images=4,
+                        dev_images=2, val_images=2)
+        dataset = build_dataset(folder, "train", train=False, image_size=128, max_size=171)
+        batch = collate([dataset[0], dataset[1]])
+    from train_sft import make_instructions
+    model = build_model("tiny", kernel="torch")
+    model.train()
+    criterion = SetCriterion()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(150):
+        torch.manual_seed(step)
+        instructions, targets = make_instructions(batch, dataset.class_names,
+                                                  torch.Generator().manual_seed(step))
+        out = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+        loss = criterion(out, targets, float(sum(len(t.labels) for t in targets)))["sft"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)

@@ -1,0 +1,107 @@
+"""GRQO training (METHOD.md section 4): the project's main job.
+
+    python train_grqo.py               # tiny preset, shapes data, "1+5": 1 SFT + 5 GRQO epochs
+    python train_grqo.py --data coco --model swin_t --amp bf16 --sft-epochs 1 --grqo-epochs 5
+    python train_grqo.py --init runs/sft/last.pt --grqo-epochs 5     # GRQO on top of an SFT run
+
+The loop, data, checkpoints and evaluation are train_sft.py's; this file adds the GRQO
+objective: L_all = L_SFT + L_contra + L_GRQO (METHOD (6)), with a reference model that is
+a frozen copy of the detector taken at the start of every GRQO epoch (Algorithm 1, line 3).
+The reference scores the *same* images, with the *same* sampled visual instructions, at
+the *same* selected tokens as the policy, using the light objectness path (no decoder, no
+gradient, eval mode).
+"""
+
+import copy
+
+import torch
+
+from grqo import grqo_loss
+from model import DINOR1
+from train_sft import SFTObjective, finish_args, make_parser, train
+
+
+class GRQOObjective(SFTObjective):
+    """SFT for the first `sft_epochs` epochs, then SFT + GRQO."""
+    name = "grqo"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.sft_epochs = args.sft_epochs
+        self.settings = dict(alpha=args.alpha, beta=args.beta, mute_fraction=args.mute_fraction,
+                             form=args.grqo_form)
+        self.reference: DINOR1 | None = None
+
+    def start_epoch(self, model: DINOR1, epoch: int) -> None:
+        """Algorithm 1, line 3: M_ref <- a frozen copy of M, at every GRQO epoch."""
+        if epoch >= self.sft_epochs:
+            self.reference = frozen_copy(model)
+
+    def state_dict(self) -> dict:
+        # A mid-epoch checkpoint must bring back the reference taken at the epoch's start.
+        return {} if self.reference is None else {"reference": self.reference.state_dict()}
+
+    def load_state_dict(self, state: dict, model: DINOR1) -> None:
+        if "reference" in state:
+            self.reference = frozen_copy(model)
+            self.reference.load_state_dict(state["reference"])
+
+    def __call__(self, model, batch, instructions, targets, num_boxes):
+        if self.reference is None:
+            return super().__call__(model, batch, instructions, targets, num_boxes)
+        output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+        terms = self.criterion(output, targets, num_boxes)
+        with torch.no_grad():
+            reference_logits = self.reference.objectness(
+                batch.images, batch.mask, output.selection.indices, instructions=instructions)
+        costs, gt_mask = [], None
+        for logits, boxes in zip(output.logits, output.boxes):     # one cost per decoder layer
+            cost, gt_mask = self.criterion.matcher.pairwise_cost(logits, boxes, targets)
+            costs.append(cost)
+        loss_grqo, stats = grqo_loss(costs, output.selection.objectness_logits,
+                                     reference_logits, gt_mask=gt_mask, **self.settings)
+        terms["grqo"] = loss_grqo
+        terms.update({f"grqo_{name}": value for name, value in stats.items()})
+        return terms["sft"] + loss_grqo, terms
+
+
+def frozen_copy(model: DINOR1) -> DINOR1:
+    """A copy in eval mode with no gradient: the GRQO reference model."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def make_grqo_parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--sft-epochs", type=int, default=1,
+                        help="SFT epochs before GRQO starts (the '1' of '1+5')")
+    parser.add_argument("--grqo-epochs", type=int, default=None,
+                        help="GRQO epochs (default: the preset's epochs minus --sft-epochs)")
+    parser.add_argument("--alpha", type=float, default=0.01, help="advantage weight, METHOD (6)")
+    parser.add_argument("--beta", type=float, default=0.24,
+                        help="KL weight, counted once (the release's 6 layers x 0.04)")
+    parser.add_argument("--mute-fraction", type=float, default=1 / 3,
+                        help="lowest-ranked fraction of queries without advantage term")
+    parser.add_argument("--grqo-form", default="paper", choices=["paper", "pg"],
+                        help="paper: differentiable cost; pg: -A.detach() * log O")
+    return parser
+
+
+def main(argv=None):
+    parser = make_grqo_parser()
+    args = parser.parse_args(argv)
+    if args.epochs is not None:
+        parser.error("train_grqo.py counts epochs as --sft-epochs + --grqo-epochs; "
+                     "drop --epochs")
+    args = finish_args(args, "grqo")          # fills epochs with the preset's (equal compute)
+    if args.init:
+        args.sft_epochs = 0                   # the SFT stage happened in the --init run
+    if args.grqo_epochs is None:
+        args.grqo_epochs = max(args.epochs - args.sft_epochs, 0)
+    args.epochs = args.sft_epochs + args.grqo_epochs
+    return train(args, GRQOObjective(args))
+
+
+if __name__ == "__main__":
+    main()
