@@ -1,0 +1,149 @@
+"""Checks that need an accelerator: the Triton kernel against the reference on CUDA, and the
+`swin_t` training step with each deformable-attention backend.
+
+    python benchmarks/gpu_check.py kernels             # correctness on CUDA, fp32 and bf16
+    python benchmarks/gpu_check.py step --kernel torch triton
+    python benchmarks/gpu_check.py step --device cpu --image 128 160 --steps 2   # dry run
+
+`benchmarks/gpu_check.sh` runs these with kernels/bench.py and the tiny main job, and
+prints the summary table last.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import Batch, Target  # noqa: E402
+from kernels import ms_deform_attn  # noqa: E402
+from model import SetCriterion, VisualInstructions, build_model  # noqa: E402
+
+
+def random_attention_inputs(batch: int, num_queries: int, dtype, device, seed: int = 0):
+    """Deformable-attention inputs at the Swin-T level shapes of a 200x333 image."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shapes = torch.tensor([[25, 42], [13, 21], [7, 11], [4, 6]], device=device)
+    sizes = shapes.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    value = torch.randn(batch, int(sizes.sum()), 8, 32, generator=generator).to(device, dtype)
+    locations = (torch.rand(batch, num_queries, 8, 4, 4, 2, generator=generator) * 1.2 - 0.1).to(device)
+    weights = torch.rand(batch, num_queries, 8, 4, 4, generator=generator).to(device, dtype)
+    return value, shapes, starts, locations, weights
+
+
+def check_kernels(device: str = "cuda") -> list[dict]:
+    """Triton against the torch reference, forward and the three gradients."""
+    rows = []
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        inputs = random_attention_inputs(2, 300, dtype, device)
+        results = {}
+        for backend in ("torch", "triton"):
+            value, shapes, starts, locations, weights = [
+                x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+            out = ms_deform_attn(value, shapes, starts, locations, weights, backend=backend)
+            out.float().square().sum().backward()
+            results[backend] = (out.float(), value.grad.float(), locations.grad.float(),
+                                weights.grad.float())
+        for name, reference, triton in zip(("output", "grad value", "grad locations",
+                                            "grad weights"), results["torch"], results["triton"]):
+            error = ((triton - reference).norm() / reference.norm().clamp(min=1e-12)).item()
+            rows.append({"dtype": str(dtype).split(".")[-1], "tensor": name,
+                         "relative_error": error, "ok": error <= tolerance})
+    return rows
+
+
+def synthetic_batch(height: int, width: int, device, num_classes: int = 10, per_image: int = 6,
+                    seed: int = 0) -> tuple[Batch, VisualInstructions, list[Target]]:
+    """Two images with random boxes of `num_classes` classes (for timing only)."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = []
+    for _ in range(2):
+        centres = torch.rand(per_image, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(per_image, 2, generator=generator) * 0.3 + 0.05
+        labels = torch.randint(0, num_classes, (per_image,), generator=generator)
+        targets.append(Target(boxes=torch.cat([centres, sizes], 1), labels=labels, image_id=0,
+                              orig_size=torch.tensor([height, width]),
+                              size=torch.tensor([height, width])))
+    padded = (-(-height // 32) * 32, -(-width // 32) * 32)
+    images = torch.randn(2, 3, *padded, generator=generator)
+    mask = torch.ones(2, *padded, dtype=torch.bool)
+    mask[:, :height, :width] = False
+    batch = Batch(images=images, mask=mask, targets=targets, num_replaced=0).to(device)
+    classes = torch.cat([t.labels for t in batch.targets]).unique()
+    prompt_targets = [Target(t.boxes, torch.searchsorted(classes, t.labels), t.image_id,
+                             t.orig_size, t.size) for t in batch.targets]
+    all_labels = torch.cat([t.labels for t in prompt_targets])
+    selected = torch.stack([(all_labels == k).nonzero()[0, 0] for k in range(len(classes))])
+    instructions = VisualInstructions(
+        boxes=torch.cat([t.boxes for t in batch.targets]),
+        image_index=torch.arange(2, device=device).repeat_interleave(per_image),
+        labels=all_labels, selected=selected,
+        class_names=[f"class {int(c)}" for c in classes])
+    return batch, instructions, prompt_targets
+
+
+def time_training_steps(kernel: str, device: str, height: int, width: int, steps: int,
+                        warmup: int, amp: bool) -> dict:
+    """Median seconds per swin_t training step (forward, losses, backward, AdamW step)."""
+    torch.manual_seed(0)
+    model = build_model("swin_t", kernel=kernel).to(device).train()
+    criterion = SetCriterion()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch, instructions, targets = synthetic_batch(height, width, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with autocast:
+            output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+            loss = criterion(output, targets, float(sum(len(t.labels) for t in targets)))["sft"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+    return {"kernel": kernel, "image": f"{height}x{width}", "batch": 2, "bf16": amp,
+            "median_step_s": statistics.median(times), "peak_gib": peak,
+            "loss_finite": bool(torch.isfinite(loss))}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("check", choices=["kernels", "step"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--kernel", nargs="+", default=["torch", "triton"])
+    parser.add_argument("--image", type=int, nargs=2, default=[800, 1333])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-amp", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.check == "kernels":
+        rows = check_kernels(args.device)
+        for row in rows:
+            print(f"{row['dtype']:9s} {row['tensor']:15s} rel.err {row['relative_error']:.2e} "
+                  f"{'ok' if row['ok'] else 'FAIL'}")
+    else:
+        rows = [time_training_steps(kernel, args.device, *args.image, args.steps, args.warmup,
+                                    not args.no_amp) for kernel in args.kernel]
+        for row in rows:
+            print(json.dumps(row))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
