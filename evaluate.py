@@ -201,8 +201,7 @@ def draw_predictions(dataset: CocoDetection, index: int, found: Detections, path
                      threshold: float = 0.3, min_side: int = 512) -> None:
     """The original image with predicted boxes, class names and scores above `threshold`;
     small images are enlarged so that the labels can be read."""
-    from torchvision.io import write_png
-    from torchvision.transforms.functional import pil_to_tensor, resize
+    from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
 
     image = pil_to_tensor(dataset.load_image(index))
     zoom = max(1.0, min_side / min(image.shape[-2:]))
@@ -211,10 +210,11 @@ def draw_predictions(dataset: CocoDetection, index: int, found: Detections, path
     keep = found.scores >= threshold
     labels = [f"{dataset.class_names[c]} {s:.2f}"
               for c, s in zip(found.labels[keep].tolist(), found.scores[keep].tolist())]
-    drawn = draw_bounding_boxes(image, found.boxes[keep].cpu(), labels=labels, colors="white",
-                                width=2)
+    if labels:
+        image = draw_bounding_boxes(image, found.boxes[keep].cpu(), labels=labels,
+                                    colors="white", width=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(drawn, str(path))
+    to_pil_image(image).save(path)
 
 
 # ----------------------------------------------------------------------------- the driver

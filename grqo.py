@@ -125,7 +125,8 @@ def grqo_loss(costs, objectness_logits: Tensor, ref_objectness_logits: Tensor, *
     """METHOD (6): L_GRQO = sum_l mean_{b,i}[-alpha m_i A_i^l] + beta mean_{b,i} KL_i.
 
     costs: one (B, Q, M) pairwise matching cost per decoder layer, a list or a stacked
-        (L, B, Q, M) tensor; queries in descending selection-score order.
+        (L, B, Q, M) tensor (a single (B, Q, M) tensor counts as one layer); queries in
+        descending selection-score order.
     objectness_logits (B, Q): the policy's selection logits s_i of the same queries.
     ref_objectness_logits (B, Q): the reference model's logits at the same tokens (no grad).
     form: "paper" (the advantage term differentiates through the cost) or "pg"
@@ -135,6 +136,8 @@ def grqo_loss(costs, objectness_logits: Tensor, ref_objectness_logits: Tensor, *
     """
     if form not in ("paper", "pg"):
         raise ValueError(f"form must be 'paper' or 'pg', got {form!r}")
+    if isinstance(costs, torch.Tensor) and costs.dim() == 3:
+        costs = costs[None]
     num_queries = objectness_logits.shape[1]
     muted = mute_mask(num_queries, mute_fraction, objectness_logits.device)
     policy_term = objectness_logits.new_zeros((), dtype=torch.float32)
