@@ -50,6 +50,15 @@ COCO_HINT = (
 )
 
 
+# Large photos (a 100-megapixel camera, a scan) exceed PIL's decompression-bomb guard
+# (89.5 megapixels, an error above twice that), yet a dataset is the user's own files and
+# the transforms resize every image anyway. So PIL's guard is switched off for the whole
+# process, deliberately, and read_rgb_image applies this limit instead (3 GB as 8-bit
+# RGB), naming the file, so that a bogus header cannot exhaust the memory.
+MAX_IMAGE_PIXELS = 1_000_000_000
+Image.MAX_IMAGE_PIXELS = None
+
+
 class DataError(Exception):
     """A dataset that cannot be used as given: missing files, invalid JSON, bad annotations."""
 
@@ -376,10 +385,17 @@ def _check_annotations(data: dict, annotation_file: Path) -> None:
 def read_rgb_image(path: Path) -> Image.Image:
     """Open an image as 8-bit RGB, whatever its mode (grayscale, palette, RGBA, 16-bit).
 
-    Raises DataError naming the file when it is missing or cannot be decoded.
+    Raises DataError naming the file when it is missing, cannot be decoded or has more
+    than MAX_IMAGE_PIXELS pixels.
     """
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise DataError(
+                    f"image file {path} is {image.width}x{image.height} pixels, more than "
+                    f"data.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,}: resize it, or raise "
+                    f"the limit if the memory allows"
+                )
             image.load()
             return _to_rgb(image)
     except FileNotFoundError as error:
@@ -426,6 +442,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.annotation_file, self.image_dir = split_files(self.root, split)
         self.coco = load_coco(self.annotation_file)
         self.image_ids = sorted(self.coco.imgs)
+        if not self.image_ids:
+            raise DataError(f"{self.annotation_file} lists no images: split {split!r} is empty")
         categories = sorted(self.coco.dataset["categories"], key=lambda category: category["id"])
         self.category_ids = [category["id"] for category in categories]
         self.class_names = [category["name"] for category in categories]

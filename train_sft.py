@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from data import Batch, build_dataset, collate, instance_image_index, sample_visual_instructions
+from data import (Batch, DataError, build_dataset, collate, instance_image_index,
+                  sample_visual_instructions)
 from model import (PRESETS, DetectorConfig, DINOR1, SetCriterion, VisualInstructions,
                    load_checkpoint)
 
@@ -237,6 +238,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def compatible_checkpoint(path: str, model: DINOR1, args) -> dict:
     """Load a checkpoint and check it holds this architecture (the kernel may differ)."""
     checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not {"model", "config", "args"} <= checkpoint.keys():
+        raise SystemExit(f"{path} is not a checkpoint written by train_sft.py or "
+                         f"train_grqo.py (it needs 'model', 'config' and 'args')")
     ours = {k: v for k, v in asdict(model.config).items() if k != "kernel"}
     theirs = {k: v for k, v in checkpoint["config"].items() if k != "kernel"}
     if ours != theirs:
@@ -257,12 +261,29 @@ def rng_state(device: torch.device) -> dict:
 
 # ----------------------------------------------------------------------------- the loop
 
-def loss_is_finite(loss: torch.Tensor, device: torch.device) -> bool:
-    """True when the loss is finite in every process (all must skip a step together)."""
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
+def true_in_every_process(condition: bool, device: torch.device) -> bool:
+    """`condition` and-ed over the processes (all must skip a step together, or DDP's
+    gradient all-reduce would wait forever for the ones that skipped)."""
+    value = torch.tensor([float(condition)], device=device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def truncate_log(log_file: Path, step: int) -> None:
+    """Keep the lines of a log up to `step`: a run killed after its last checkpoint logged
+    steps that the resumed run repeats, and may have left a half-written last line."""
+    def kept(line: str) -> bool:
+        try:
+            return line.endswith("\n") and json.loads(line)["step"] <= step
+        except ValueError:      # a half-written line, or one that a later line was glued to
+            return False
+
+    if log_file.is_file():
+        lines = log_file.read_text().splitlines(keepends=True)
+        temporary = log_file.with_name(log_file.name + ".tmp")
+        temporary.write_text("".join(line for line in lines if kept(line)))
+        os.replace(temporary, log_file)
 
 
 def nonfinite_message(terms: dict, step: int) -> str:
@@ -297,8 +318,13 @@ def train(args, objective: SFTObjective) -> DINOR1:
     out = Path(args.out)
     model = build_model_for(args, device)
     novel = args.novel.split(",") if args.novel else None
-    dataset = build_dataset(args.data, "train", train=True, image_size=model.config.image_size,
-                            max_size=model.config.max_size, novel=novel)
+    try:
+        dataset = build_dataset(args.data, "train", train=True, novel=novel,
+                                image_size=model.config.image_size, max_size=model.config.max_size)
+    except DataError as error:
+        raise SystemExit(f"cannot train on --data {args.data}: {error}") from error
+    if len(dataset.instance_labels) == 0:
+        raise SystemExit(f"{dataset.annotation_file} has no usable boxes to train on")
     samples = SeededSamples(dataset, args.seed)
     sampler = DistributedSampler(samples, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
@@ -322,6 +348,8 @@ def train(args, objective: SFTObjective) -> DINOR1:
         skip_batches = checkpoint["batch_in_epoch"]
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            truncate_log(out / "log.jsonl", step)
         (out / "config.json").write_text(json.dumps(
             {"args": vars(args), "model": asdict(model.config), "world_size": world_size},
             indent=2))
@@ -350,7 +378,7 @@ def train(args, objective: SFTObjective) -> DINOR1:
         loader = make_loader(samples, sampler, args.batch_size, workers, skip_batches)
         bar = tqdm(loader, desc=f"epoch {epoch}", initial=skip_batches, total=steps_per_epoch,
                    disable=not is_main, dynamic_ncols=True)
-        replaced = skipped = 0
+        replaced = skipped = without_boxes = 0
         model.train()
         batch_index = skip_batches
         for batch_index, batch in enumerate(bar, start=skip_batches):
@@ -360,15 +388,18 @@ def train(args, objective: SFTObjective) -> DINOR1:
             replaced += batch.num_replaced
             instructions, targets = make_instructions(
                 batch, dataset.class_names, mix_generator(args.seed, epoch, batch_index, rank))
+            if not true_in_every_process(len(instructions.class_names) > 0, device):
+                without_boxes += 1      # no box, no prompt: nothing to learn from
+                continue
             num_boxes = max(average_across_processes(
                 float(sum(len(t.labels) for t in targets)), device), 1.0)
             with autocast:
                 loss, terms = objective(network, batch, instructions, targets, num_boxes)
-            if not loss_is_finite(loss, device):
+            if not true_in_every_process(bool(torch.isfinite(loss.detach())), device):
                 if not args.skip_nonfinite:
-                    raise FloatingPointError(nonfinite_message(terms, step) + "; the last "
-                                             "checkpoint is untouched (--skip-nonfinite skips "
-                                             "such steps instead)")
+                    raise FloatingPointError(nonfinite_message(terms, step) + f"; stopped, "
+                                             f"{out / 'last.pt'} is left as it was "
+                                             f"(--skip-nonfinite skips such steps instead)")
                 skipped += 1
                 if is_main:
                     print(nonfinite_message(terms, step) + ": step skipped")
@@ -387,11 +418,11 @@ def train(args, objective: SFTObjective) -> DINOR1:
                                       "rss_mb": round(resident_memory_mb(), 1),
                                       **values}) + "\n")
                 log.flush()
+            if step >= total_steps:
+                break               # the checkpoint after the loop saves this step
             if is_main and args.save_every and step % args.save_every == 0 \
                     and batch_index + 1 < steps_per_epoch:
                 save_checkpoint(out / "last.pt", checkpoint_state(epoch, batch_index + 1))
-            if step >= total_steps:
-                break
         finished_epoch = batch_index + 1 >= steps_per_epoch
         skip_batches = 0
         if replaced and is_main:
@@ -399,6 +430,9 @@ def train(args, objective: SFTObjective) -> DINOR1:
                   f"(see the warnings above)")
         if skipped and is_main:
             print(f"epoch {epoch}: {skipped} steps skipped for a non-finite loss")
+        if without_boxes and is_main:
+            print(f"epoch {epoch}: {without_boxes} batches skipped for having no box "
+                  f"(under DDP: in any one process)")
         if is_main:
             save_checkpoint(out / "last.pt", checkpoint_state(
                 epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else batch_index + 1))
