@@ -35,7 +35,7 @@ from model import (PRESETS, DetectorConfig, DINOR1, SetCriterion, VisualInstruct
 
 # Training defaults per model preset (any of them can be overridden on the command line).
 TRAIN_DEFAULTS = {
-    "tiny": dict(epochs=6, batch_size=8, lr=1e-3, lr_drop=5, warmup_steps=100),
+    "tiny": dict(epochs=12, batch_size=8, lr=2e-3, lr_drop=10, warmup_steps=100),
     "swin_t": dict(epochs=12, batch_size=2, lr=1e-4, lr_drop=11, warmup_steps=1000),
     "r50": dict(epochs=12, batch_size=2, lr=1e-4, lr_drop=11, warmup_steps=1000),
 }
@@ -48,9 +48,9 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="shapes", help="shapes | coco | a COCO-format folder")
     parser.add_argument("--model", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--epochs", type=int, help="default: per preset (tiny 6)")
+    parser.add_argument("--epochs", type=int, help="default: per preset (tiny 12)")
     parser.add_argument("--batch-size", type=int, help="per process; default per preset")
-    parser.add_argument("--lr", type=float, help="default: per preset (tiny 1e-3)")
+    parser.add_argument("--lr", type=float, help="default: per preset (tiny 2e-3)")
     parser.add_argument("--lr-drop", type=int, help="epoch at which the lr drops 10x")
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up steps")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
