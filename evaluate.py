@@ -200,14 +200,17 @@ def format_per_class(metrics: dict, dataset: CocoDetection) -> str:
 def draw_predictions(dataset: CocoDetection, index: int, found: Detections, path: Path,
                      threshold: float = 0.3, min_side: int = 512) -> None:
     """The original image with predicted boxes, class names and scores above `threshold`;
-    small images are enlarged so that the labels can be read."""
+    one label per box (the best-scoring class of a query), and small images enlarged, so
+    that the labels can be read."""
+    from torchvision.ops import nms
     from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
 
     image = pil_to_tensor(dataset.load_image(index))
     zoom = max(1.0, min_side / min(image.shape[-2:]))
     image = resize(image, [round(image.shape[-2] * zoom), round(image.shape[-1] * zoom)])
     found = Detections(found.boxes * zoom, found.scores, found.labels)
-    keep = found.scores >= threshold
+    keep = nms(found.boxes.float(), found.scores.float(), iou_threshold=0.9)
+    keep = keep[found.scores[keep] >= threshold]
     labels = [f"{dataset.class_names[c]} {s:.2f}"
               for c, s in zip(found.labels[keep].tolist(), found.scores[keep].tolist())]
     if labels:
