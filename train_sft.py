@@ -308,15 +308,9 @@ def build_model_for(args, device: torch.device) -> DINOR1:
     return DINOR1(config).to(device)
 
 
-def train(args, objective: SFTObjective) -> DINOR1:
-    """Train, checkpoint every epoch, evaluate at the end; returns the trained model
-    (the run folder is args.out)."""
-    device, rank, world_size = setup_distributed(args.device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    out = Path(args.out)
-    model = build_model_for(args, device)
+def training_data(args, model: DINOR1, rank: int, world_size: int):
+    """The train split, seeded per sample, sharded per process.
+    Returns (dataset, samples, sampler, steps per epoch)."""
     novel = args.novel.split(",") if args.novel else None
     try:
         dataset = build_dataset(args.data, "train", train=True, novel=novel,
@@ -332,20 +326,54 @@ def train(args, objective: SFTObjective) -> DINOR1:
     if steps_per_epoch == 0:
         raise SystemExit(f"the train split has {len(dataset)} images: fewer than one batch of "
                          f"{args.batch_size} per process")
+    return dataset, samples, sampler, steps_per_epoch
+
+
+def restore(args, model: DINOR1, optimizer, scheduler, objective) -> tuple[int, int, int]:
+    """--init loads weights only; --resume everything. Returns (epoch, step, batches of
+    that epoch already done)."""
+    if args.init:
+        model.load_state_dict(compatible_checkpoint(args.init, model, args)["model"])
+    if not args.resume:
+        return 0, 0, 0
+    checkpoint = compatible_checkpoint(args.resume, model, args)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    objective.load_state_dict(checkpoint["objective"], model)
+    return checkpoint["epoch"], checkpoint["step"], checkpoint["batch_in_epoch"]
+
+
+def write_log_line(log, **values) -> None:
+    log.write(json.dumps(values) + "\n")
+    log.flush()
+
+
+def report_skips(epoch: int, replaced: int, skipped: int, without_boxes: int) -> None:
+    if replaced:
+        print(f"epoch {epoch}: {replaced} unreadable images were replaced by others "
+              f"(see the warnings above)")
+    if skipped:
+        print(f"epoch {epoch}: {skipped} steps skipped for a non-finite loss")
+    if without_boxes:
+        print(f"epoch {epoch}: {without_boxes} batches skipped for having no box "
+              f"(under DDP: in any one process)")
+
+
+def train(args, objective: SFTObjective) -> DINOR1:
+    """Train, checkpoint every epoch, evaluate at the end; returns the trained model
+    (the run folder is args.out)."""
+    device, rank, world_size = setup_distributed(args.device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out = Path(args.out)
+    model = build_model_for(args, device)
+    dataset, samples, sampler, steps_per_epoch = training_data(args, model, rank, world_size)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, steps_per_epoch)
-    start_epoch, step, skip_batches = 0, 0, 0
-    if args.init:
-        model.load_state_dict(compatible_checkpoint(args.init, model, args)["model"])
-    if args.resume:
-        checkpoint = compatible_checkpoint(args.resume, model, args)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        objective.load_state_dict(checkpoint["objective"], model)
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        skip_batches = checkpoint["batch_in_epoch"]
+    start_epoch, step, skip_batches = restore(args, model, optimizer, scheduler, objective)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if args.resume:
@@ -413,11 +441,9 @@ def train(args, objective: SFTObjective) -> DINOR1:
             if is_main and (step % args.log_every == 0 or step == total_steps):
                 values = {k: round(v.item(), 5) for k, v in terms.items()}
                 bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
-                log.write(json.dumps({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                                      "step_seconds": time.perf_counter() - started,
-                                      "rss_mb": round(resident_memory_mb(), 1),
-                                      **values}) + "\n")
-                log.flush()
+                write_log_line(log, step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
+                               step_seconds=time.perf_counter() - started,
+                               rss_mb=round(resident_memory_mb(), 1), **values)
             if step >= total_steps:
                 break               # the checkpoint after the loop saves this step
             if is_main and args.save_every and step % args.save_every == 0 \
@@ -425,15 +451,8 @@ def train(args, objective: SFTObjective) -> DINOR1:
                 save_checkpoint(out / "last.pt", checkpoint_state(epoch, batch_index + 1))
         finished_epoch = batch_index + 1 >= steps_per_epoch
         skip_batches = 0
-        if replaced and is_main:
-            print(f"epoch {epoch}: {replaced} unreadable images were replaced by others "
-                  f"(see the warnings above)")
-        if skipped and is_main:
-            print(f"epoch {epoch}: {skipped} steps skipped for a non-finite loss")
-        if without_boxes and is_main:
-            print(f"epoch {epoch}: {without_boxes} batches skipped for having no box "
-                  f"(under DDP: in any one process)")
         if is_main:
+            report_skips(epoch, replaced, skipped, without_boxes)
             save_checkpoint(out / "last.pt", checkpoint_state(
                 epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else batch_index + 1))
     if log:

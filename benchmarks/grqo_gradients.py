@@ -1,0 +1,81 @@
+"""How much does each GRQO term move the model? Gradient norms and reward statistics.
+
+    python benchmarks/grqo_gradients.py --ckpt runs/grqo/last.pt --batches 8
+
+On a few training batches of a checkpoint, computes separately the gradient of L_SFT
+(+ L_contra) and of the GRQO advantage term -alpha * m * A (METHOD (6)); prints their norms,
+the cosine between them, and reward statistics: the spread of rewards within a group, and
+the mean reward and advantage of the top-ranked, unmuted queries against the muted,
+bottom-ranked ones. (The KL term's size is in the training log, `grqo_kl`.)
+"""
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import build_dataset, collate  # noqa: E402
+from grqo import group_advantages, grqo_loss, mute_mask, query_rewards  # noqa: E402
+from model import SetCriterion, load_checkpoint, model_from_checkpoint  # noqa: E402
+from train_sft import make_instructions  # noqa: E402
+
+
+def flat_gradient(model, loss) -> torch.Tensor:
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                      for g, p in zip(grads, parameters)])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    checkpoint = load_checkpoint(args.ckpt)
+    model = model_from_checkpoint(checkpoint, kernel="torch").train()
+    config = model.config
+    dataset = build_dataset(checkpoint["args"]["data"], "train", train=True,
+                            image_size=config.image_size, max_size=config.max_size)
+    criterion = SetCriterion()
+    rows = []
+    for index in range(args.batches):
+        torch.manual_seed(index)
+        batch = collate([dataset[index * args.batch_size + j] for j in range(args.batch_size)])
+        instructions, targets = make_instructions(batch, dataset.class_names,
+                                                  torch.Generator().manual_seed(index))
+        output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+        sft = criterion(output, targets, float(sum(len(t.labels) for t in targets)))["sft"]
+        costs, gt_mask = [], None
+        for logits, boxes in zip(output.logits, output.boxes):
+            cost, gt_mask = criterion.matcher.pairwise_cost(logits, boxes, targets)
+            costs.append(cost)
+        objectness = output.selection.objectness_logits
+        policy, _ = grqo_loss(costs, objectness, objectness.detach(), alpha=args.alpha,
+                              beta=0.0, gt_mask=gt_mask)
+        g_sft, g_policy = flat_gradient(model, sft), flat_gradient(model, policy)
+        rewards, has_gt = query_rewards(costs[-1].detach(), gt_mask)
+        advantages = group_advantages(rewards, has_gt)
+        unmuted = mute_mask(rewards.shape[1], 1 / 3).bool()
+        rows.append({
+            "sft_grad": g_sft.norm().item(), "policy_grad": g_policy.norm().item(),
+            "cosine": torch.nn.functional.cosine_similarity(g_sft, g_policy, dim=0).item(),
+            "reward_std": rewards[has_gt].std(dim=1).mean().item(),
+            "reward_top": rewards[has_gt][:, unmuted].mean().item(),
+            "reward_muted": rewards[has_gt][:, ~unmuted].mean().item(),
+            "advantage_top": advantages[has_gt][:, unmuted].mean().item()})
+        model.zero_grad(set_to_none=True)
+    for key in rows[0]:
+        values = [row[key] for row in rows]
+        print(f"{key:15s} median {statistics.median(values): .4g}   "
+              f"min {min(values): .4g}   max {max(values): .4g}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
