@@ -23,19 +23,11 @@ from PIL import Image
 import data
 import evaluate
 import train_sft
-from data import Batch, Target, build_dataset, generate_shapes
+from data import Batch, Target, build_dataset
 from model import PRESETS, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4     # 8 train images, batches of 2
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shapes")
-    generate_shapes(folder, seed=5, image_size=128, train_images=8, support_images=24,
-                    dev_images=2, val_images=4)
-    return folder
 
 
 def run_args(shapes, out, *extra):

@@ -14,18 +14,10 @@ import torch
 import evaluate
 import train_grqo
 import train_sft
-from data import build_dataset, generate_shapes
+from data import build_dataset
 from model import Detections, build_model, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shapes")
-    generate_shapes(folder, seed=5, image_size=128, train_images=8, support_images=24,
-                    dev_images=2, val_images=4)
-    return folder
 
 
 def run_args(shapes, out, *extra):
@@ -54,12 +46,15 @@ def test_two_steps_write_a_checkpoint_that_evaluate_loads(shapes, tmp_path):
     assert len(list((tmp_path / "vis").glob("*.png"))) == 4
 
 
-@pytest.mark.parametrize("stop_at", [2, 3])     # at an epoch boundary; in mid-epoch
+@pytest.mark.parametrize("stop_at", [4, 3])     # at an epoch boundary; in mid-epoch
 def test_resume_equals_an_uninterrupted_run(shapes, tmp_path, stop_at):
-    """4 steps in a row against stop_at steps, then --resume to 4 (2 steps per epoch)."""
-    whole = train_sft.main(run_args(shapes, tmp_path / "whole", "--max-steps", "4"))
+    """6 steps in a row against stop_at steps, then --resume to 6 (4 steps per epoch)."""
+    whole = train_sft.main(run_args(shapes, tmp_path / "whole", "--max-steps", "6"))
     train_sft.main(run_args(shapes, tmp_path / "parts", "--max-steps", str(stop_at)))
-    resumed = train_sft.main(run_args(shapes, tmp_path / "parts", "--max-steps", "4",
+    checkpoint = torch.load(tmp_path / "parts" / "last.pt", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["batch_in_epoch"]) == \
+        ((1, 0) if stop_at == 4 else (0, 3))
+    resumed = train_sft.main(run_args(shapes, tmp_path / "parts", "--max-steps", "6",
                                       "--resume", str(tmp_path / "parts" / "last.pt")))
     assert_same_weights(whole.state_dict(), resumed.state_dict())
 

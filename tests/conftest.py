@@ -1,0 +1,15 @@
+"""Shared fixtures: a small shapes dataset on disk for the training tests."""
+
+import pytest
+
+from data import generate_shapes
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """8 train images (4 steps per epoch at batch 2), a support split with every class,
+    and 4 val images."""
+    folder = tmp_path_factory.mktemp("shapes")
+    generate_shapes(folder, seed=5, image_size=128, train_images=8, support_images=24,
+                    dev_images=2, val_images=4)
+    return folder
