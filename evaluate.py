@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from data import CocoDetection, build_dataset, collate, sample_exemplars
+from data import (CocoDetection, DataError, build_dataset, collate, resolve_data_root,
+                  sample_exemplars, split_files)
 from model import DINOR1, Detections, load_checkpoint, model_from_checkpoint, postprocess
 
 SUMMARY_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -225,10 +226,14 @@ def draw_predictions(dataset: CocoDetection, index: int, found: Detections, path
 @torch.no_grad()
 def evaluate(model: DINOR1, data: str, split: str = "val", prompt: str = "generic",
              shots: int | None = None, device="cpu", batch_size: int = 8, seed: int = 0,
-             support_split: str = "support", chunk_size: int = 80, vis_dir: Path | None = None,
-             num_vis: int = 8, novel: list[str] | None = None) -> dict:
-    """Detect on every image of `split` and score with COCOeval. Returns the metrics."""
+             support_split: str | None = None, chunk_size: int = 80,
+             vis_dir: Path | None = None, num_vis: int = 8,
+             novel: list[str] | None = None) -> dict:
+    """Detect on every image of `split` and score with COCOeval. Returns the metrics.
+    Generic prompts take their exemplars from `support_split` (default: `support` where
+    the data has one, else `train`, as for COCO)."""
     model.eval().to(device)
+    support_split = support_split or default_support_split(data)
     size = dict(image_size=model.config.image_size, max_size=model.config.max_size)
     dataset = build_dataset(data, split, train=False, novel=novel, **size)
     if prompt == "generic":
@@ -260,6 +265,17 @@ def evaluate(model: DINOR1, data: str, split: str = "val", prompt: str = "generi
     return metrics
 
 
+def default_support_split(data: str) -> str:
+    """`support` where the data has that split (the shapes data does), else `train`."""
+    try:
+        split_files(resolve_data_root(data), "support")
+        return "support"
+    except DataError:
+        print(f"no 'support' split in {data}: generic prompts take their exemplars from "
+              f"'train'")
+        return "train"
+
+
 def detect_interactive(model: DINOR1, batch, top_k: int = 300) -> list[Detections]:
     prompts, prompt_mask, classes = interactive_prompts(model, batch)
     output = model(batch.images, batch.mask, prompts=prompts, prompt_mask=prompt_mask)
@@ -279,8 +295,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--split", default="val")
     parser.add_argument("--prompt", default="generic", choices=["generic", "text", "interactive"])
     parser.add_argument("--shots", type=int, help="exemplars per class (default: all)")
-    parser.add_argument("--support-split", default="support",
-                        help="where generic exemplars come from")
+    parser.add_argument("--support-split",
+                        help="where generic exemplars come from (default: support, else train)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--kernel", default=None, choices=["auto", "torch", "triton"])
@@ -295,10 +311,13 @@ def main(argv=None) -> dict:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     data = args.data or checkpoint["args"]["data"]
     novel = args.novel or checkpoint["args"].get("novel")
-    metrics = evaluate(model, data, args.split, args.prompt, args.shots, device,
-                       args.batch_size, args.seed, args.support_split,
-                       vis_dir=Path(args.vis) if args.vis else None,
-                       novel=novel.split(",") if novel else None)
+    try:
+        metrics = evaluate(model, data, args.split, args.prompt, args.shots, device,
+                           args.batch_size, args.seed, args.support_split,
+                           vis_dir=Path(args.vis) if args.vis else None,
+                           novel=novel.split(",") if novel else None)
+    except DataError as error:
+        raise SystemExit(f"cannot evaluate on --data {data}: {error}") from error
     print(format_table(metrics))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2))

@@ -22,6 +22,7 @@ Conventions used everywhere in this file:
 """
 
 import math
+import re
 from pathlib import Path
 from dataclasses import dataclass, replace
 
@@ -1015,9 +1016,12 @@ def load_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or tampered file: name it, say why
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines() or [""]
+        reason = next((line for line in detail if "Unsupported global" in line), detail[0])
+        reason = reason.split(". Please")[0]
         raise SystemExit(f"cannot load checkpoint {path}: it is truncated, corrupt or holds "
                          f"more than tensors and plain values ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:200]})") from error
+                         f"{reason.strip()[:200]})") from error
 
 
 def model_from_checkpoint(checkpoint: dict, **overrides) -> DINOR1:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from data import (Batch, DataError, build_dataset, collate, instance_image_index,
-                  sample_visual_instructions)
+                  resolve_data_root, sample_visual_instructions, split_files)
 from model import (PRESETS, DetectorConfig, DINOR1, SetCriterion, VisualInstructions,
                    load_checkpoint)
 
@@ -319,6 +319,12 @@ def training_data(args, model: DINOR1, rank: int, world_size: int):
         raise SystemExit(f"cannot train on --data {args.data}: {error}") from error
     if len(dataset.instance_labels) == 0:
         raise SystemExit(f"{dataset.annotation_file} has no usable boxes to train on")
+    if not args.no_eval:       # find a missing evaluation split now, not after training
+        try:
+            split_files(resolve_data_root(args.data), args.eval_split)
+        except DataError as error:
+            raise SystemExit(f"cannot evaluate at the end (--eval-split {args.eval_split}): "
+                             f"{error}; pass --no-eval to train anyway") from error
     samples = SeededSamples(dataset, args.seed)
     sampler = DistributedSampler(samples, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=args.seed, drop_last=True)

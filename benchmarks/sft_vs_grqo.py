@@ -133,8 +133,9 @@ def main(argv=None):
     table = format_summary(summary, args)
     print(table)
     print(f"wall time {time.time() - started:.0f} s")
-    Path(args.out, f"summary_{args.split}.md").write_text(table + "\n")
-    Path(args.out, f"summary_{args.split}.json").write_text(json.dumps(
+    name = f"summary_{args.split}_{'_'.join(args.variants)}"
+    Path(args.out, f"{name}.md").write_text(table + "\n")
+    Path(args.out, f"{name}.json").write_text(json.dumps(
         {"args": vars(args), "summary": summary}, indent=2))
     return summary
 

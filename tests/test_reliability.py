@@ -471,8 +471,9 @@ def test_tampered_checkpoint_never_runs_its_pickled_code(shapes, trained, tmp_pa
     tampered, marker = tmp_path / "tampered.pt", tmp_path / "code_ran"
     torch.save({**checkpoint, "objective": Payload(marker)}, tampered)
     expected = re.escape(f"cannot load checkpoint {tampered}: it is truncated, corrupt or holds "
-                         f"more than tensors and plain values (UnpicklingError: Weights only "
-                         f"load failed.")
+                         f"more than tensors and plain values (UnpicklingError: "
+                         f"WeightsUnpickler error: Unsupported global: GLOBAL exec was not an "
+                         f"allowed global by default)")
     with pytest.raises(SystemExit, match="^" + expected):
         train_sft.main(run_args(shapes, tmp_path / "run", "--resume", str(tampered)))
     with pytest.raises(SystemExit, match="^" + expected):
