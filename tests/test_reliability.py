@@ -23,18 +23,12 @@ from PIL import Image
 import data
 import evaluate
 import train_sft
+from conftest import run_args
 from data import Batch, Target, build_dataset
 from model import PRESETS, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4     # 8 train images, batches of 2
-
-
-def run_args(shapes, out, *extra):
-    """Command-line arguments of a small run: 2 epochs of 4 steps, no final evaluation
-    (an option repeated in `extra` overrides these)."""
-    return ["--data", str(shapes), "--out", str(out), "--batch-size", "2", "--epochs", "2",
-            "--no-eval", "--seed", "3", *extra]
 
 
 def assert_same_weights(first: dict, second: dict):

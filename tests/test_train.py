@@ -14,15 +14,11 @@ import torch
 import evaluate
 import train_grqo
 import train_sft
+from conftest import run_args
 from data import build_dataset
 from model import Detections, build_model, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_args(shapes, out, *extra):
-    return ["--data", str(shapes), "--out", str(out), "--batch-size", "2", "--epochs", "2",
-            "--no-eval", "--seed", "3", *extra]
 
 
 def assert_same_weights(first: dict, second: dict):
