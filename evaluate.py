@@ -188,8 +188,9 @@ def format_table(metrics: dict) -> str:
     return "\n".join([line(names), "|" + "|".join("-" * (w + 2) for w in widths) + "|", line(cells)])
 
 
-def format_per_class(metrics: dict, dataset: CocoDetection) -> str:
-    novel = {dataset.class_names[c] for c in dataset.novel_classes}
+def format_per_class(metrics: dict) -> str:
+    """AP per class, novel classes marked (printed after the summary table)."""
+    novel = set(metrics.get("novel_class_names", []))
     rows = [f"  {'novel' if name in novel else 'base ':5s} {name:30s} "
             f"{'-' if ap is None else f'{100 * ap:5.1f}'}"
             for name, ap in metrics["per_class"].items()]
@@ -261,7 +262,8 @@ def evaluate(model: DINOR1, data: str, split: str = "val", prompt: str = "generi
                                      Path(vis_dir) / f"{split}_{image_ids[b]}.png")
         position += len(batch.targets)
     metrics = coco_metrics(dataset, results)
-    metrics.update(split=split, prompt=prompt, shots=shots, num_images=len(dataset))
+    metrics.update(split=split, prompt=prompt, shots=shots, num_images=len(dataset),
+                   novel_class_names=[dataset.class_names[c] for c in dataset.novel_classes])
     return metrics
 
 
@@ -318,6 +320,7 @@ def main(argv=None) -> dict:
                            novel=novel.split(",") if novel else None)
     except DataError as error:
         raise SystemExit(f"cannot evaluate on --data {data}: {error}") from error
+    print(format_per_class(metrics))
     print(format_table(metrics))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2))

@@ -928,7 +928,9 @@ class SetCriterion:
 
     def set_loss(self, logits: Tensor, boxes: Tensor, targets: list, prompt_mask: Tensor,
                  num_boxes: float) -> Tensor:
-        """Hungarian-matched loss of one prediction set: logits (B, Q, K), boxes (B, Q, 4)."""
+        """Hungarian-matched loss of one prediction set (METHOD section 3, matched with the
+        cost of METHOD (1)): logits (B, Q, K), boxes (B, Q, 4) cxcywh; prompt_mask (B, K)
+        True = padding prompt (no loss)."""
         matches = self.matcher(logits, boxes, targets)
         target_classes = torch.zeros_like(logits)
         matched_boxes, gt_boxes = [], []

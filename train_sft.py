@@ -253,6 +253,8 @@ def compatible_checkpoint(path: str, model: DINOR1, args) -> dict:
 
 
 def rng_state(device: torch.device) -> dict:
+    """The generators' states at the checkpoint, for inspection: resuming does not need
+    them, since every step and sample reseeds from (seed, epoch, batch or index, rank)."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -483,6 +485,7 @@ def final_evaluation(model: DINOR1, args, out: Path, device: torch.device) -> di
                                 device=device, vis_dir=out / "predictions",
                                 novel=args.novel.split(",") if args.novel else None)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(evaluate.format_per_class(metrics))
     print(evaluate.format_table(metrics))
     print(f"metrics: {out / 'metrics.json'}; predictions drawn in {out / 'predictions'}")
     return metrics
