@@ -1,5 +1,5 @@
 """Data for DINO-R1: COCO-format datasets, transforms, batching, prompt sampling, and the
-embedded synthetic "shapes" dataset.
+embedded synthetic "shapes" dataset (an appendix at the end of this file).
 
 The data contract every other file relies on:
 
@@ -14,7 +14,8 @@ The data contract every other file relies on:
   normalised cxcywh at the very end.
 - A batch pads images to a common size; `Batch.mask` is True on padding, False on image.
 - Visual prompts (METHOD.md section 2, item 5) are instances chosen from the batch's
-  targets, addressed by their position in `torch.cat([t.boxes for t in targets])`.
+  targets, addressed by their position in `torch.cat([t.boxes for t in targets])`:
+  `sample_prompts` turns a batch into `VisualInstructions` and prompt-indexed targets.
 
 Run `python data.py shapes --out data/shapes` to generate the synthetic data and
 `python data.py preview --data shapes --split train --out preview.png` to look at it.
@@ -26,6 +27,7 @@ import contextlib
 import io
 import json
 import math
+import multiprocessing
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,15 +50,11 @@ COCO_HINT = (
     "COCO 2017 comes from https://cocodataset.org/#download; the expected layout is "
     "data/coco/{train2017,val2017,annotations/instances_{train,val}2017.json}"
 )
-
-
-# Large photos (a 100-megapixel camera, a scan) exceed PIL's decompression-bomb guard
-# (89.5 megapixels, an error above twice that), yet a dataset is the user's own files and
-# the transforms resize every image anyway. So PIL's guard is switched off for the whole
-# process, deliberately, and read_rgb_image applies this limit instead (3 GB as 8-bit
-# RGB), naming the file, so that a bogus header cannot exhaust the memory.
+# The most pixels an image may have (3 GB as 8-bit RGB). PIL's own decompression-bomb
+# guard (89.5 megapixels) would refuse a 100-megapixel photo, yet a dataset is the user's
+# own files and the transforms resize every image anyway; read_rgb_image applies this
+# limit instead, while it opens a file, and names the file.
 MAX_IMAGE_PIXELS = 1_000_000_000
-Image.MAX_IMAGE_PIXELS = None
 
 
 class DataError(Exception):
@@ -64,7 +62,7 @@ class DataError(Exception):
 
 
 # ----------------------------------------------------------------------------------------
-# Targets and batches
+# Targets, batches and visual instructions
 # ----------------------------------------------------------------------------------------
 
 
@@ -73,11 +71,11 @@ class Target:
     """Ground truth of one image.
 
     boxes:     FloatTensor (M, 4), normalised (cx, cy, w, h) relative to `size`.
-    labels:    LongTensor (M,), contiguous class indices.
+    labels:    LongTensor (M,), contiguous class indices (prompt indices once
+               `sample_prompts` has re-indexed them).
     image_id:  the COCO image id.
     orig_size: LongTensor (2,), (height, width) of the image file.
     size:      LongTensor (2,), (height, width) after the transforms, without padding.
-    replaced:  True when the requested image was unreadable and another sample stands in.
     """
 
     boxes: torch.Tensor
@@ -85,72 +83,320 @@ class Target:
     image_id: int
     orig_size: torch.Tensor
     size: torch.Tensor
-    replaced: bool = False
 
     def to(self, device) -> "Target":
-        return replace(
-            self,
-            boxes=self.boxes.to(device),
-            labels=self.labels.to(device),
-            orig_size=self.orig_size.to(device),
-            size=self.size.to(device),
-        )
+        return replace(self, boxes=self.boxes.to(device), labels=self.labels.to(device),
+                       orig_size=self.orig_size.to(device), size=self.size.to(device))
 
 
 @dataclass
 class Batch:
     """A padded batch.
 
-    images:       FloatTensor (B, 3, H, W), zero (the ImageNet mean) on padding.
-    mask:         BoolTensor (B, H, W), True = padding, False = image.
-    targets:      one Target per image.
-    num_replaced: samples of this batch that stand in for unreadable images (from
-                  Target.replaced; the training loop sums these, since dataset.num_replaced
-                  only counts in the process, possibly a DataLoader worker, that loaded them).
+    images:  FloatTensor (B, 3, H, W), zero (the ImageNet mean) on padding.
+    mask:    BoolTensor (B, H, W), True = padding, False = image.
+    targets: one Target per image.
     """
 
     images: torch.Tensor
     mask: torch.Tensor
     targets: list[Target]
-    num_replaced: int
 
     def to(self, device) -> "Batch":
-        return replace(
-            self,
-            images=self.images.to(device),
-            mask=self.mask.to(device),
-            targets=[target.to(device) for target in self.targets],
-        )
+        return replace(self, images=self.images.to(device), mask=self.mask.to(device),
+                       targets=[target.to(device) for target in self.targets])
 
 
-def collate(samples: list[tuple[torch.Tensor, Target]]) -> Batch:
-    """Pad images (3, h_i, w_i) into one (B, 3, H, W) tensor with its padding mask.
+@dataclass
+class VisualInstructions:
+    """Exemplar boxes that become prompts (METHOD 2.5, Algorithm 1 line 8).
 
-    H and W are the batch maxima rounded up to a multiple of 32, the backbone's total
-    stride: every stage then halves the padded size exactly, so feature maps line up with
-    the image and the mask downsamples to each level without rounding.
+    All N exemplars are encoded (the contrastive loss uses them all); `selected` picks the
+    K that become the prompts shown to every image in the batch, one per class.
+
+    boxes:       FloatTensor (N, 4), cxcywh of each exemplar, normalised to its own image.
+    image_index: LongTensor (N,), which image of the batch each exemplar is on.
+    labels:      LongTensor (N,), prompt index (0..K-1) of each exemplar's class.
+    selected:    LongTensor (K,), the exemplar used as prompt k.
+    class_names: K names, for the text side of the contrastive loss.
     """
-    images, targets = zip(*samples)
-    height = _round_up(max(image.shape[1] for image in images), PAD_MULTIPLE)
-    width = _round_up(max(image.shape[2] for image in images), PAD_MULTIPLE)
-    padded = images[0].new_zeros((len(images), 3, height, width))
-    mask = torch.ones((len(images), height, width), dtype=torch.bool)
-    for position, image in enumerate(images):
-        padded[position, :, : image.shape[1], : image.shape[2]] = image
-        mask[position, : image.shape[1], : image.shape[2]] = False
-    num_replaced = sum(target.replaced for target in targets)
-    return Batch(padded, mask, list(targets), num_replaced)
+
+    boxes: torch.Tensor
+    image_index: torch.Tensor
+    labels: torch.Tensor
+    selected: torch.Tensor
+    class_names: list[str]
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return (value + multiple - 1) // multiple * multiple
+# ----------------------------------------------------------------------------------------
+# COCO-format datasets
+# ----------------------------------------------------------------------------------------
+
+
+def resolve_data_root(data: str) -> Path:
+    """The folder of a --data value: "shapes" -> data/shapes (generated when missing),
+    "coco" -> data/coco, anything else -> that path."""
+    if data == "shapes":
+        return ensure_shapes(SHAPES_ROOT)
+    if data == "coco":
+        return COCO_ROOT
+    return Path(data)
+
+
+def _data_error(message: str, root: Path) -> DataError:
+    if Path(root).resolve() == COCO_ROOT.resolve():
+        message = f"{message}. {COCO_HINT}"
+    return DataError(message)
+
+
+def split_files(root: str | Path, split: str) -> tuple[Path, Path]:
+    """(annotation JSON, image folder) of a split.
+
+    Looks for annotations/instances_<split>.json with images in <split>/, then COCO's
+    naming annotations/instances_<split>2017.json with <split>2017/.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise _data_error(f"data folder {root} not found", root)
+    layouts = [(f"instances_{split}.json", split), (f"instances_{split}2017.json", f"{split}2017")]
+    for annotation_name, image_folder in layouts:
+        annotation_file = root / "annotations" / annotation_name
+        if annotation_file.is_file():
+            image_dir = root / image_folder
+            if not image_dir.is_dir():
+                raise _data_error(
+                    f"image folder {image_dir} (for {annotation_file}) not found", root
+                )
+            return annotation_file, image_dir
+    expected = " or ".join(str(root / "annotations" / name) for name, _ in layouts)
+    raise _data_error(f"annotation file {expected} not found", root)
+
+
+def read_json(path: Path):
+    """Parse a JSON file; DataError naming the file and the position of a parse error."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno} column "
+            f"{error.colno} (character {error.pos})"
+        ) from error
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text: {error}") from error
+
+
+def load_coco(annotation_file: Path) -> COCO:
+    """A pycocotools COCO object for a checked detection JSON file."""
+    data = read_json(annotation_file)
+    if not isinstance(data, dict) or not {"images", "categories"} <= data.keys():
+        raise DataError(
+            f"{annotation_file} is not COCO detection JSON: it needs 'images' and 'categories'"
+        )
+    data.setdefault("annotations", [])
+    _check_annotations(data, annotation_file)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
+        coco.createIndex()
+    return coco
+
+
+def _check_annotations(data: dict, annotation_file: Path) -> None:
+    category_ids = {category["id"] for category in data["categories"]}
+    image_ids = {image["id"] for image in data["images"]}
+    for annotation in data["annotations"]:
+        name = f"{annotation_file}: annotation {annotation.get('id')}"
+        if annotation.get("category_id") not in category_ids:
+            raise DataError(
+                f"{name} has category_id {annotation.get('category_id')}, not in 'categories'"
+            )
+        if annotation.get("image_id") not in image_ids:
+            raise DataError(f"{name} has image_id {annotation.get('image_id')}, not in 'images'")
+        if len(annotation.get("bbox", ())) != 4:
+            raise DataError(f"{name} has no bbox [x, y, width, height]")
+
+
+def read_rgb_image(path: Path) -> Image.Image:
+    """Open an image as 8-bit RGB, whatever its mode (grayscale, palette, RGBA, 16-bit).
+
+    Raises DataError naming the file when it is missing, cannot be decoded or has more
+    than MAX_IMAGE_PIXELS pixels.
+    """
+    try:
+        with _without_pil_pixel_guard(), Image.open(path) as image:  # reads the header only
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise DataError(
+                    f"image file {path} is {image.width}x{image.height} pixels, more than "
+                    f"data.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,}: resize it, or raise "
+                    f"the limit if the memory allows")
+            image.load()
+            return _to_rgb(image)
+    except FileNotFoundError as error:
+        raise DataError(f"image file {path} is missing") from error
+    except (OSError, SyntaxError, ValueError) as error:  # what PIL raises on corrupt files
+        raise DataError(f"cannot read image file {path}: {error}") from error
+
+
+@contextlib.contextmanager
+def _without_pil_pixel_guard():
+    """PIL's decompression-bomb guard (89.5 megapixels) off while one file is opened,
+    because read_rgb_image applies MAX_IMAGE_PIXELS instead; restored afterwards, so that
+    this module changes no global state of the process."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):
+        # 16-bit (and 32-bit integer) grey: convert("L") would clip at 255 instead of
+        # scaling, so map 0..65535 to 0..255 here.
+        values = np.asarray(image).astype(np.float32) / 257.0
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format detection split as (image (3, H, W), Target) samples.
+
+    Attributes:
+        coco:           the pycocotools COCO object of the annotation file.
+        image_ids:      COCO image ids, sorted; sample i is image_ids[i].
+        class_names:    contiguous class index -> name.
+        category_ids:   contiguous class index -> COCO category id.
+        category_index: COCO category id -> contiguous class index.
+        novel_classes, base_classes: contiguous indices, sorted.
+        instance_boxes: FloatTensor (A, 4), xyxy pixels of the original images, of every
+                        usable instance (not crowd, clipped, not degenerate);
+        instance_labels: LongTensor (A,); instance_offsets: LongTensor (len + 1,), sample
+                        i owns instances instance_offsets[i]:instance_offsets[i + 1].
+        num_dropped_boxes, num_clipped_boxes: boxes dropped / clipped when loading.
+
+    An unreadable image raises DataError naming the file (training wraps the dataset in
+    ReplaceUnreadable to carry on without it).
+    """
+
+    def __init__(self, root, split: str, transforms=None, novel: list[str] | None = None):
+        self.root = Path(root)
+        self.split = split
+        self.transforms = transforms
+        self.annotation_file, self.image_dir = split_files(self.root, split)
+        self.coco = load_coco(self.annotation_file)
+        self.image_ids = sorted(self.coco.imgs)
+        if not self.image_ids:
+            raise DataError(f"{self.annotation_file} lists no images: split {split!r} is empty")
+        categories = sorted(self.coco.dataset["categories"], key=lambda category: category["id"])
+        self.category_ids = [category["id"] for category in categories]
+        self.class_names = [category["name"] for category in categories]
+        self.category_index = {
+            category_id: index for index, category_id in enumerate(self.category_ids)
+        }
+        self.novel_classes = self._novel_classes(novel)
+        self.base_classes = [
+            index for index in range(len(self.class_names)) if index not in self.novel_classes
+        ]
+        self._collect_instances()
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _novel_classes(self, novel: list[str] | None) -> list[int]:
+        """Novel classes from the `novel` argument when given, else from split.json."""
+        split_file = self.annotation_file.parent / "split.json"
+        if novel is None and split_file.is_file():
+            novel = read_json(split_file).get("novel", [])
+        unknown = [name for name in novel or [] if name not in self.class_names]
+        if unknown:
+            raise DataError(f"novel classes {unknown} are not categories of {self.annotation_file}")
+        return sorted(self.class_names.index(name) for name in novel or [])
+
+    def _collect_instances(self) -> None:
+        """Usable boxes of every image: crowd boxes skipped, boxes clipped to the image,
+        those under 1 px wide or high dropped; one warning counts what was changed."""
+        annotations = [
+            (position, annotation)
+            for position, image_id in enumerate(self.image_ids)
+            for annotation in self.coco.imgToAnns[image_id]
+            if not annotation.get("iscrowd", 0)
+        ]
+        positions = torch.tensor([position for position, _ in annotations], dtype=torch.long)
+        boxes = torch.tensor(
+            [annotation["bbox"] for _, annotation in annotations], dtype=torch.float64
+        )
+        boxes = box_convert(boxes.reshape(-1, 4), "xywh", "xyxy")
+        images = self.coco.loadImgs(self.image_ids)
+        image_sizes = torch.tensor([[image["width"], image["height"]] for image in images]).reshape(
+            -1, 2
+        )
+        upper = image_sizes[positions].repeat(1, 2).to(boxes.dtype)  # (A, 4): w, h, w, h
+        clipped = torch.minimum(boxes.clamp(min=0), upper)
+        keep = (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
+        num_clipped = int(((clipped != boxes).any(dim=1) & keep).sum())
+        num_dropped = len(annotations) - int(keep.sum())
+        if num_clipped or num_dropped:
+            warnings.warn(
+                f"{self.annotation_file}: {num_dropped} boxes dropped (empty or outside the "
+                f"image after clipping), {num_clipped} clipped to the image"
+            )
+        self.num_dropped_boxes, self.num_clipped_boxes = num_dropped, num_clipped
+        labels = [self.category_index[annotation["category_id"]] for _, annotation in annotations]
+        self.instance_boxes = clipped[keep].float()
+        self.instance_labels = torch.tensor(labels, dtype=torch.long)[keep]
+        counts = torch.bincount(positions[keep], minlength=len(self.image_ids))
+        self.instance_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+    def instances(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(boxes (M, 4) xyxy pixels of the original image, labels (M,)) of sample index."""
+        start, end = self.instance_offsets[index], self.instance_offsets[index + 1]
+        return self.instance_boxes[start:end], self.instance_labels[start:end]
+
+    def load_image(self, index: int) -> Image.Image:
+        """The RGB image of sample index; DataError naming the file when unreadable."""
+        file_name = self.coco.imgs[self.image_ids[index]]["file_name"]
+        return read_rgb_image(self.image_dir / file_name)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        index = range(len(self))[index]  # IndexError out of range, as iteration expects
+        image = self.load_image(index)
+        boxes, labels = self.instances(index)
+        orig_size = torch.tensor([image.height, image.width])
+        if self.transforms is not None:
+            image, boxes, labels = self.transforms(image, boxes, labels)
+        if isinstance(image, Image.Image):
+            image = F.to_tensor(image)
+        image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+        height, width = image.shape[-2:]
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        target = Target(
+            boxes=box_convert(boxes, "xyxy", "cxcywh") / scale,
+            labels=labels.clone(),  # not a view that would carry all instance_labels along
+            image_id=self.image_ids[index],
+            orig_size=orig_size,
+            size=torch.tensor([height, width]),
+        )
+        return image, target
+
+
+def build_dataset(data: str, split: str, train: bool, image_size: int, max_size: int,
+                  novel: list[str] | None = None) -> CocoDetection:
+    """A dataset by name ("shapes", "coco" or a folder) with training or evaluation
+    transforms."""
+    transforms = make_transforms(train, image_size, max_size)
+    return CocoDetection(resolve_data_root(data), split, transforms, novel)
 
 
 # ----------------------------------------------------------------------------------------
 # Transforms: callables (image, boxes, labels) -> (image, boxes, labels), where image is a
 # PIL image or a (C, H, W) tensor, boxes are (M, 4) absolute (x0, y0, x1, y1) pixels and
-# labels are (M,). Randomness comes from torch's global RNG, so seeding torch (and the
-# DataLoader's per-worker seeding) makes runs reproducible. As in DETR's transforms.
+# labels are (M,). Randomness comes from torch's global RNG: the training loop seeds it
+# before every sample (train_sft.SeededSamples), which makes runs reproducible with any
+# number of DataLoader workers. As in DETR's transforms.
 # ----------------------------------------------------------------------------------------
 
 
@@ -188,7 +434,9 @@ class RandomHorizontalFlip:
         return F.hflip(image), flipped, labels
 
 
-def resized_shape(height: int, width: int, short_side: int, max_size: int | None) -> tuple[int, int]:
+def resized_shape(
+    height: int, width: int, short_side: int, max_size: int | None
+) -> tuple[int, int]:
     """(height, width) with the short side `short_side`, aspect kept, long side <= max_size."""
     short, long = min(height, width), max(height, width)
     if max_size is not None and short_side * long / short > max_size:
@@ -298,306 +546,79 @@ def make_transforms(train: bool, image_size: int, max_size: int) -> Compose:
     ])
     return Compose([RandomHorizontalFlip(), RandomSelect(RandomResize(scales, max_size), crop)])
 
-
 # ----------------------------------------------------------------------------------------
-# COCO-format datasets
-# ----------------------------------------------------------------------------------------
-
-
-def resolve_data_root(data: str) -> Path:
-    """The folder of a --data value: "shapes" -> data/shapes (generated when missing),
-    "coco" -> data/coco, anything else -> that path."""
-    if data == "shapes":
-        return ensure_shapes(SHAPES_ROOT)
-    if data == "coco":
-        return COCO_ROOT
-    return Path(data)
-
-
-def _data_error(message: str, root: Path) -> DataError:
-    if Path(root).resolve() == COCO_ROOT.resolve():
-        message = f"{message}. {COCO_HINT}"
-    return DataError(message)
-
-
-def split_files(root: str | Path, split: str) -> tuple[Path, Path]:
-    """(annotation JSON, image folder) of a split.
-
-    Looks for annotations/instances_<split>.json with images in <split>/, then COCO's
-    naming annotations/instances_<split>2017.json with <split>2017/.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise _data_error(f"data folder {root} not found", root)
-    layouts = [(f"instances_{split}.json", split), (f"instances_{split}2017.json", f"{split}2017")]
-    for annotation_name, image_folder in layouts:
-        annotation_file = root / "annotations" / annotation_name
-        if annotation_file.is_file():
-            image_dir = root / image_folder
-            if not image_dir.is_dir():
-                raise _data_error(f"image folder {image_dir} (for {annotation_file}) not found", root)
-            return annotation_file, image_dir
-    expected = " or ".join(str(root / "annotations" / name) for name, _ in layouts)
-    raise _data_error(f"annotation file {expected} not found", root)
-
-
-def read_json(path: Path):
-    """Parse a JSON file; DataError naming the file and the position of a parse error."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"{path} is not valid JSON: {error.msg} at line {error.lineno} column "
-            f"{error.colno} (character {error.pos})"
-        ) from error
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path} is not UTF-8 text: {error}") from error
-
-
-def load_coco(annotation_file: Path) -> COCO:
-    """A pycocotools COCO object for a checked detection JSON file."""
-    data = read_json(annotation_file)
-    if not isinstance(data, dict) or not {"images", "categories"} <= data.keys():
-        raise DataError(f"{annotation_file} is not COCO detection JSON: it needs 'images' and 'categories'")
-    data.setdefault("annotations", [])
-    _check_annotations(data, annotation_file)
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
-        coco.createIndex()
-    return coco
-
-
-def _check_annotations(data: dict, annotation_file: Path) -> None:
-    category_ids = {category["id"] for category in data["categories"]}
-    image_ids = {image["id"] for image in data["images"]}
-    for annotation in data["annotations"]:
-        name = f"{annotation_file}: annotation {annotation.get('id')}"
-        if annotation.get("category_id") not in category_ids:
-            raise DataError(f"{name} has category_id {annotation.get('category_id')}, not in 'categories'")
-        if annotation.get("image_id") not in image_ids:
-            raise DataError(f"{name} has image_id {annotation.get('image_id')}, not in 'images'")
-        if len(annotation.get("bbox", ())) != 4:
-            raise DataError(f"{name} has no bbox [x, y, width, height]")
-
-
-def read_rgb_image(path: Path) -> Image.Image:
-    """Open an image as 8-bit RGB, whatever its mode (grayscale, palette, RGBA, 16-bit).
-
-    Raises DataError naming the file when it is missing, cannot be decoded or has more
-    than MAX_IMAGE_PIXELS pixels.
-    """
-    try:
-        with Image.open(path) as image:  # reads the header only
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise DataError(
-                    f"image file {path} is {image.width}x{image.height} pixels, more than "
-                    f"data.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,}: resize it, or raise "
-                    f"the limit if the memory allows"
-                )
-            image.load()
-            return _to_rgb(image)
-    except FileNotFoundError as error:
-        raise DataError(f"image file {path} is missing") from error
-    except (OSError, SyntaxError, ValueError) as error:  # what PIL raises on corrupt files
-        raise DataError(f"cannot read image file {path}: {error}") from error
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I"):
-        # 16-bit (and 32-bit integer) grey: convert("L") would clip at 255 instead of
-        # scaling, so map 0..65535 to 0..255 here.
-        values = np.asarray(image).astype(np.float32) / 257.0
-        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
-    elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
-
-
-class CocoDetection(torch.utils.data.Dataset):
-    """A COCO-format detection split as (image (3, H, W), Target) samples.
-
-    Attributes:
-        coco:           the pycocotools COCO object of the annotation file.
-        image_ids:      COCO image ids, sorted; sample i is image_ids[i].
-        class_names:    contiguous class index -> name.
-        category_ids:   contiguous class index -> COCO category id.
-        category_index: COCO category id -> contiguous class index.
-        novel_classes, base_classes: contiguous indices, sorted.
-        instance_boxes: FloatTensor (A, 4), xyxy pixels of the original images, of every
-                        usable instance (not crowd, clipped, not degenerate);
-        instance_labels: LongTensor (A,); instance_offsets: LongTensor (len + 1,), sample
-                        i owns instances instance_offsets[i]:instance_offsets[i + 1].
-        num_dropped_boxes, num_clipped_boxes: boxes dropped / clipped when loading.
-        num_replaced:   samples replaced because their image was unreadable (this process).
-    """
-
-    def __init__(self, root, split: str, transforms=None, novel: list[str] | None = None, skip_corrupt: bool = True):
-        self.root = Path(root)
-        self.split = split
-        self.transforms = transforms
-        self.skip_corrupt = skip_corrupt
-        self.num_replaced = 0
-        self.annotation_file, self.image_dir = split_files(self.root, split)
-        self.coco = load_coco(self.annotation_file)
-        self.image_ids = sorted(self.coco.imgs)
-        if not self.image_ids:
-            raise DataError(f"{self.annotation_file} lists no images: split {split!r} is empty")
-        categories = sorted(self.coco.dataset["categories"], key=lambda category: category["id"])
-        self.category_ids = [category["id"] for category in categories]
-        self.class_names = [category["name"] for category in categories]
-        self.category_index = {category_id: index for index, category_id in enumerate(self.category_ids)}
-        self.novel_classes = self._novel_classes(novel)
-        self.base_classes = [index for index in range(len(self.class_names)) if index not in self.novel_classes]
-        self._collect_instances()
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def _novel_classes(self, novel: list[str] | None) -> list[int]:
-        """Novel classes from the `novel` argument when given, else from split.json."""
-        split_file = self.annotation_file.parent / "split.json"
-        if novel is None and split_file.is_file():
-            novel = read_json(split_file).get("novel", [])
-        unknown = [name for name in novel or [] if name not in self.class_names]
-        if unknown:
-            raise DataError(f"novel classes {unknown} are not categories of {self.annotation_file}")
-        return sorted(self.class_names.index(name) for name in novel or [])
-
-    def _collect_instances(self) -> None:
-        """Usable boxes of every image: crowd boxes skipped, boxes clipped to the image,
-        those under 1 px wide or high dropped; one warning counts what was changed."""
-        annotations = [
-            (position, annotation)
-            for position, image_id in enumerate(self.image_ids)
-            for annotation in self.coco.imgToAnns[image_id]
-            if not annotation.get("iscrowd", 0)
-        ]
-        positions = torch.tensor([position for position, _ in annotations], dtype=torch.long)
-        boxes = torch.tensor([annotation["bbox"] for _, annotation in annotations], dtype=torch.float64)
-        boxes = box_convert(boxes.reshape(-1, 4), "xywh", "xyxy")
-        images = self.coco.loadImgs(self.image_ids)
-        image_sizes = torch.tensor([[image["width"], image["height"]] for image in images]).reshape(-1, 2)
-        upper = image_sizes[positions].repeat(1, 2).to(boxes.dtype)  # (A, 4): w, h, w, h
-        clipped = torch.minimum(boxes.clamp(min=0), upper)
-        keep = (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
-        num_clipped = int(((clipped != boxes).any(dim=1) & keep).sum())
-        num_dropped = len(annotations) - int(keep.sum())
-        if num_clipped or num_dropped:
-            warnings.warn(
-                f"{self.annotation_file}: {num_dropped} boxes dropped (empty or outside the "
-                f"image after clipping), {num_clipped} clipped to the image"
-            )
-        self.num_dropped_boxes, self.num_clipped_boxes = num_dropped, num_clipped
-        labels = [self.category_index[annotation["category_id"]] for _, annotation in annotations]
-        self.instance_boxes = clipped[keep].float()
-        self.instance_labels = torch.tensor(labels, dtype=torch.long)[keep]
-        counts = torch.bincount(positions[keep], minlength=len(self.image_ids))
-        self.instance_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-
-    def instances(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(boxes (M, 4) xyxy pixels of the original image, labels (M,)) of sample index."""
-        start, end = self.instance_offsets[index], self.instance_offsets[index + 1]
-        return self.instance_boxes[start:end], self.instance_labels[start:end]
-
-    def load_image(self, index: int) -> Image.Image:
-        """The RGB image of sample index; DataError naming the file when unreadable."""
-        file_name = self.coco.imgs[self.image_ids[index]]["file_name"]
-        return read_rgb_image(self.image_dir / file_name)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        index = range(len(self))[index]  # IndexError out of range, as iteration expects
-        image, index, replaced = self._load_or_replace(index)
-        boxes, labels = self.instances(index)
-        orig_size = torch.tensor([image.height, image.width])
-        if self.transforms is not None:
-            image, boxes, labels = self.transforms(image, boxes, labels)
-        if isinstance(image, Image.Image):
-            image = F.to_tensor(image)
-        image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
-        height, width = image.shape[-2:]
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        target = Target(
-            boxes=box_convert(boxes, "xyxy", "cxcywh") / scale,
-            labels=labels.clone(),  # not a view that would carry all instance_labels along
-            image_id=self.image_ids[index],
-            orig_size=orig_size,
-            size=torch.tensor([height, width]),
-            replaced=replaced,
-        )
-        return image, target
-
-    def _load_or_replace(self, index: int) -> tuple[Image.Image, int, bool]:
-        """(image, index actually used, replaced?). An unreadable image is replaced by the
-        next readable one (deterministic) with a warning, or raises when skip_corrupt=False."""
-        for offset in range(len(self)):
-            candidate = (index + offset) % len(self)
-            try:
-                image = self.load_image(candidate)
-            except DataError as error:
-                if not self.skip_corrupt:
-                    raise
-                warnings.warn(f"{error}; sample {candidate} replaced by the next readable one")
-                continue
-            if offset > 0:
-                self.num_replaced += 1
-            return image, candidate, offset > 0
-        raise DataError(f"no image listed in {self.annotation_file} can be read")
-
-
-def build_dataset(
-    data: str, split: str, train: bool, image_size: int, max_size: int,
-    novel: list[str] | None = None, skip_corrupt: bool = True,
-) -> CocoDetection:
-    """A dataset by name ("shapes", "coco" or a folder) with training or evaluation transforms."""
-    transforms = make_transforms(train, image_size, max_size)
-    return CocoDetection(resolve_data_root(data), split, transforms, novel, skip_corrupt)
-
-
-# ----------------------------------------------------------------------------------------
-# Prompt sampling
+# Batching
 # ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class InstructionSample:
-    """Visual instructions of a batch (METHOD.md section 2, item 5).
+def collate(samples: list[tuple[torch.Tensor, Target]]) -> Batch:
+    """Pad images (3, h_i, w_i) into one (B, 3, H, W) tensor with its padding mask.
 
-    classes:        LongTensor (K,), the distinct classes present in the batch, ascending.
-    instance_index: LongTensor (K,), for each class one of its instances, as an index into
-                    torch.cat([t.boxes for t in targets]).
+    H and W are the batch maxima rounded up to a multiple of 32, the backbone's total
+    stride: every stage then halves the padded size exactly, so feature maps line up with
+    the image and the mask downsamples to each level without rounding.
     """
+    images, targets = zip(*samples)
+    height = _round_up(max(image.shape[1] for image in images), PAD_MULTIPLE)
+    width = _round_up(max(image.shape[2] for image in images), PAD_MULTIPLE)
+    padded = images[0].new_zeros((len(images), 3, height, width))
+    mask = torch.ones((len(images), height, width), dtype=torch.bool)
+    for position, image in enumerate(images):
+        padded[position, :, : image.shape[1], : image.shape[2]] = image
+        mask[position, : image.shape[1], : image.shape[2]] = False
+    return Batch(padded, mask, list(targets))
 
-    classes: torch.Tensor
-    instance_index: torch.Tensor
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
 
 
-def sample_visual_instructions(targets: list[Target], generator: torch.Generator) -> InstructionSample:
-    """One random instance per class present in the batch ("RandSample(v, K, 1)").
+# ----------------------------------------------------------------------------------------
+# Prompt sampling (METHOD 2.5)
+# ----------------------------------------------------------------------------------------
 
-    generator: a CPU torch.Generator; the same state gives the same sample. The result is
-    on the targets' device. A batch without boxes gives K = 0.
+
+def sample_prompts(batch: Batch, class_names: list[str],
+                   generator: torch.Generator) -> tuple[VisualInstructions, list[Target]]:
+    """The visual instructions of a training batch ("RandSample(v, K, 1)", Algorithm 1).
+
+    Every instance of the batch is an exemplar; for each class present, one random
+    instance becomes that class's prompt, shown to every image (so a prompt usually comes
+    from another image, and classes absent from an image act as negatives). Classes are
+    ordered ascending, and the returned targets carry prompt indices 0..K-1 as labels.
+
+    generator: a CPU torch.Generator; the same state gives the same sample. A batch
+    without boxes gives K = 0. Everything returned is on the batch's device.
     """
-    device = targets[0].labels.device if targets else "cpu"
-    labels = torch.cat([target.labels.cpu() for target in targets] + [torch.zeros(0, dtype=torch.long)])
+    device = batch.images.device
+    labels = torch.cat([t.labels.cpu() for t in batch.targets] + [torch.zeros(0, dtype=torch.long)])
     classes = torch.unique(labels)  # sorted
     chosen = []
     for class_index in classes:
         members = torch.nonzero(labels == class_index).flatten()
         chosen.append(members[torch.randint(len(members), (), generator=generator)])
-    instance_index = torch.stack(chosen) if chosen else torch.zeros(0, dtype=torch.long)
-    return InstructionSample(classes.to(device), instance_index.to(device))
+    selected = torch.stack(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+    prompt_labels = torch.searchsorted(classes, labels)
+    counts = [len(t.labels) for t in batch.targets]
+    targets = [replace(t, labels=part.to(device))
+               for t, part in zip(batch.targets, prompt_labels.split(counts))]
+    instructions = VisualInstructions(
+        boxes=torch.cat([t.boxes for t in batch.targets] + [torch.zeros(0, 4, device=device)]),
+        image_index=instance_image_index(batch.targets).to(device),
+        labels=prompt_labels.to(device), selected=selected.to(device),
+        class_names=[class_names[c] for c in classes.tolist()])
+    return instructions, targets
 
 
 def instance_image_index(targets: list[Target]) -> torch.Tensor:
-    """LongTensor (N,): the batch position of each instance of torch.cat([t.boxes ...])."""
+    """LongTensor (N,) on the CPU: the batch position of each instance of
+    torch.cat([t.boxes for t in targets])."""
     counts = torch.tensor([len(target.labels) for target in targets], dtype=torch.long)
-    device = targets[0].labels.device if targets else "cpu"
-    return torch.repeat_interleave(torch.arange(len(targets)), counts).to(device)
+    return torch.repeat_interleave(torch.arange(len(targets)), counts)
 
 
-def sample_exemplars(dataset: CocoDetection, shots: int | None, seed: int) -> dict[int, list[tuple[int, torch.Tensor]]]:
+def sample_exemplars(dataset: "CocoDetection", shots: int | None,
+                     seed: int) -> dict[int, list[tuple[int, torch.Tensor]]]:
     """Exemplars for cross-image and generic prompts, read from the annotations only.
 
     Returns {class index: [(dataset index, box (4,) normalised cxcywh), ...]} with up to
@@ -610,8 +631,10 @@ def sample_exemplars(dataset: CocoDetection, shots: int | None, seed: int) -> di
     counts = dataset.instance_offsets.diff()
     positions = torch.repeat_interleave(torch.arange(len(dataset)), counts)
     images = dataset.coco.loadImgs(dataset.image_ids)
-    sizes = torch.tensor([[image["width"], image["height"]] for image in images], dtype=torch.float32)
-    boxes = box_convert(dataset.instance_boxes, "xyxy", "cxcywh") / sizes.reshape(-1, 2)[positions].repeat(1, 2)
+    sizes = torch.tensor([[image["width"], image["height"]] for image in images],
+                         dtype=torch.float32).reshape(-1, 2)
+    boxes = (box_convert(dataset.instance_boxes, "xyxy", "cxcywh")
+             / sizes[positions].repeat(1, 2))
     exemplars, missing = {}, []
     for class_index, name in enumerate(dataset.class_names):
         candidates = torch.nonzero(dataset.instance_labels == class_index).flatten()
@@ -620,15 +643,127 @@ def sample_exemplars(dataset: CocoDetection, shots: int | None, seed: int) -> di
             continue
         if shots is not None:
             candidates = candidates[torch.randperm(len(candidates), generator=generator)[:shots]]
-        exemplars[class_index] = [(int(positions[i]), boxes[i].clone()) for i in candidates.tolist()]
+        exemplars[class_index] = [(int(positions[i]), boxes[i].clone())
+                                  for i in candidates.tolist()]
     if missing:
-        warnings.warn(f"no exemplars in {dataset.annotation_file} for classes: {', '.join(missing)}")
+        warnings.warn(f"no exemplars in {dataset.annotation_file} for classes: "
+                      f"{', '.join(missing)}")
     return exemplars
 
 
 # ----------------------------------------------------------------------------------------
-# The embedded synthetic dataset "shapes": shape x colour classes on cluttered backgrounds
+# Unreadable images during training
 # ----------------------------------------------------------------------------------------
+
+
+class ReplaceUnreadable(torch.utils.data.Dataset):
+    """A dataset whose unreadable images are replaced by the next readable sample.
+
+    One broken file among a million should not stop a training run: its sample is
+    replaced (deterministically, by the next readable one), with a warning that names the
+    file, and counted. The count is shared with DataLoader worker processes, so
+    `num_replaced` is the number of replaced samples this process's loaders produced.
+    Evaluation does not use this: a metric on a split with a substituted image would
+    score the wrong picture, so there a broken image is an error.
+    """
+
+    def __init__(self, dataset: "CocoDetection"):
+        self.dataset = dataset
+        self._count = multiprocessing.get_context().Value("l", 0)
+
+    @property
+    def num_replaced(self) -> int:
+        return self._count.value
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        index = range(len(self))[index]  # IndexError out of range, as iteration expects
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            try:
+                sample = self.dataset[candidate]
+            except DataError as error:
+                warnings.warn(f"{error}; sample {candidate} replaced by the next readable one")
+                continue
+            if offset > 0:
+                with self._count.get_lock():
+                    self._count.value += 1
+            return sample
+        raise DataError(f"no image listed in {self.dataset.annotation_file} can be read")
+
+
+# ----------------------------------------------------------------------------------------
+# Preview and command line
+# ----------------------------------------------------------------------------------------
+
+
+def draw_target(image: torch.Tensor, target: Target, class_names: list[str]) -> torch.Tensor:
+    """uint8 (3, H, W) picture of a normalised image (3, H, W) with its boxes and names."""
+    mean, std = (
+        torch.tensor(IMAGENET_MEAN)[:, None, None],
+        torch.tensor(IMAGENET_STD)[:, None, None],
+    )
+    picture = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    height, width = target.size.tolist()
+    boxes = box_convert(target.boxes, "cxcywh", "xyxy") * torch.tensor(
+        [width, height, width, height]
+    )
+    names = [class_names[label] for label in target.labels.tolist()]
+    if not names:  # draw_bounding_boxes warns on an empty box list
+        return picture
+    return draw_bounding_boxes(picture, boxes, names, colors="magenta", fill_labels=True)
+
+
+def save_preview(
+    data: str, split: str, out: str, num_images: int = 16, display_size: int = 384
+) -> None:
+    """Write a grid of the first images of a split with boxes and class names drawn,
+    resized to fit display_size x display_size and padded as in a batch."""
+    dataset = CocoDetection(
+        resolve_data_root(data), split, make_transforms(False, display_size, display_size)
+    )
+    batch = collate([dataset[index] for index in range(min(num_images, len(dataset)))])
+    pictures = [
+        draw_target(image, target, dataset.class_names)
+        for image, target in zip(batch.images, batch.targets)
+    ]
+    grid = make_grid(pictures, nrow=math.ceil(math.sqrt(len(pictures))), padding=4, pad_value=255)
+    F.to_pil_image(grid).save(out)  # torchvision.io's encoders are deprecated since 0.29
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="DINO-R1 data tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    shapes = commands.add_parser("shapes", help="generate the synthetic shapes dataset")
+    shapes.add_argument("--out", default=str(SHAPES_ROOT))
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--image-size", type=int, default=128)
+    shapes.add_argument("--train-images", type=int, default=2000)
+    preview = commands.add_parser("preview", help="draw images of a split with their boxes")
+    preview.add_argument(
+        "--data", default="shapes", help='"shapes", "coco" or a COCO-format folder'
+    )
+    preview.add_argument("--split", default="train")
+    preview.add_argument("--out", required=True, help="PNG file to write")
+    preview.add_argument("--num-images", type=int, default=16)
+    args = parser.parse_args(argv)
+    if args.command == "shapes":
+        root = ensure_shapes(args.out, args.seed, args.image_size, args.train_images)
+        print(f"shapes dataset ready in {root}")
+    else:
+        save_preview(args.data, args.split, args.out, args.num_images)
+        print(f"wrote {args.out}")
+
+
+# ========================================================================================
+# Appendix: the embedded synthetic dataset "shapes"
+#
+# Shape x colour classes on cluttered backgrounds, written as real COCO JSON and PNG files
+# (`python data.py shapes`, or on first use of --data shapes). Nothing above depends on how
+# these pictures are drawn; a reader of the data pipeline can stop here.
+# ========================================================================================
 
 SHAPES_VERSION = 1  # bump when the generator changes, so cached copies are regenerated
 SHAPE_NAMES = ("circle", "square", "triangle", "star", "hexagon", "cross")
@@ -686,7 +821,11 @@ SHAPE_OUTLINES = {  # (P, 2) unit outlines (x, y), roughly within [-1, 1]
 def shapes_categories() -> list[dict]:
     """The 24 COCO categories, ids from 1, named "<colour> <shape>"."""
     return [
-        {"id": shape_index * len(COLOUR_NAMES) + colour_index + 1, "name": f"{colour} {shape}", "supercategory": shape}
+        {
+            "id": shape_index * len(COLOUR_NAMES) + colour_index + 1,
+            "name": f"{colour} {shape}",
+            "supercategory": shape,
+        }
         for shape_index, shape in enumerate(SHAPE_NAMES)
         for colour_index, colour in enumerate(COLOUR_NAMES)
     ]
@@ -695,12 +834,19 @@ def shapes_categories() -> list[dict]:
 def shapes_novel_names() -> list[str]:
     """Shape i in colour i mod 4: a quarter of the classes, and every novel shape and every
     novel colour still occurs in base classes (METHOD.md section 1: novel = unseen class)."""
-    return [f"{COLOUR_NAMES[index % len(COLOUR_NAMES)]} {shape}" for index, shape in enumerate(SHAPE_NAMES)]
+    return [
+        f"{COLOUR_NAMES[index % len(COLOUR_NAMES)]} {shape}"
+        for index, shape in enumerate(SHAPE_NAMES)
+    ]
 
 
 def _grey(rng: np.random.Generator, max_saturation: float = 0.15) -> tuple[int, int, int]:
     """A random low-saturation colour, so clutter never looks like a class colour."""
-    hue, saturation, value = rng.uniform(0, 1), rng.uniform(0, max_saturation), rng.uniform(0.1, 0.95)
+    hue, saturation, value = (
+        rng.uniform(0, 1),
+        rng.uniform(0, max_saturation),
+        rng.uniform(0.1, 0.95),
+    )
     return tuple(int(255 * channel) for channel in colorsys.hsv_to_rgb(hue, saturation, value))
 
 
@@ -728,7 +874,9 @@ def _background(rng: np.random.Generator, image_size: int) -> Image.Image:
     return image
 
 
-def _shape_polygon(rng: np.random.Generator, shape: str, image_size: int, fully_inside: bool) -> np.ndarray:
+def _shape_polygon(
+    rng: np.random.Generator, shape: str, image_size: int, fully_inside: bool
+) -> np.ndarray:
     """A randomly stretched, rotated, sized and placed outline, (P, 2) (x, y) pixels.
 
     The long side of its box is log-uniform from 16 px (less for tiny images) to a third
@@ -753,7 +901,9 @@ def _rasterise(polygon: np.ndarray, image_size: int, outline_width: int) -> np.n
     """uint8 (S, S): 0 outside the shape, 1 its fill, 2 its outline."""
     canvas = Image.new("L", (image_size, image_size), 0)
     outline = 2 if outline_width else None
-    ImageDraw.Draw(canvas).polygon(polygon.flatten().tolist(), fill=1, outline=outline, width=max(outline_width, 1))
+    ImageDraw.Draw(canvas).polygon(
+        polygon.flatten().tolist(), fill=1, outline=outline, width=max(outline_width, 1)
+    )
     return np.asarray(canvas)
 
 
@@ -762,7 +912,9 @@ def _polygon_area(polygon: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
-def _place_object(rng, shape: str, image_size: int, owner: np.ndarray, visible: np.ndarray, full: np.ndarray):
+def _place_object(
+    rng, shape: str, image_size: int, owner: np.ndarray, visible: np.ndarray, full: np.ndarray
+):
     """Try positions until the new shape is mostly inside the image and every earlier
     object stays mostly visible (bounded occlusion).
 
@@ -784,7 +936,9 @@ def _place_object(rng, shape: str, image_size: int, owner: np.ndarray, visible: 
     return None
 
 
-def _shading(rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+def _shading(
+    rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray, polygon: np.ndarray
+) -> np.ndarray:
     """Brightness factors (n,) for pixels (xs, ys): flat, gradient, stripes or noise."""
     centre, extent = polygon.mean(axis=0), np.ptp(polygon, axis=0).max()
     angle = rng.uniform(0, 2 * math.pi)
@@ -800,7 +954,9 @@ def _shading(rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray, polygon: 
     return np.ones_like(xs)
 
 
-def _paint(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, polygon: np.ndarray, colour: str) -> None:
+def _paint(
+    rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, polygon: np.ndarray, colour: str
+) -> None:
     """Paint one object into canvas (S, S, 3) float: jittered hue, saturation and
     brightness, a shading pattern, and a dark grey outline where mask == 2."""
     spec = COLOUR_RANGES[colour]
@@ -813,7 +969,9 @@ def _paint(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, polyg
     canvas[mask == 2] = rng.uniform(10, 60)
 
 
-def _draw_image(rng: np.random.Generator, image_size: int, categories: list[dict]) -> tuple[Image.Image, list[dict]]:
+def _draw_image(
+    rng: np.random.Generator, image_size: int, categories: list[dict]
+) -> tuple[Image.Image, list[dict]]:
     """One image with (up to) the given objects, later ones on top.
 
     Returns the RGB image and COCO annotation stubs (category_id, bbox [x, y, w, h] tight
@@ -834,7 +992,12 @@ def _draw_image(rng: np.random.Generator, image_size: int, categories: list[dict
         owner[covered] = len(placed)
         _paint(rng, canvas, mask, polygon, colour)
         rows, columns = np.flatnonzero(covered.any(axis=1)), np.flatnonzero(covered.any(axis=0))
-        box = [int(columns[0]), int(rows[0]), int(columns[-1] + 1 - columns[0]), int(rows[-1] + 1 - rows[0])]
+        box = [
+            int(columns[0]),
+            int(rows[0]),
+            int(columns[-1] + 1 - columns[0]),
+            int(rows[-1] + 1 - rows[0]),
+        ]
         placed.append({"category_id": category["id"], "bbox": box})
     for stub, area in zip(placed, visible):
         stub["area"] = int(area)
@@ -851,7 +1014,11 @@ def _generate_split(out_dir: Path, split: str, seed: int, image_size: int, num_i
     """Write the PNGs of one split and return its COCO dictionary."""
     categories = shapes_categories()
     novel = set(shapes_novel_names())
-    allowed = [c for c in categories if c["name"] not in novel] if SPLIT_CLASSES[split] == "base" else categories
+    allowed = (
+        [c for c in categories if c["name"] not in novel]
+        if SPLIT_CLASSES[split] == "base"
+        else categories
+    )
     rng = np.random.default_rng([seed, list(SPLIT_CLASSES).index(split)])  # one stream per split
     object_counts = rng.integers(1, MAX_OBJECTS + 1, num_images)
     deck = iter(_class_deck(rng, allowed, int(object_counts.sum())))
@@ -862,16 +1029,25 @@ def _generate_split(out_dir: Path, split: str, seed: int, image_size: int, num_i
         picture, stubs = _draw_image(rng, image_size, wanted)
         file_name = f"{image_id:06d}.png"
         picture.save(out_dir / split / file_name)
-        images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+        images.append(
+            {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
+        )
         for stub in stubs:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **stub, "iscrowd": 0})
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": image_id, **stub, "iscrowd": 0}
+            )
     info = {"description": "DINO-R1 synthetic shapes", "version": SHAPES_VERSION, "seed": seed}
     return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
 
 def _marker_text(seed: int, image_size: int, split_sizes: dict[str, int]) -> str:
     """What the COMPLETE marker holds: every parameter that changes the files."""
-    parameters = {"version": SHAPES_VERSION, "seed": seed, "image_size": image_size, "split_sizes": split_sizes}
+    parameters = {
+        "version": SHAPES_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "split_sizes": split_sizes,
+    }
     return json.dumps(parameters, sort_keys=True) + "\n"
 
 
@@ -889,7 +1065,12 @@ def generate_shapes(
     marker = out_dir / "COMPLETE"
     marker.unlink(missing_ok=True)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
-    split_sizes = {"train": train_images, "support": support_images, "dev": dev_images, "val": val_images}
+    split_sizes = {
+        "train": train_images,
+        "support": support_images,
+        "dev": dev_images,
+        "val": val_images,
+    }
     for split, num_images in split_sizes.items():
         coco = _generate_split(out_dir, split, seed, image_size, num_images)
         text = json.dumps(coco, ensure_ascii=False)
@@ -909,64 +1090,21 @@ def ensure_shapes(
     """The shapes dataset at root, generated unless a complete copy with these parameters
     is there already (its COMPLETE marker is written last and holds the parameters)."""
     root = Path(root)
-    split_sizes = {"train": train_images, "support": support_images, "dev": dev_images, "val": val_images}
+    split_sizes = {
+        "train": train_images,
+        "support": support_images,
+        "dev": dev_images,
+        "val": val_images,
+    }
     marker = root / "COMPLETE"
-    if marker.is_file() and marker.read_text(encoding="utf-8") == _marker_text(seed, image_size, split_sizes):
+    if marker.is_file() and marker.read_text(encoding="utf-8") == _marker_text(
+        seed, image_size, split_sizes
+    ):
         return root
     return generate_shapes(
         root, seed=seed, image_size=image_size, train_images=train_images,
         support_images=support_images, dev_images=dev_images, val_images=val_images,
     )
-
-
-# ----------------------------------------------------------------------------------------
-# Preview and command line
-# ----------------------------------------------------------------------------------------
-
-
-def draw_target(image: torch.Tensor, target: Target, class_names: list[str]) -> torch.Tensor:
-    """uint8 (3, H, W) picture of a normalised image (3, H, W) with its boxes and names."""
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    picture = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-    height, width = target.size.tolist()
-    boxes = box_convert(target.boxes, "cxcywh", "xyxy") * torch.tensor([width, height, width, height])
-    names = [class_names[label] for label in target.labels.tolist()]
-    if not names:  # draw_bounding_boxes warns on an empty box list
-        return picture
-    return draw_bounding_boxes(picture, boxes, names, colors="magenta", fill_labels=True)
-
-
-def save_preview(data: str, split: str, out: str, num_images: int = 16, display_size: int = 384) -> None:
-    """Write a grid of the first images of a split with boxes and class names drawn,
-    resized to fit display_size x display_size and padded as in a batch."""
-    dataset = CocoDetection(resolve_data_root(data), split, make_transforms(False, display_size, display_size))
-    batch = collate([dataset[index] for index in range(min(num_images, len(dataset)))])
-    pictures = [draw_target(image, target, dataset.class_names) for image, target in zip(batch.images, batch.targets)]
-    grid = make_grid(pictures, nrow=math.ceil(math.sqrt(len(pictures))), padding=4, pad_value=255)
-    F.to_pil_image(grid).save(out)  # torchvision.io's encoders are deprecated since 0.29
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="DINO-R1 data tools")
-    commands = parser.add_subparsers(dest="command", required=True)
-    shapes = commands.add_parser("shapes", help="generate the synthetic shapes dataset")
-    shapes.add_argument("--out", default=str(SHAPES_ROOT))
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--image-size", type=int, default=128)
-    shapes.add_argument("--train-images", type=int, default=2000)
-    preview = commands.add_parser("preview", help="draw images of a split with their boxes")
-    preview.add_argument("--data", default="shapes", help='"shapes", "coco" or a COCO-format folder')
-    preview.add_argument("--split", default="train")
-    preview.add_argument("--out", required=True, help="PNG file to write")
-    preview.add_argument("--num-images", type=int, default=16)
-    args = parser.parse_args(argv)
-    if args.command == "shapes":
-        root = ensure_shapes(args.out, args.seed, args.image_size, args.train_images)
-        print(f"shapes dataset ready in {root}")
-    else:
-        save_preview(args.data, args.split, args.out, args.num_images)
-        print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()

@@ -9,16 +9,18 @@ Prompt modes (METHOD.md section 1):
   split (all of them without --shots). A closed-set detector; the paper's zero-shot protocol.
 - text: the class names through the text encoder.
 - interactive: each image is prompted with its own ground-truth boxes (one prompt per class
-  present: the mean of that class's boxes on the image).
+  present: the mean embedding of that class's boxes on the image).
 
 Metrics: AP, AP50, AP75, APs, APm, APl over all classes, AP over base and over novel classes
-(COCOeval with params.catIds restricted), and AP per class.
+(COCOeval with params.catIds restricted), and AP per class. A metric that COCOeval cannot
+compute (no large objects in the split, no novel classes) is None and printed as "-".
 """
 
 import argparse
 import contextlib
 import io
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,14 +29,16 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from data import (CocoDetection, DataError, build_dataset, collate, resolve_data_root,
-                  sample_exemplars, split_files)
+from data import (Batch, CocoDetection, DataError, build_dataset, collate,
+                  instance_image_index, resolve_data_root, sample_exemplars, split_files)
 from model import DINOR1, Detections, load_checkpoint, model_from_checkpoint, postprocess
 
 SUMMARY_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
-# ----------------------------------------------------------------------------- prompts
+# ----------------------------------------------------------------------------- shared prompts
+# Generic and text prompts are one set of C class prompts shared by every image: the builders
+# below make them once per evaluation, `detect` runs them.
 
 @torch.no_grad()
 def generic_prototypes(model: DINOR1, support: CocoDetection, shots: int | None, seed: int,
@@ -71,32 +75,10 @@ def generic_prototypes(model: DINOR1, support: CocoDetection, shots: int | None,
 
 
 @torch.no_grad()
-def interactive_prompts(model: DINOR1, batch) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Each image prompted with its own ground truth: per image, one prompt per class present
-    (the mean embedding of that class's boxes). Returns prompts (B, K, d), prompt_mask (B, K)
-    True = padding, and per image the class index of each prompt."""
-    device = batch.images.device
-    image_index = torch.cat([torch.full((len(t.labels),), b, device=device)
-                             for b, t in enumerate(batch.targets)]).long()
-    boxes = torch.cat([t.boxes for t in batch.targets])
-    embeddings = model.encode_exemplars(batch.images, batch.mask, image_index, boxes)
-    per_image, start = [], 0
-    for target in batch.targets:
-        image_embeddings = embeddings[start:start + len(target.labels)]
-        start += len(target.labels)
-        classes = target.labels.unique().tolist()
-        per_image.append((classes, [image_embeddings[target.labels == c].mean(0) for c in classes]))
-    width = max((len(classes) for classes, _ in per_image), default=0)
-    prompts = torch.zeros(len(per_image), width, model.config.hidden_dim, device=device)
-    prompt_mask = torch.ones(len(per_image), width, dtype=torch.bool, device=device)
-    for b, (classes, vectors) in enumerate(per_image):
-        if vectors:
-            prompts[b, :len(vectors)] = torch.stack(vectors)
-            prompt_mask[b, :len(vectors)] = False
-    return prompts, prompt_mask, [classes for classes, _ in per_image]
+def text_prompts(model: DINOR1, class_names: list[str]) -> tuple[torch.Tensor, list[int]]:
+    """Every class name through the text encoder: (prompts (C, d), class indices)."""
+    return model.encode_text(class_names), list(range(len(class_names)))
 
-
-# ----------------------------------------------------------------------------- inference
 
 @torch.no_grad()
 def detect(model: DINOR1, batch, prompts: torch.Tensor, prompt_classes: list[int],
@@ -128,6 +110,50 @@ def original_sizes(batch) -> torch.Tensor:
     return torch.stack([t.orig_size for t in batch.targets]).to(batch.images.device)
 
 
+# ----------------------------------------------------------------------------- interactive
+# Each image prompted with its own ground truth: prompts differ per image.
+
+@torch.no_grad()
+def interactive_prompts(model: DINOR1, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Each image prompted with its own ground truth: per image, one prompt per class present
+    (the mean embedding of that class's boxes). Returns prompts (B, K, d), prompt_mask (B, K)
+    True = padding, and per image the class index of each prompt."""
+    device = batch.images.device
+    image_index = instance_image_index(batch.targets).to(device)
+    boxes = torch.cat([t.boxes for t in batch.targets])
+    embeddings = model.encode_exemplars(batch.images, batch.mask, image_index, boxes)
+    per_image, start = [], 0
+    for target in batch.targets:
+        image_embeddings = embeddings[start:start + len(target.labels)]
+        start += len(target.labels)
+        classes = target.labels.unique().tolist()
+        per_image.append((classes, [image_embeddings[target.labels == c].mean(0) for c in classes]))
+    width = max((len(classes) for classes, _ in per_image), default=0)
+    prompts = torch.zeros(len(per_image), width, model.config.hidden_dim, device=device)
+    prompt_mask = torch.ones(len(per_image), width, dtype=torch.bool, device=device)
+    for b, (classes, vectors) in enumerate(per_image):
+        if vectors:
+            prompts[b, :len(vectors)] = torch.stack(vectors)
+            prompt_mask[b, :len(vectors)] = False
+    return prompts, prompt_mask, [classes for classes, _ in per_image]
+
+
+@torch.no_grad()
+def detect_interactive(model: DINOR1, batch: Batch, top_k: int = 300) -> list[Detections]:
+    prompts, prompt_mask, classes = interactive_prompts(model, batch)
+    output = model(batch.images, batch.mask, prompts=prompts, prompt_mask=prompt_mask)
+    found = postprocess(output.logits[-1], output.boxes[-1], original_sizes(batch), top_k)
+    detections = []
+    for b, item in enumerate(found):
+        keep = item.scores > 0          # padding prompts score exactly 0
+        lookup = torch.tensor(classes[b] or [0], device=item.labels.device)
+        detections.append(Detections(item.boxes[keep], item.scores[keep],
+                                     lookup[item.labels[keep]]))
+    return detections
+
+
+# ----------------------------------------------------------------------------- metrics
+
 def to_coco_results(detections: list[Detections], image_ids: list[int],
                     category_ids: list[int]) -> list[dict]:
     """Detections (boxes xyxy in original pixels, labels = class indices) -> COCO result
@@ -141,8 +167,6 @@ def to_coco_results(detections: list[Detections], image_ids: list[int],
                             "bbox": [round(v, 2) for v in box], "score": round(score, 5)})
     return results
 
-
-# ----------------------------------------------------------------------------- metrics
 
 def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict:
     """COCOeval on bounding boxes: the six summary numbers over all classes, AP over base
@@ -166,17 +190,22 @@ def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict:
         return evaluator
 
     everything = run(dataset.category_ids)
-    metrics.update({name: max(float(v), 0.0)
-                    for name, v in zip(SUMMARY_NAMES, everything.stats[:6])})
+    metrics.update({name: computed(v) for name, v in zip(SUMMARY_NAMES, everything.stats[:6])})
     precision = everything.eval["precision"][:, :, :, 0, -1]     # (IoU, recall, class), all areas
     for k, name in enumerate(dataset.class_names):
         valid = precision[:, :, k][precision[:, :, k] > -1]
         metrics["per_class"][name] = float(valid.mean()) if valid.size else None
     for subset, classes in (("base", dataset.base_classes), ("novel", dataset.novel_classes)):
         stats = run([dataset.category_ids[c] for c in classes]).stats if classes else None
-        metrics[f"AP_{subset}"] = None if stats is None else max(float(stats[0]), 0.0)
-        metrics[f"AP50_{subset}"] = None if stats is None else max(float(stats[1]), 0.0)
+        metrics[f"AP_{subset}"] = None if stats is None else computed(stats[0])
+        metrics[f"AP50_{subset}"] = None if stats is None else computed(stats[1])
     return metrics
+
+
+def computed(value: float) -> float | None:
+    """A COCOeval statistic, or None where it has nothing to measure (COCOeval's -1, e.g.
+    APl on a split without large objects): never averaged as if it were 0."""
+    return None if value < 0 else float(value)
 
 
 def format_table(metrics: dict) -> str:
@@ -185,7 +214,8 @@ def format_table(metrics: dict) -> str:
     cells = ["-" if metrics.get(n) is None else f"{100 * metrics[n]:.1f}" for n in names]
     widths = [max(len(n), len(c)) for n, c in zip(names, cells)]
     line = lambda values: "| " + " | ".join(v.rjust(w) for v, w in zip(values, widths)) + " |"
-    return "\n".join([line(names), "|" + "|".join("-" * (w + 2) for w in widths) + "|", line(cells)])
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(names), rule, line(cells)])
 
 
 def format_per_class(metrics: dict) -> str:
@@ -225,7 +255,7 @@ def draw_predictions(dataset: CocoDetection, index: int, found: Detections, path
 # ----------------------------------------------------------------------------- the driver
 
 @torch.no_grad()
-def evaluate(model: DINOR1, data: str, split: str = "val", prompt: str = "generic",
+def evaluate(model: DINOR1, data: str, *, split: str = "val", prompt: str = "generic",
              shots: int | None = None, device="cpu", batch_size: int = 8, seed: int = 0,
              support_split: str | None = None, chunk_size: int = 80,
              vis_dir: Path | None = None, num_vis: int = 8,
@@ -234,25 +264,27 @@ def evaluate(model: DINOR1, data: str, split: str = "val", prompt: str = "generi
     Generic prompts take their exemplars from `support_split` (default: `support` where
     the data has one, else `train`, as for COCO)."""
     model.eval().to(device)
-    support_split = support_split or default_support_split(data)
     size = dict(image_size=model.config.image_size, max_size=model.config.max_size)
     dataset = build_dataset(data, split, train=False, novel=novel, **size)
     if prompt == "generic":
-        support = build_dataset(data, support_split, train=False, novel=novel, **size)
-        prompts, prompt_classes = generic_prototypes(model, support, shots, seed, device, batch_size)
+        support = build_dataset(data, support_split or default_support_split(data),
+                                train=False, novel=novel, **size)
+        prompts, classes = generic_prototypes(model, support, shots, seed, device, batch_size)
+        detect_batch = partial(detect, model, prompts=prompts, prompt_classes=classes,
+                               chunk_size=chunk_size)
     elif prompt == "text":
-        prompt_classes = list(range(len(dataset.class_names)))
-        prompts = model.encode_text(dataset.class_names)
-    elif prompt != "interactive":
+        prompts, classes = text_prompts(model, dataset.class_names)
+        detect_batch = partial(detect, model, prompts=prompts, prompt_classes=classes,
+                               chunk_size=chunk_size)
+    elif prompt == "interactive":
+        detect_batch = partial(detect_interactive, model)
+    else:
         raise ValueError(f"unknown prompt mode {prompt!r}")
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     results, position = [], 0
     for batch in tqdm(loader, desc=f"evaluate {split} ({prompt})"):
         batch = batch.to(device)
-        if prompt == "interactive":
-            found = detect_interactive(model, batch)
-        else:
-            found = detect(model, batch, prompts, prompt_classes, chunk_size)
+        found = detect_batch(batch)
         image_ids = [t.image_id for t in batch.targets]
         results += to_coco_results(found, image_ids, dataset.category_ids)
         if vis_dir is not None:
@@ -278,18 +310,6 @@ def default_support_split(data: str) -> str:
         return "train"
 
 
-def detect_interactive(model: DINOR1, batch, top_k: int = 300) -> list[Detections]:
-    prompts, prompt_mask, classes = interactive_prompts(model, batch)
-    output = model(batch.images, batch.mask, prompts=prompts, prompt_mask=prompt_mask)
-    found = postprocess(output.logits[-1], output.boxes[-1], original_sizes(batch), top_k)
-    detections = []
-    for b, item in enumerate(found):
-        keep = item.scores > 0          # padding prompts score exactly 0
-        lookup = torch.tensor(classes[b] or [0], device=item.labels.device)
-        detections.append(Detections(item.boxes[keep], item.scores[keep], lookup[item.labels[keep]]))
-    return detections
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by training")
@@ -310,12 +330,15 @@ def main(argv=None) -> dict:
     checkpoint = load_checkpoint(args.ckpt)
     overrides = {"kernel": args.kernel} if args.kernel else {}
     model = model_from_checkpoint(checkpoint, **overrides)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     data = args.data or checkpoint["args"]["data"]
     novel = args.novel or checkpoint["args"].get("novel")
     try:
-        metrics = evaluate(model, data, args.split, args.prompt, args.shots, device,
-                           args.batch_size, args.seed, args.support_split,
+        metrics = evaluate(model, data, split=args.split, prompt=args.prompt,
+                           shots=args.shots, device=device, batch_size=args.batch_size,
+                           seed=args.seed, support_split=args.support_split,
                            vis_dir=Path(args.vis) if args.vis else None,
                            novel=novel.split(",") if novel else None)
     except DataError as error:

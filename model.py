@@ -3,16 +3,17 @@ its Hungarian matcher and the SFT losses (METHOD.md section 3).
 
 Read top to bottom:
 
-    DetectorConfig / PRESETS / build_model      settings, the `tiny` and `swin_t` scales
-    Backbone, sine position encodings           multi-scale image features, 4 levels of width d
+    DetectorConfig / PRESETS / build_model      settings: the `tiny`, `swin_t` and `r50` scales
+    Backbone, sine_encoding                     multi-scale image features, L levels of width d
     MultiScaleDeformableAttention               the hot spot, through kernels.ms_deform_attn
-    ByteTextEncoder                             one embedding per class name (METHOD 2.3)
-    VisualPromptEncoder                         one embedding per exemplar box (METHOD 2.2)
-    FeatureEnhancer                             image <-> prompt fusion (METHOD 2.6)
-    Decoder                                     cross-modality decoder, box refinement (2.8)
-    DINOR1                                      query selection (2.7), heads (2.9), DN (2.10)
+    ByteTextEncoder, BertTextEncoder            one embedding per class name (METHOD 2.3)
+    VisualPromptEncoder, contrastive_logits     one embedding per exemplar box (2.2), L_contra (2.4)
+    EnhancerLayer                               image <-> prompt fusion (METHOD 2.6)
+    DecoderLayer, Decoder                       cross-modality decoder, box refinement (2.8)
+    build_denoising_queries, denoising_loss     contrastive denoising queries (2.10)
+    DINOR1                                      encode, query selection (2.7), heads (2.9)
     HungarianMatcher, SetCriterion              METHOD (1) and the SFT losses
-    postprocess                                 top-k (query, prompt) pairs to boxes
+    postprocess, model_from_checkpoint          top-k (query, prompt) pairs to boxes; loading
 
 Conventions used everywhere in this file:
 - boxes are normalised (cx, cy, w, h) in [0, 1], relative to the *unpadded* image;
@@ -23,16 +24,21 @@ Conventions used everywhere in this file:
 
 import math
 import re
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from kernels import ms_deform_attn
+
+if TYPE_CHECKING:       # only for annotations: the detector does not depend on data.py
+    from data import Target, VisualInstructions
 
 
 # ----------------------------------------------------------------------------- settings
@@ -44,7 +50,7 @@ class DetectorConfig:
     pretrained_backbone: bool = False   # torchvision ImageNet weights (never by default)
     hidden_dim: int = 64                # d
     num_heads: int = 4
-    num_levels: int = 4                 # strides 8, 16, 32, 64
+    num_levels: int = 4                 # strides 8, 16, 32, 64 (3: 8-32; 5: 8-128)
     num_points: int = 4                 # sampling points per head and level
     num_encoder_layers: int = 2
     num_decoder_layers: int = 3
@@ -59,6 +65,10 @@ class DetectorConfig:
     max_size: int = 171                 # long side cap
     kernel: str = "auto"                # deformable attention backend: auto | torch | triton
 
+    def __post_init__(self):
+        if self.num_levels < 1:
+            raise ValueError(f"num_levels must be at least 1, got {self.num_levels}")
+
 
 PRESETS = {
     # Trains on the embedded shapes data on a 2-core CPU in minutes.
@@ -68,10 +78,8 @@ PRESETS = {
                              num_encoder_layers=6, num_decoder_layers=6, ffn_dim=2048,
                              num_queries=900, num_dn_queries=100, image_size=800,
                              max_size=1333),
-    "r50": DetectorConfig(backbone="r50", hidden_dim=256, num_heads=8,
-                          num_encoder_layers=6, num_decoder_layers=6, ffn_dim=2048,
-                          num_queries=900, num_dn_queries=100, image_size=800, max_size=1333),
 }
+PRESETS["r50"] = replace(PRESETS["swin_t"], backbone="r50")     # the same with a ResNet-50
 
 
 def build_model(preset: str = "tiny", **overrides) -> "DINOR1":
@@ -95,20 +103,6 @@ class ImageFeatures:
 
 
 @dataclass
-class VisualInstructions:
-    """Exemplar boxes that become prompts (METHOD 2.5, Algorithm 1 line 8).
-
-    All N exemplars are encoded (the contrastive loss uses them all); `selected` picks the K
-    that become the prompts shown to every image in the batch, one per class.
-    """
-    boxes: Tensor          # (N, 4) cxcywh of each exemplar on its own image
-    image_index: Tensor    # (N,) long, which image of the batch each exemplar is on
-    labels: Tensor         # (N,) long, prompt index (0..K-1) of each exemplar's class
-    selected: Tensor       # (K,) long, the exemplar used as prompt k
-    class_names: list      # K names, for the text side of the contrastive loss
-
-
-@dataclass
 class Selection:
     """Prompt-guided query selection (METHOD 2.7); queries are in descending score order."""
     indices: Tensor             # (B, Q) long, token index into the S encoder tokens
@@ -116,13 +110,17 @@ class Selection:
 
 
 @dataclass
-class DenoisingTargets:
-    """Where the denoising (DN) queries sit and what they must recover (METHOD 2.10)."""
-    labels: Tensor     # (B, N_dn) long, prompt index each DN query should predict
-    boxes: Tensor      # (B, N_dn, 4) ground-truth cxcywh each positive should recover
-    positive: Tensor   # (B, N_dn) bool, True = a positive (box and class targets)
-    valid: Tensor      # (B, N_dn) bool, False = a padding slot (no loss at all)
-    num_groups: int    # each group holds one positive and one negative per ground truth
+class Encoded:
+    """The encoder side of one forward pass: everything before the decoder."""
+    features: ImageFeatures
+    prompts: Tensor            # (B, K, d) prompts as given or sampled, before the enhancer
+    prompt_mask: Tensor        # (B, K) True = padding prompt
+    exemplars: Tensor | None   # (N, d) every exemplar's embedding (with instructions only)
+    memory: Tensor             # (B, S, d) enhanced image tokens
+    enhanced: Tensor           # (B, K, d) enhanced prompts
+    output: Tensor             # (B, S, d) the memory after the encoder output layer
+    token_logits: Tensor       # (B, S, K) every token against every prompt
+    scores: Tensor             # (B, S) s_n = max_k of token_logits (METHOD 2.7)
 
 
 @dataclass
@@ -136,7 +134,7 @@ class DetectorOutput:
     prompt_mask: Tensor             # (B, K) True = padding prompt
     dn_logits: Tensor | None = None       # (layers, B, N_dn, K)
     dn_boxes: Tensor | None = None        # (layers, B, N_dn, 4)
-    dn_targets: DenoisingTargets | None = None
+    dn_targets: "DenoisingTargets | None" = None
     contrastive_logits: Tensor | None = None  # (K, K) visual class means x text (METHOD 2.4)
 
 
@@ -216,6 +214,7 @@ class TinyConvNet(nn.Module):
         self.stage2 = block(widths[0], widths[1])                              # stride 8
         self.stage3 = block(widths[1], widths[2])                              # stride 16
         self.stage4 = block(widths[2], widths[3])                              # stride 32
+        self.channels = list(widths[1:])                      # of stages 2-4 (strides 8-32)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.stage4(self.stage3(self.stage2(self.stage1(self.stem(x)))))
@@ -234,8 +233,8 @@ def make_backbone(name: str, pretrained: bool) -> tuple[nn.Module, list[int], bo
         if pretrained:
             raise ValueError("the tiny backbone has no pretrained weights; drop "
                              "--pretrained-backbone or use --model swin_t / r50")
-        network, nodes, channels = TinyConvNet(), ["stage2", "stage3", "stage4"], [64, 96, 128]
-        channels_last = False
+        network, nodes, channels_last = TinyConvNet(), ["stage2", "stage3", "stage4"], False
+        channels = network.channels
     elif name == "swin_t":
         network = models.swin_t(weights="IMAGENET1K_V1" if pretrained else None)
         nodes, channels, channels_last = ["features.3", "features.5", "features.7"], \
@@ -250,28 +249,37 @@ def make_backbone(name: str, pretrained: bool) -> tuple[nn.Module, list[int], bo
 
 
 class Backbone(nn.Module):
-    """Backbone + neck: 4 levels of width d, with sine positions and level embeddings
-    (METHOD 2.1). The 4th level is a stride-2 conv on the last backbone stage."""
+    """Backbone + neck: `num_levels` levels of width d, with sine positions and level
+    embeddings (METHOD 2.1). The backbone gives strides 8, 16, 32; up to 3 levels take its
+    last stages (1x1 conv), and each level beyond 3 is a stride-2 conv on the one before
+    (the 4th on the last backbone stage): 4 levels are strides 8, 16, 32, 64."""
 
     def __init__(self, config: DetectorConfig):
         super().__init__()
-        d = config.hidden_dim
+        d, num_levels = config.hidden_dim, config.num_levels
         self.body, channels, self.channels_last = make_backbone(config.backbone,
                                                                 config.pretrained_backbone)
+        self.num_stages = min(num_levels, len(channels))
         groups = min(32, d // 4)
         self.projections = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(groups, d)) for c in channels)
-        self.projections.append(nn.Sequential(nn.Conv2d(channels[-1], d, 3, 2, 1),
-                                              nn.GroupNorm(groups, d)))
-        self.level_embed = nn.Parameter(torch.randn(config.num_levels, d) * 0.02)
+            nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(groups, d))
+            for c in channels[len(channels) - self.num_stages:])
+        for level in range(self.num_stages, num_levels):
+            source = channels[-1] if level == self.num_stages else d
+            self.projections.append(nn.Sequential(nn.Conv2d(source, d, 3, 2, 1),
+                                                  nn.GroupNorm(groups, d)))
+        self.level_embed = nn.Parameter(torch.randn(num_levels, d) * 0.02)
 
     def forward(self, images: Tensor, mask: Tensor) -> ImageFeatures:
         """images (B, 3, H, W) normalised; mask (B, H, W) True = padding."""
-        stages = list(self.body(images).values())
+        stages = list(self.body(images).values())[-self.num_stages:]
         if self.channels_last:
-            stages = [s.permute(0, 3, 1, 2) for s in stages]
+            stages = [rearrange(s, "b h w c -> b c h w") for s in stages]
         maps = [proj(s) for proj, s in zip(self.projections, stages)]
-        maps.append(self.projections[-1](stages[-1]))
+        previous = stages[-1]
+        for proj in self.projections[self.num_stages:]:
+            previous = proj(previous)
+            maps.append(previous)
         tokens, positions, masks, shapes, ratios = [], [], [], [], []
         for level, feature in enumerate(maps):
             height, width = feature.shape[-2:]
@@ -281,8 +289,8 @@ class Backbone(nn.Module):
             y = not_mask.cumsum(1) / not_mask.cumsum(1)[:, -1:, :].clamp(min=1)
             x = not_mask.cumsum(2) / not_mask.cumsum(2)[:, :, -1:].clamp(min=1)
             pos = sine_encoding(torch.stack([y, x], dim=-1), feature.shape[1] // 2)
-            tokens.append(feature.flatten(2).transpose(1, 2))
-            positions.append(pos.flatten(1, 2) + self.level_embed[level])
+            tokens.append(rearrange(feature, "b c h w -> b (h w) c"))
+            positions.append(rearrange(pos, "b h w c -> b (h w) c") + self.level_embed[level])
             masks.append(level_mask.flatten(1))
             shapes.append((height, width))
             ratios.append(torch.stack([not_mask[:, 0, :].sum(1) / width,
@@ -338,13 +346,13 @@ class MultiScaleDeformableAttention(nn.Module):
         to the padded feature map (already multiplied by valid ratios); value (B, S, d)
         defaults to features.tokens. Returns (B, Q, d)."""
         value = features.tokens if value is None else value
-        batch, num_queries, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value).masked_fill(features.padding_mask[..., None], 0)
-        value = value.unflatten(-1, (heads, -1))                               # (B, S, h, D)
-        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
-        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        value = rearrange(value, "b s (h d) -> b s h d", h=heads)
+        offsets = rearrange(self.sampling_offsets(query), "b q (h l p xy) -> b q h l p xy",
+                            h=heads, l=levels, p=points)
+        weights = rearrange(self.attention_weights(query), "b q (h lp) -> b q h lp", h=heads)
+        weights = rearrange(weights.softmax(-1), "b q h (l p) -> b q h l p", l=levels)
         reference = reference.float()[:, :, None, :, None, :]                 # (B, Q, 1, L, 1, .)
         if reference.shape[-1] == 2:
             size_xy = features.spatial_shapes.flip(-1).float()                 # (L, 2) as (W, H)
@@ -452,7 +460,8 @@ class VisualPromptEncoder(nn.Module):
         first_of_image = counts.cumsum(0) - counts
         order = torch.argsort(image_index, stable=True)
         slot = torch.empty_like(image_index)
-        slot[order] = torch.arange(len(order), device=slot.device) - first_of_image[image_index[order]]
+        slot[order] = (torch.arange(len(order), device=slot.device)
+                       - first_of_image[image_index[order]])
         num_slots = int(counts.max())
         box_grid = boxes.new_full((batch, num_slots, 4), 0.5)
         box_grid[image_index, slot] = boxes.to(box_grid.dtype)
@@ -553,7 +562,8 @@ class ContrastiveHead(nn.Module):
     def __init__(self, dim: int, prior_probability: float = 0.01):
         super().__init__()
         self.scale = dim ** -0.5
-        self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior_probability) / prior_probability)))
+        prior_logit = -math.log((1 - prior_probability) / prior_probability)
+        self.bias = nn.Parameter(torch.tensor(prior_logit))
 
     def forward(self, queries: Tensor, prompts: Tensor, prompt_mask: Tensor) -> Tensor:
         """queries (..., B, Q, d), prompts (B, K, d), prompt_mask (B, K) -> (..., B, Q, K)."""
@@ -627,6 +637,101 @@ class Decoder(nn.Module):
         return torch.stack(hidden), torch.stack(boxes)
 
 
+# ------------------------------------------------------------ denoising queries (METHOD 2.10)
+# As in DINO: noised copies of the ground-truth boxes are fed to the decoder beside the
+# matching queries and must be recovered without matching; an attention mask keeps them from
+# leaking into the matching queries.
+
+def pad_targets(targets: list["Target"], device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image targets -> labels (B, M) long, boxes (B, M, 4) cxcywh, gt_mask (B, M) with
+    True = a real ground truth (M = the most any image has). Padding slots hold label 0 and
+    the box (0.5, 0.5, 0.5, 0.5), harmless dummies that keep costs finite; every user masks
+    them."""
+    max_gt = max((len(t.labels) for t in targets), default=0)
+    labels = torch.zeros(len(targets), max_gt, dtype=torch.long, device=device)
+    boxes = torch.full((len(targets), max_gt, 4), 0.5, device=device)
+    gt_mask = torch.zeros(len(targets), max_gt, dtype=torch.bool, device=device)
+    for b, target in enumerate(targets):
+        count = len(target.labels)
+        labels[b, :count], boxes[b, :count], gt_mask[b, :count] = target.labels, target.boxes, True
+    return labels, boxes, gt_mask
+
+
+@dataclass
+class DenoisingTargets:
+    """Where the denoising (DN) queries sit and what they must recover (METHOD 2.10)."""
+    labels: Tensor     # (B, N_dn) long, prompt index each DN query should predict
+    boxes: Tensor      # (B, N_dn, 4) ground-truth cxcywh each positive should recover
+    positive: Tensor   # (B, N_dn) bool, True = a positive (box and class targets)
+    valid: Tensor      # (B, N_dn) bool, False = a padding slot (no loss at all)
+    num_groups: int    # each group holds one positive and one negative per ground truth
+
+
+class DenoisingQueries(NamedTuple):
+    """What `build_denoising_queries` adds to the decoder's input (N = the DN queries)."""
+    prompts: Tensor                # (B, N, d) the (possibly wrong) prompt of each DN query
+    reference: Tensor              # (B, N, 4) noised boxes, cxcywh
+    attn_mask: Tensor              # (N + Q, N + Q) bool, True = may not attend
+    targets: DenoisingTargets
+
+
+def build_denoising_queries(targets: list["Target"], prompts: Tensor, num_matching: int,
+                            config: DetectorConfig) -> DenoisingQueries | None:
+    """Contrastive denoising queries for a batch; None when there is nothing to denoise.
+
+    targets: per image `boxes` (M, 4) cxcywh and `labels` (M,) prompt indices; prompts
+    (B, K, d). Each group holds a positive (box corners moved by < lambda * half size) and a
+    negative (between lambda and 2 lambda) copy of every ground truth; with probability
+    `dn_label_noise` a query gets a wrong prompt (label noise). Groups see neither each
+    other nor are seen by the `num_matching` matching queries.
+    """
+    device = prompts.device
+    batch, num_prompts = prompts.shape[:2]
+    labels, boxes, valid = pad_targets(targets, device)
+    max_gt = labels.shape[1]
+    if max_gt == 0 or num_prompts == 0 or config.num_dn_queries == 0:
+        return None
+    groups = max(1, config.num_dn_queries // (2 * max_gt))
+    shape = (batch, groups, 2, max_gt)          # group, (positive, negative), ground truth
+    labels, valid = labels[:, None, None].expand(shape), valid[:, None, None].expand(shape)
+    boxes = boxes[:, None, None].expand(*shape, 4)
+    positive = torch.tensor([True, False], device=device)[None, None, :, None].expand(shape)
+    flip = torch.rand(shape, device=device) < config.dn_label_noise
+    noisy_labels = torch.where(flip, torch.randint(0, num_prompts, shape, device=device), labels)
+    half_size = torch.cat([boxes[..., 2:]] * 2, -1) / 2          # (w, h, w, h) / 2
+    magnitude = torch.rand(*shape, 4, device=device) + (~positive)[..., None].float()
+    sign = torch.randint(0, 2, (*shape, 4), device=device) * 2.0 - 1.0
+    corners = box_convert(boxes, "cxcywh", "xyxy")
+    corners = (corners + sign * magnitude * half_size * config.dn_box_noise).clamp(0, 1)
+    batch_index = torch.arange(batch, device=device)[:, None, None, None]
+    total = groups * 2 * max_gt
+    attn_mask = torch.zeros(total + num_matching, total + num_matching, dtype=torch.bool,
+                            device=device)
+    attn_mask[total:, :total] = True             # matching queries never see DN queries
+    group_of = torch.arange(total, device=device) // (2 * max_gt)
+    attn_mask[:total, :total] = group_of[:, None] != group_of[None, :]
+    return DenoisingQueries(
+        prompts=prompts[batch_index, noisy_labels].flatten(1, 3),
+        reference=box_convert(corners, "xyxy", "cxcywh").flatten(1, 3), attn_mask=attn_mask,
+        targets=DenoisingTargets(labels=labels.flatten(1), boxes=boxes.flatten(1, 3),
+                                 positive=positive.flatten(1), valid=valid.flatten(1),
+                                 num_groups=groups))
+
+
+def denoising_loss(criterion: "SetCriterion", logits: Tensor, boxes: Tensor,
+                   dn: DenoisingTargets, prompt_mask: Tensor, num_boxes: float) -> Tensor:
+    """DN queries know their targets (no matching): positives recover class and box,
+    negatives must predict no class. logits (B, N, K), boxes (B, N, 4); the focal and box
+    losses are the criterion's, normalised per group."""
+    normaliser = num_boxes * dn.num_groups
+    positive = dn.positive & dn.valid
+    target_classes = torch.zeros_like(logits)
+    target_classes[positive] = F.one_hot(dn.labels[positive], logits.shape[-1]).to(logits.dtype)
+    keep = (dn.valid[..., None] & ~prompt_mask[:, None, :]).float()
+    loss = criterion.class_weight * criterion.focal(logits, target_classes, keep, normaliser)
+    return loss + criterion.box_losses(boxes[positive], dn.boxes[positive], normaliser)
+
+
 # ----------------------------------------------------------------------------- the detector
 
 def gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:
@@ -670,7 +775,7 @@ class DINOR1(nn.Module):
         return self.prompt_encoder(self.backbone(images, mask), image_index, boxes)
 
     def instruction_prompts(self, features: ImageFeatures,
-                            instructions: VisualInstructions) -> tuple[Tensor, Tensor]:
+                            instructions: "VisualInstructions") -> tuple[Tensor, Tensor]:
         """Encode every exemplar, then pick one per class as the prompt shown to every image
         (METHOD 2.5). Returns (prompts (B, K, d), all exemplar embeddings (N, d))."""
         embeddings = self.prompt_encoder(features, instructions.image_index, instructions.boxes)
@@ -708,137 +813,79 @@ class DINOR1(nn.Module):
         objectness, indices = scores.topk(min(self.config.num_queries, scores.shape[1]), dim=1)
         return Selection(indices=indices, objectness_logits=objectness)
 
-    def objectness(self, images: Tensor, mask: Tensor, indices: Tensor,
-                   prompts: Tensor | None = None, prompt_mask: Tensor | None = None,
-                   instructions: VisualInstructions | None = None) -> Tensor:
-        """The light path for the GRQO reference model: backbone, prompt encoder, enhancer
-        and score head only (no decoder). Returns the objectness logits (B, Q) of the given
-        token indices (B, Q), e.g. the ones the policy selected."""
+    # -- the two passes ------------------------------------------------------------------
+
+    def encode(self, images: Tensor, mask: Tensor, prompts: Tensor | None = None,
+               prompt_mask: Tensor | None = None,
+               instructions: "VisualInstructions | None" = None) -> Encoded:
+        """Backbone, prompts, feature enhancer and token scores: all that comes before the
+        decoder, shared by `forward` and `objectness`. Prompts come either ready-made
+        (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g. generic prototypes or text) or
+        as `instructions` (training: exemplar boxes of this batch, one per class becomes the
+        prompt of every image)."""
         features = self.backbone(images, mask)
+        exemplars = None
         if instructions is not None:
-            prompts, _ = self.instruction_prompts(features, instructions)
-        if prompt_mask is None:
-            prompt_mask = torch.zeros(prompts.shape[:2], dtype=torch.bool, device=prompts.device)
-        memory, enhanced = self.enhance(features, prompts, prompt_mask)
-        _, _, scores = self.score_tokens(features, memory, enhanced, prompt_mask)
-        return scores.gather(1, indices)
-
-    # -- denoising ----------------------------------------------------------------------
-
-    def denoising_queries(self, targets: list, prompts: Tensor, num_matching: int):
-        """Contrastive denoising queries (METHOD 2.10, as in DINO).
-
-        targets: per image an object with `boxes` (M, 4) cxcywh and `labels` (M,) prompt
-        indices. Each group holds a positive (box corners moved by < lambda * half size) and
-        a negative (between lambda and 2 lambda) copy of every ground truth; some queries get
-        a wrong prompt as content (label noise). Returns (content (B, N, d), reference
-        (B, N, 4), attn_mask (N + Q, N + Q), DenoisingTargets), or None when there is nothing
-        to denoise.
-        """
-        config, device = self.config, prompts.device
-        batch, num_prompts = prompts.shape[:2]
-        max_gt = max((len(t.labels) for t in targets), default=0)
-        if max_gt == 0 or num_prompts == 0 or config.num_dn_queries == 0:
-            return None
-        groups = max(1, config.num_dn_queries // (2 * max_gt))
-        labels = torch.zeros(batch, max_gt, dtype=torch.long, device=device)
-        boxes = torch.full((batch, max_gt, 4), 0.5, device=device)
-        valid = torch.zeros(batch, max_gt, dtype=torch.bool, device=device)
-        for b, target in enumerate(targets):
-            count = len(target.labels)
-            labels[b, :count], boxes[b, :count], valid[b, :count] = target.labels, target.boxes, True
-        shape = (batch, groups, 2, max_gt)          # group, (positive, negative), ground truth
-        labels, valid = labels[:, None, None].expand(shape), valid[:, None, None].expand(shape)
-        boxes = boxes[:, None, None].expand(*shape, 4)
-        positive = torch.tensor([True, False], device=device)[None, None, :, None].expand(shape)
-        flip = torch.rand(shape, device=device) < config.dn_label_noise
-        noisy_labels = torch.where(flip, torch.randint(0, num_prompts, shape, device=device), labels)
-        half_size = torch.cat([boxes[..., 2:]] * 2, -1) / 2          # (w, h, w, h) / 2
-        magnitude = torch.rand(*shape, 4, device=device) + (~positive)[..., None].float()
-        sign = torch.randint(0, 2, (*shape, 4), device=device) * 2.0 - 1.0
-        corners = box_convert(boxes, "cxcywh", "xyxy")
-        corners = (corners + sign * magnitude * half_size * config.dn_box_noise).clamp(0, 1)
-        reference = box_convert(corners, "xyxy", "cxcywh")
-        batch_index = torch.arange(batch, device=device)[:, None, None, None]
-        content = self.dn_content(prompts[batch_index, noisy_labels])
-        total = groups * 2 * max_gt
-        attn_mask = torch.zeros(total + num_matching, total + num_matching, dtype=torch.bool,
-                                device=device)
-        attn_mask[total:, :total] = True             # matching queries never see DN queries
-        group_of = torch.arange(total, device=device) // (2 * max_gt)
-        attn_mask[:total, :total] = group_of[:, None] != group_of[None, :]
-        targets_out = DenoisingTargets(labels=labels.flatten(1), boxes=boxes.flatten(1, 3),
-                                       positive=positive.flatten(1), valid=valid.flatten(1),
-                                       num_groups=groups)
-        return content.flatten(1, 3), reference.flatten(1, 3), attn_mask, targets_out
-
-    # -- forward ------------------------------------------------------------------------
-
-    def forward(self, images: Tensor, mask: Tensor, prompts: Tensor | None = None,
-                prompt_mask: Tensor | None = None,
-                instructions: VisualInstructions | None = None,
-                dn_targets: list | None = None) -> DetectorOutput:
-        """images (B, 3, H, W) normalised, mask (B, H, W) True = padding.
-
-        Prompts come either ready-made (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g.
-        generic prototypes or text) or as `instructions` (training: exemplar boxes of this
-        batch, one per class becomes the prompt; also yields the contrastive logits).
-        `dn_targets` (training only) adds denoising queries.
-        """
-        features = self.backbone(images, mask)
-        contrast = None
-        if instructions is not None:
-            prompts, embeddings = self.instruction_prompts(features, instructions)
-            contrast = contrastive_logits(embeddings, instructions.labels,
-                                          self.encode_text(instructions.class_names),
-                                          self.logit_scale)
+            prompts, exemplars = self.instruction_prompts(features, instructions)
         if prompt_mask is None:
             prompt_mask = torch.zeros(prompts.shape[:2], dtype=torch.bool, device=prompts.device)
         memory, enhanced = self.enhance(features, prompts, prompt_mask)
         output, token_logits, scores = self.score_tokens(features, memory, enhanced, prompt_mask)
-        selection = self.select_queries(scores)
+        return Encoded(features, prompts, prompt_mask, exemplars, memory, enhanced, output,
+                       token_logits, scores)
+
+    def objectness(self, images: Tensor, mask: Tensor, indices: Tensor,
+                   prompts: Tensor | None = None, prompt_mask: Tensor | None = None,
+                   instructions: "VisualInstructions | None" = None) -> Tensor:
+        """The light path for the GRQO reference model (no decoder): the objectness logits
+        (B, Q) of the given token indices (B, Q), e.g. the ones the policy selected."""
+        return self.encode(images, mask, prompts, prompt_mask, instructions).scores.gather(
+            1, indices)
+
+    def forward(self, images: Tensor, mask: Tensor, prompts: Tensor | None = None,
+                prompt_mask: Tensor | None = None,
+                instructions: "VisualInstructions | None" = None,
+                dn_targets: list["Target"] | None = None) -> DetectorOutput:
+        """images (B, 3, H, W) normalised, mask (B, H, W) True = padding; prompts as in
+        `encode` (instructions also yield the contrastive logits). `dn_targets` (training
+        only) adds denoising queries."""
+        encoded = self.encode(images, mask, prompts, prompt_mask, instructions)
+        features, prompt_mask = encoded.features, encoded.prompt_mask
+        selection = self.select_queries(encoded.scores)
         anchors = gather_tokens(token_anchors(features), selection.indices)
-        encoder_boxes = (self.encoder_box_head(gather_tokens(output, selection.indices)).float()
-                         + anchors).sigmoid()
+        encoder_boxes = (self.encoder_box_head(gather_tokens(encoded.output, selection.indices))
+                         .float() + anchors).sigmoid()
         # "Mixed" query selection: learned content, positions from the selected proposals.
-        queries = self.query_content.weight.expand(images.shape[0], -1, -1)[:, :encoder_boxes.shape[1]]
-        reference, attn_mask = encoder_boxes.detach(), None
-        denoising = None
+        queries = self.query_content.weight.expand(images.shape[0], -1, -1)
+        queries = queries[:, :encoder_boxes.shape[1]]
+        reference, attn_mask, denoising = encoder_boxes.detach(), None, None
         if self.training and dn_targets is not None:
-            denoising = self.denoising_queries(dn_targets, prompts, queries.shape[1])
+            denoising = build_denoising_queries(dn_targets, encoded.prompts, queries.shape[1],
+                                                self.config)
         if denoising is not None:
-            dn_content, dn_reference, attn_mask, _ = denoising
-            queries = torch.cat([dn_content.to(queries.dtype), queries], 1)
-            reference = torch.cat([dn_reference, reference], 1)
-        hidden, boxes = self.decoder(queries, reference, features, memory, enhanced,
-                                     prompt_mask, attn_mask)
-        logits = self.decoder_class_head(hidden, enhanced, prompt_mask).float()
-        num_dn = 0 if denoising is None else denoising[0].shape[1]
+            queries = torch.cat([self.dn_content(denoising.prompts).to(queries.dtype), queries], 1)
+            reference = torch.cat([denoising.reference, reference], 1)
+            attn_mask = denoising.attn_mask
+        hidden, boxes = self.decoder(queries, reference, features, encoded.memory,
+                                     encoded.enhanced, prompt_mask, attn_mask)
+        logits = self.decoder_class_head(hidden, encoded.enhanced, prompt_mask).float()
+        num_dn = 0 if denoising is None else denoising.reference.shape[1]
+        contrast = None
+        if instructions is not None:
+            contrast = contrastive_logits(encoded.exemplars, instructions.labels,
+                                          self.encode_text(instructions.class_names),
+                                          self.logit_scale)
         return DetectorOutput(
             logits=logits[:, :, num_dn:], boxes=boxes[:, :, num_dn:],
-            encoder_logits=gather_tokens(token_logits, selection.indices).float(),
+            encoder_logits=gather_tokens(encoded.token_logits, selection.indices).float(),
             encoder_boxes=encoder_boxes, selection=selection, prompt_mask=prompt_mask,
             dn_logits=logits[:, :, :num_dn] if num_dn else None,
             dn_boxes=boxes[:, :, :num_dn] if num_dn else None,
-            dn_targets=None if denoising is None else denoising[3],
+            dn_targets=None if denoising is None else denoising.targets,
             contrastive_logits=contrast)
 
 
 # ----------------------------------------------------------------------------- matching
-
-def pad_targets(targets: list, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-image targets -> labels (B, M) long, boxes (B, M, 4) cxcywh, gt_mask (B, M) with
-    True = a real ground truth (M = the most any image has; padding boxes are a harmless
-    dummy so that GIoU stays finite)."""
-    max_gt = max((len(t.labels) for t in targets), default=0)
-    labels = torch.zeros(len(targets), max_gt, dtype=torch.long, device=device)
-    boxes = torch.tensor([0.5, 0.5, 0.1, 0.1], device=device).repeat(len(targets), max_gt, 1)
-    gt_mask = torch.zeros(len(targets), max_gt, dtype=torch.bool, device=device)
-    for b, target in enumerate(targets):
-        count = len(target.labels)
-        labels[b, :count], boxes[b, :count], gt_mask[b, :count] = target.labels, target.boxes, True
-    return labels, boxes, gt_mask
-
 
 def paired_giou(boxes: Tensor, gt_boxes: Tensor) -> Tensor:
     """GIoU between every prediction and every ground truth of the same image:
@@ -942,24 +989,13 @@ class SetCriterion:
         loss = self.class_weight * self.focal(logits, target_classes, keep, num_boxes)
         return loss + self.box_losses(torch.cat(matched_boxes), torch.cat(gt_boxes), num_boxes)
 
-    def denoising_loss(self, logits: Tensor, boxes: Tensor, dn: DenoisingTargets,
-                       prompt_mask: Tensor, num_boxes: float) -> Tensor:
-        """DN queries know their targets (no matching): positives recover class and box,
-        negatives must predict no class. logits (B, N, K), boxes (B, N, 4)."""
-        normaliser = num_boxes * dn.num_groups
-        positive = dn.positive & dn.valid
-        target_classes = torch.zeros_like(logits)
-        target_classes[positive] = F.one_hot(dn.labels[positive], logits.shape[-1]).to(logits.dtype)
-        keep = (dn.valid[..., None] & ~prompt_mask[:, None, :]).float()
-        loss = self.class_weight * self.focal(logits, target_classes, keep, normaliser)
-        return loss + self.box_losses(boxes[positive], dn.boxes[positive], normaliser)
-
     def contrastive_loss(self, logits: Tensor) -> Tensor:
         """Symmetric InfoNCE between class-mean visual and text embeddings (METHOD 2.4)."""
         classes = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, classes) + F.cross_entropy(logits.T, classes)) / 2
 
-    def __call__(self, output: DetectorOutput, targets: list, num_boxes: float) -> dict[str, Tensor]:
+    def __call__(self, output: DetectorOutput, targets: list,
+                 num_boxes: float) -> dict[str, Tensor]:
         """targets: per image `boxes` (M, 4) cxcywh and `labels` (M,) prompt indices.
         Returns named loss terms (each already weighted) and their sum under "sft"."""
         mask = output.prompt_mask
@@ -969,7 +1005,7 @@ class SetCriterion:
                                           mask, num_boxes)}
         if output.dn_targets is not None:
             terms["denoising"] = sum(
-                self.denoising_loss(logits, boxes, output.dn_targets, mask, num_boxes)
+                denoising_loss(self, logits, boxes, output.dn_targets, mask, num_boxes)
                 for logits, boxes in zip(output.dn_logits, output.dn_boxes))
         if output.contrastive_logits is not None and output.contrastive_logits.shape[0] > 0:
             terms["contrastive"] = self.contrastive_weight * self.contrastive_loss(
@@ -1027,8 +1063,24 @@ def load_checkpoint(path: str) -> dict:
 
 
 def model_from_checkpoint(checkpoint: dict, **overrides) -> DINOR1:
-    """Rebuild the detector a checkpoint was trained with and load its weights (strict)."""
-    config = DetectorConfig(**{**checkpoint["config"], **overrides})
+    """Rebuild the detector a checkpoint was trained with and load its weights (strict).
+
+    The backbone is built without ImageNet weights even when training started from them:
+    the checkpoint's weights replace them anyway, and fetching them would fail offline."""
+    config = DetectorConfig(**{**checkpoint["config"], "pretrained_backbone": False,
+                               **overrides})
     model = DINOR1(config)
     model.load_state_dict(checkpoint["model"])
     return model
+
+
+# Settings that do not change the weights a checkpoint holds.
+NOT_ARCHITECTURE = ("kernel", "pretrained_backbone")
+
+
+def checkpoint_config_differences(saved: dict, config: DetectorConfig) -> str:
+    """"name: saved there, current here" for every architecture setting that differs
+    between a checkpoint's config and `config` (empty when the weights fit)."""
+    ours = {k: v for k, v in asdict(config).items() if k not in NOT_ARCHITECTURE}
+    return ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} here"
+                     for k, v in ours.items() if saved.get(k) != v)

@@ -1,6 +1,6 @@
 """GRQO training (METHOD.md section 4): the project's main job.
 
-    python train_grqo.py               # tiny preset, shapes data, "1+5": 1 SFT + 5 GRQO epochs
+    python train_grqo.py               # tiny preset, shapes data: 1 SFT + 11 GRQO epochs
     python train_grqo.py --data coco --model swin_t --amp bf16 --sft-epochs 1 --grqo-epochs 5
     python train_grqo.py --init runs/sft/last.pt --grqo-epochs 5     # GRQO on top of an SFT run
 
@@ -23,10 +23,9 @@ from train_sft import SFTObjective, finish_args, make_parser, train
 
 class GRQOObjective(SFTObjective):
     """SFT for the first `sft_epochs` epochs, then SFT + GRQO."""
-    name = "grqo"
 
     def __init__(self, args):
-        super().__init__(args)
+        super().__init__()
         self.sft_epochs = args.sft_epochs
         self.settings = dict(alpha=args.alpha, beta=args.beta, mute_fraction=args.mute_fraction,
                              form=args.grqo_form)

@@ -5,22 +5,19 @@ that train_grqo.py reuses.
     python train_sft.py --data coco --model swin_t --amp bf16
     torchrun --nproc_per_node 8 train_sft.py --data coco --model swin_t --amp bf16
 
-Read top to bottom: settings (argparse), distributed setup, the data, the optimiser, one
-step, checkpoints, the loop, the final evaluation.
-
-Reproducibility: every random draw of a step (data augmentation, visual instructions,
-denoising noise) is seeded from (seed, epoch, sample or step, rank), so `--resume`
-continues exactly, with any number of DataLoader workers.
+Read top to bottom: settings (argparse); set-up (processes, model, data, optimiser, a
+resumed state); the objective; `train_one_epoch` and the driver `train`; then the helpers
+the loop leans on: reproducibility, checkpoints, fault handling, the final evaluation.
 """
 
 import argparse
 import json
 import math
 import os
-import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -28,10 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from data import (Batch, DataError, build_dataset, collate, instance_image_index,
-                  resolve_data_root, sample_visual_instructions, split_files)
-from model import (PRESETS, DetectorConfig, DINOR1, SetCriterion, VisualInstructions,
-                   load_checkpoint)
+from data import (Batch, DataError, ReplaceUnreadable, VisualInstructions, build_dataset,
+                  collate, resolve_data_root, sample_prompts, split_files)
+from model import PRESETS, DINOR1, SetCriterion, checkpoint_config_differences, load_checkpoint
 
 # Training defaults per model preset (any of them can be overridden on the command line).
 TRAIN_DEFAULTS = {
@@ -92,7 +88,68 @@ def finish_args(args: argparse.Namespace, script: str) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------- distributed
+# ----------------------------------------------------------------------------- set-up
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `set_up`."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world_size: int
+    model: DINOR1                    # the detector: checkpoints, evaluation
+    network: torch.nn.Module         # what a step calls: the model or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    objective: "SFTObjective"
+    samples: "SeededSamples"
+    sampler: DistributedSampler
+    class_names: list[str]
+    steps_per_epoch: int
+    total_steps: float               # math.inf without --max-steps
+    out: Path
+    log: IO | None                   # log.jsonl, open in the main process only
+    autocast: torch.autocast
+    step: int = 0                    # optimiser steps taken so far
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def set_up(args, objective: "SFTObjective") -> tuple[Run, int, int]:
+    """Processes, model, data, optimiser and, with --resume, the saved state.
+    Returns (run, first epoch, batches of that epoch already done)."""
+    device, rank, world_size = setup_distributed(args.device)
+    torch.manual_seed(args.seed)                          # the model's initial weights
+    model = build_detector(args).to(device)
+    dataset, samples, sampler, steps_per_epoch = training_data(args, model, rank, world_size)
+    optimizer = make_optimizer(model, args)
+    scheduler = make_scheduler(optimizer, args, steps_per_epoch)
+    epoch, step, first_batch = restore(args, model, optimizer, scheduler, objective)
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            truncate_log(out / "log.jsonl", step)
+        (out / "config.json").write_text(json.dumps(
+            {"args": vars(args), "model": asdict(model.config), "world_size": world_size},
+            indent=2))
+    network = model
+    if world_size > 1:
+        network = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = Run(args=args, device=device, rank=rank, world_size=world_size, model=model,
+              network=network, optimizer=optimizer, scheduler=scheduler, objective=objective,
+              samples=samples, sampler=sampler, class_names=dataset.class_names,
+              steps_per_epoch=steps_per_epoch,
+              total_steps=min(args.epochs * steps_per_epoch, args.max_steps or math.inf),
+              out=out, log=open(out / "log.jsonl", "a") if rank == 0 else None,
+              autocast=torch.autocast("cuda", dtype=torch.bfloat16,
+                                      enabled=args.amp == "bf16" and device.type == "cuda"),
+              step=step)
+    return run, epoch, first_batch
+
 
 def setup_distributed(device_name: str) -> tuple[torch.device, int, int]:
     """Single process by default; under torchrun, one process per GPU (nccl) or CPU (gloo).
@@ -113,62 +170,39 @@ def setup_distributed(device_name: str) -> tuple[torch.device, int, int]:
     return device, rank, world_size
 
 
-def average_across_processes(value: float, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
+def build_detector(args) -> DINOR1:
+    """The --model preset with the command line's kernel, backbone weights and text encoder."""
+    return DINOR1(replace(PRESETS[args.model], kernel=args.kernel,
+                          pretrained_backbone=args.pretrained_backbone,
+                          text_encoder=args.text_encoder))
 
 
-# ----------------------------------------------------------------------------- data
+def training_data(args, model: DINOR1, rank: int, world_size: int):
+    """The train split, seeded per sample, sharded per process.
+    Returns (dataset, samples, sampler, steps per epoch)."""
+    novel = args.novel.split(",") if args.novel else None
+    try:
+        dataset = build_dataset(args.data, "train", train=True, novel=novel,
+                                image_size=model.config.image_size, max_size=model.config.max_size)
+    except DataError as error:
+        raise SystemExit(f"cannot train on --data {args.data}: {error}") from error
+    if len(dataset.instance_labels) == 0:
+        raise SystemExit(f"{dataset.annotation_file} has no usable boxes to train on")
+    if not args.no_eval:       # find a missing evaluation split now, not after training
+        try:
+            split_files(resolve_data_root(args.data), args.eval_split)
+        except DataError as error:
+            raise SystemExit(f"cannot evaluate at the end (--eval-split {args.eval_split}): "
+                             f"{error}; pass --no-eval to train anyway") from error
+    samples = SeededSamples(ReplaceUnreadable(dataset), args.seed)
+    sampler = DistributedSampler(samples, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the train split has {len(dataset)} images: fewer than one batch of "
+                         f"{args.batch_size} per process")
+    return dataset, samples, sampler, steps_per_epoch
 
-class SeededSamples(Dataset):
-    """Seeds torch's RNG from (seed, epoch, index) before each sample's augmentation, so a
-    sample's crop and flip do not depend on workers, order or an interruption."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        torch.manual_seed(mix_seed(self.seed, self.epoch, index))
-        return self.dataset[index]
-
-
-def make_loader(samples: SeededSamples, sampler: DistributedSampler, batch_size: int,
-                workers: int, skip_batches: int) -> DataLoader:
-    """A loader over this epoch's shard, starting after `skip_batches` batches."""
-    indices = list(sampler)[skip_batches * batch_size:]
-    return DataLoader(samples, batch_size=batch_size, sampler=indices, drop_last=True,
-                      collate_fn=collate, num_workers=workers)
-
-
-def mix_seed(*values: int) -> int:
-    """One seed from several integers (a tuple of ints hashes the same in every process)."""
-    return hash(tuple(values)) % (2 ** 62)
-
-
-def make_instructions(batch: Batch, class_names: list[str],
-                      generator: torch.Generator) -> tuple[VisualInstructions, list]:
-    """METHOD 2.5: one random exemplar per class present in the batch becomes that class's
-    prompt for every image. Returns the instructions and the targets with labels re-indexed
-    to prompt indices (0..K-1, classes in ascending order)."""
-    sample = sample_visual_instructions(batch.targets, generator)
-    classes = sample.classes.to(batch.images.device)
-    targets = [replace(t, labels=torch.searchsorted(classes, t.labels)) for t in batch.targets]
-    all_labels = torch.cat([t.labels for t in targets])
-    instructions = VisualInstructions(
-        boxes=torch.cat([t.boxes for t in batch.targets]),
-        image_index=instance_image_index(batch.targets).to(batch.images.device),
-        labels=all_labels, selected=sample.instance_index.to(batch.images.device),
-        class_names=[class_names[c] for c in sample.classes.tolist()])
-    return instructions, targets
-
-
-# ----------------------------------------------------------------------------- optimiser
 
 def make_optimizer(model: DINOR1, args) -> torch.optim.AdamW:
     """AdamW; the backbone at 0.1x the learning rate; no weight decay on norms, biases and
@@ -196,13 +230,27 @@ def make_scheduler(optimizer, args, steps_per_epoch: int) -> torch.optim.lr_sche
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# ----------------------------------------------------------------------------- one step
+def restore(args, model: DINOR1, optimizer, scheduler, objective) -> tuple[int, int, int]:
+    """--init loads weights only; --resume everything. Returns (epoch, step, batches of
+    that epoch already done)."""
+    if args.init:
+        model.load_state_dict(compatible_checkpoint(args.init, model, args)["model"])
+    if not args.resume:
+        return 0, 0, 0
+    checkpoint = compatible_checkpoint(args.resume, model, args)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    objective.load_state_dict(checkpoint["objective"], model)
+    return checkpoint["epoch"], checkpoint["step"], checkpoint["batch_in_epoch"]
+
+
+# ----------------------------------------------------------------------------- the objective
 
 class SFTObjective:
     """L_SFT + L_contra (METHOD section 3). train_grqo.GRQOObjective extends it."""
-    name = "sft"
 
-    def __init__(self, args):
+    def __init__(self):
         self.criterion = SetCriterion()
 
     def start_epoch(self, model: DINOR1, epoch: int) -> None:
@@ -222,7 +270,140 @@ class SFTObjective:
         return terms["sft"], terms
 
 
+# ----------------------------------------------------------------------------- the loop
+
+def train_one_epoch(run: Run, epoch: int, first_batch: int) -> None:
+    """One pass over this process's shard of the train split, from batch `first_batch`
+    (not 0 when resuming mid-epoch); checkpoints at its end."""
+    args, model = run.args, run.model
+    run.sampler.set_epoch(epoch)
+    run.samples.epoch = epoch
+    if first_batch == 0:
+        run.objective.start_epoch(model, epoch)
+    model.train()
+    faults = EpochFaults(replaced_before=run.samples.num_replaced)
+    bar = tqdm(make_loader(run, first_batch), desc=f"epoch {epoch}", initial=first_batch,
+               total=run.steps_per_epoch, disable=not run.is_main, dynamic_ncols=True)
+    batch_index = first_batch
+    for batch_index, batch in enumerate(bar, start=first_batch):
+        started = time.perf_counter()
+        torch.manual_seed(mix_seed(args.seed, epoch, batch_index, run.rank))    # DN noise
+        batch = batch.to(run.device)
+        instructions, targets = sample_prompts(
+            batch, run.class_names, mix_generator(args.seed, epoch, batch_index, run.rank))
+        if not true_in_every_process(len(instructions.class_names) > 0, run.device):
+            faults.without_boxes += 1       # no box, no prompt: nothing to learn from
+            continue
+        num_boxes = boxes_per_process(targets, run.device)
+        with run.autocast:
+            loss, terms = run.objective(run.network, batch, instructions, targets, num_boxes)
+        if not finite_in_every_process(loss, terms, run, faults):
+            continue
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.step += 1
+        if run.step % args.log_every == 0 or run.step == run.total_steps:
+            log_step(run, bar, epoch, terms, time.perf_counter() - started)
+        if run.step >= run.total_steps:
+            break                           # the checkpoint below saves this step
+        if args.save_every and run.step % args.save_every == 0 \
+                and batch_index + 1 < run.steps_per_epoch:
+            save_run(run, epoch, batch_index + 1)
+    faults.report(run, epoch)
+    finished = batch_index + 1 >= run.steps_per_epoch
+    save_run(run, epoch + 1 if finished else epoch, 0 if finished else batch_index + 1)
+
+
+def train(args, objective: SFTObjective) -> DINOR1:
+    """Train, checkpoint every epoch, evaluate at the end; returns the trained model
+    (the run folder is args.out)."""
+    run, start_epoch, first_batch = set_up(args, objective)
+    for epoch in range(start_epoch, args.epochs):
+        if run.step >= run.total_steps:
+            break
+        train_one_epoch(run, epoch, first_batch)
+        first_batch = 0
+    if run.log:
+        run.log.close()
+    if run.is_main and not args.no_eval:
+        final_evaluation(run.model, args, run.out, run.device)
+    if run.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return run.model
+
+
+def log_step(run: Run, bar: tqdm, epoch: int, terms: dict, seconds: float) -> None:
+    """One line of log.jsonl (main process): losses, learning rate, time, memory."""
+    if not run.is_main:
+        return
+    values = {name: round(value.item(), 5) for name, value in terms.items()}
+    bar.set_postfix({name: f"{value:.3f}" for name, value in values.items()})
+    run.log.write(json.dumps(dict(step=run.step, epoch=epoch,
+                                  lr=run.scheduler.get_last_lr()[0], step_seconds=seconds,
+                                  rss_mb=round(resident_memory_mb(), 1), **values)) + "\n")
+    run.log.flush()
+
+
+# ----------------------------------------------------------------------------- reproducibility
+# Every random draw of a step is seeded from (seed, epoch, sample or batch index, rank):
+# a sample's augmentation (SeededSamples), the visual instructions (mix_generator) and the
+# denoising noise (torch's global RNG, seeded at the top of each step). So `--resume`
+# continues exactly, with any number of DataLoader workers, and no RNG state needs saving.
+
+def mix_seed(*values: int) -> int:
+    """One seed from several integers (a tuple of ints hashes the same in every process)."""
+    return hash(tuple(values)) % (2 ** 62)
+
+
+def mix_generator(*values: int) -> torch.Generator:
+    """A generator for one step's visual instructions, seeded from (seed, epoch, batch, rank)."""
+    return torch.Generator().manual_seed(mix_seed(*values, 1))
+
+
+class SeededSamples(Dataset):
+    """Seeds torch's RNG from (seed, epoch, index) before each sample's augmentation, so a
+    sample's crop and flip do not depend on workers, order or an interruption."""
+
+    def __init__(self, dataset: ReplaceUnreadable, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    @property
+    def num_replaced(self) -> int:
+        return self.dataset.num_replaced
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        torch.manual_seed(mix_seed(self.seed, self.epoch, index))
+        return self.dataset[index]
+
+
+def make_loader(run: Run, skip_batches: int) -> DataLoader:
+    """A loader over this epoch's shard, starting after `skip_batches` batches."""
+    args = run.args
+    workers = args.workers if args.workers is not None else (
+        4 if run.device.type == "cuda" else 0)
+    indices = list(run.sampler)[skip_batches * args.batch_size:]
+    return DataLoader(run.samples, batch_size=args.batch_size, sampler=indices, drop_last=True,
+                      collate_fn=collate, num_workers=workers)
+
+
 # ----------------------------------------------------------------------------- checkpoints
+
+def save_run(run: Run, epoch: int, batch_in_epoch: int) -> None:
+    """last.pt of the run (main process): where to continue from is (epoch, batch_in_epoch)."""
+    if run.is_main:
+        save_checkpoint(run.out / "last.pt", {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "epoch": epoch, "step": run.step,
+            "batch_in_epoch": batch_in_epoch, "config": asdict(run.model.config),
+            "args": vars(run.args), "objective": run.objective.state_dict()})
+
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file, flush it to disk, then rename: a crash mid-write leaves
@@ -236,40 +417,80 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def compatible_checkpoint(path: str, model: DINOR1, args) -> dict:
-    """Load a checkpoint and check it holds this architecture (the kernel may differ)."""
+    """Load a checkpoint and check it holds this architecture (the kernel, and whether the
+    backbone started from ImageNet weights, may differ)."""
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or not {"model", "config", "args"} <= checkpoint.keys():
         raise SystemExit(f"{path} is not a checkpoint written by train_sft.py or "
                          f"train_grqo.py (it needs 'model', 'config' and 'args')")
-    ours = {k: v for k, v in asdict(model.config).items() if k != "kernel"}
-    theirs = {k: v for k, v in checkpoint["config"].items() if k != "kernel"}
-    if ours != theirs:
-        differences = ", ".join(f"{k}: {theirs.get(k)!r} there, {v!r} here"
-                                for k, v in ours.items() if theirs.get(k) != v)
+    differences = checkpoint_config_differences(checkpoint["config"], model.config)
+    if differences:
         raise SystemExit(f"{path} holds a different model (preset "
                          f"{checkpoint['args'].get('model')!r}, not --model {args.model}): "
                          f"{differences}")
     return checkpoint
 
 
-def rng_state(device: torch.device) -> dict:
-    """The generators' states at the checkpoint, for inspection: resuming does not need
-    them, since every step and sample reseeds from (seed, epoch, batch or index, rank)."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+# ----------------------------------------------------------------------------- fault handling
+# What keeps a long run alive and honest: processes that agree on skipping a step (else DDP's
+# gradient all-reduce would wait forever for the ones that skipped), NaN/Inf losses named,
+# unreadable images and batches without boxes counted, logs cut back on resume.
 
+@dataclass
+class EpochFaults:
+    """What an epoch skipped or replaced, reported at its end (main process)."""
+    replaced_before: int                 # the dataset's count of replaced samples at the start
+    skipped: int = 0                     # steps skipped for a non-finite loss
+    without_boxes: int = 0               # batches skipped for having no box
 
-# ----------------------------------------------------------------------------- the loop
+    def report(self, run: Run, epoch: int) -> None:
+        if not run.is_main:
+            return
+        replaced = run.samples.num_replaced - self.replaced_before
+        if replaced:
+            print(f"epoch {epoch}: {replaced} unreadable images were replaced by others "
+                  f"(see the warnings above)")
+        if self.skipped:
+            print(f"epoch {epoch}: {self.skipped} steps skipped for a non-finite loss")
+        if self.without_boxes:
+            print(f"epoch {epoch}: {self.without_boxes} batches skipped for having no box "
+                  f"(under DDP: in any one process)")
+
 
 def true_in_every_process(condition: bool, device: torch.device) -> bool:
-    """`condition` and-ed over the processes (all must skip a step together, or DDP's
-    gradient all-reduce would wait forever for the ones that skipped)."""
+    """`condition` and-ed over the processes, so that they all skip a step together."""
     value = torch.tensor([float(condition)], device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def boxes_per_process(targets: list, device: torch.device) -> float:
+    """The loss normaliser: ground-truth boxes per process, averaged over processes, >= 1."""
+    count = torch.tensor([float(sum(len(t.labels) for t in targets))], dtype=torch.float64,
+                         device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count /= dist.get_world_size()
+    return max(count.item(), 1.0)
+
+
+def finite_in_every_process(loss: torch.Tensor, terms: dict, run: Run,
+                            faults: EpochFaults) -> bool:
+    """True when the step may be taken. A NaN or Inf loss in any process stops the run,
+    naming the step and every term; with --skip-nonfinite every process skips the step
+    together, and it is counted."""
+    if true_in_every_process(bool(torch.isfinite(loss.detach())), run.device):
+        return True
+    values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
+    message = f"non-finite loss at step {run.step + 1}: {values}"
+    if not run.args.skip_nonfinite:
+        raise FloatingPointError(f"{message}; stopped, {run.out / 'last.pt'} is left as it "
+                                 f"was (--skip-nonfinite skips such steps instead)")
+    faults.skipped += 1
+    if run.is_main:
+        print(f"{message}: step skipped")
+    return False
 
 
 def truncate_log(log_file: Path, step: int) -> None:
@@ -288,11 +509,6 @@ def truncate_log(log_file: Path, step: int) -> None:
         os.replace(temporary, log_file)
 
 
-def nonfinite_message(terms: dict, step: int) -> str:
-    values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
-    return f"non-finite loss at step {step + 1}: {values}"
-
-
 def resident_memory_mb() -> float:
     """This process's resident set size (Linux; 0 where /proc is absent)."""
     try:
@@ -302,181 +518,7 @@ def resident_memory_mb() -> float:
         return 0.0
 
 
-def build_model_for(args, device: torch.device) -> DINOR1:
-    config = PRESETS[args.model]
-    config = DetectorConfig(**{**asdict(config), "kernel": args.kernel,
-                               "pretrained_backbone": args.pretrained_backbone,
-                               "text_encoder": args.text_encoder})
-    return DINOR1(config).to(device)
-
-
-def training_data(args, model: DINOR1, rank: int, world_size: int):
-    """The train split, seeded per sample, sharded per process.
-    Returns (dataset, samples, sampler, steps per epoch)."""
-    novel = args.novel.split(",") if args.novel else None
-    try:
-        dataset = build_dataset(args.data, "train", train=True, novel=novel,
-                                image_size=model.config.image_size, max_size=model.config.max_size)
-    except DataError as error:
-        raise SystemExit(f"cannot train on --data {args.data}: {error}") from error
-    if len(dataset.instance_labels) == 0:
-        raise SystemExit(f"{dataset.annotation_file} has no usable boxes to train on")
-    if not args.no_eval:       # find a missing evaluation split now, not after training
-        try:
-            split_files(resolve_data_root(args.data), args.eval_split)
-        except DataError as error:
-            raise SystemExit(f"cannot evaluate at the end (--eval-split {args.eval_split}): "
-                             f"{error}; pass --no-eval to train anyway") from error
-    samples = SeededSamples(dataset, args.seed)
-    sampler = DistributedSampler(samples, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"the train split has {len(dataset)} images: fewer than one batch of "
-                         f"{args.batch_size} per process")
-    return dataset, samples, sampler, steps_per_epoch
-
-
-def restore(args, model: DINOR1, optimizer, scheduler, objective) -> tuple[int, int, int]:
-    """--init loads weights only; --resume everything. Returns (epoch, step, batches of
-    that epoch already done)."""
-    if args.init:
-        model.load_state_dict(compatible_checkpoint(args.init, model, args)["model"])
-    if not args.resume:
-        return 0, 0, 0
-    checkpoint = compatible_checkpoint(args.resume, model, args)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    objective.load_state_dict(checkpoint["objective"], model)
-    return checkpoint["epoch"], checkpoint["step"], checkpoint["batch_in_epoch"]
-
-
-def write_log_line(log, **values) -> None:
-    log.write(json.dumps(values) + "\n")
-    log.flush()
-
-
-def report_skips(epoch: int, replaced: int, skipped: int, without_boxes: int) -> None:
-    if replaced:
-        print(f"epoch {epoch}: {replaced} unreadable images were replaced by others "
-              f"(see the warnings above)")
-    if skipped:
-        print(f"epoch {epoch}: {skipped} steps skipped for a non-finite loss")
-    if without_boxes:
-        print(f"epoch {epoch}: {without_boxes} batches skipped for having no box "
-              f"(under DDP: in any one process)")
-
-
-def train(args, objective: SFTObjective) -> DINOR1:
-    """Train, checkpoint every epoch, evaluate at the end; returns the trained model
-    (the run folder is args.out)."""
-    device, rank, world_size = setup_distributed(args.device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    out = Path(args.out)
-    model = build_model_for(args, device)
-    dataset, samples, sampler, steps_per_epoch = training_data(args, model, rank, world_size)
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    optimizer = make_optimizer(model, args)
-    scheduler = make_scheduler(optimizer, args, steps_per_epoch)
-    start_epoch, step, skip_batches = restore(args, model, optimizer, scheduler, objective)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.resume:
-            truncate_log(out / "log.jsonl", step)
-        (out / "config.json").write_text(json.dumps(
-            {"args": vars(args), "model": asdict(model.config), "world_size": world_size},
-            indent=2))
-    network = model
-    if world_size > 1:
-        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=args.amp == "bf16" and device.type == "cuda")
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    log = open(out / "log.jsonl", "a") if is_main else None
-
-    def checkpoint_state(epoch: int, batch_in_epoch: int) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                "batch_in_epoch": batch_in_epoch, "config": asdict(model.config),
-                "args": vars(args), "objective": objective.state_dict(),
-                "rng": rng_state(device)}
-
-    for epoch in range(start_epoch, args.epochs):
-        if step >= total_steps:
-            break
-        sampler.set_epoch(epoch)
-        samples.epoch = epoch
-        if skip_batches == 0:
-            objective.start_epoch(model, epoch)
-        loader = make_loader(samples, sampler, args.batch_size, workers, skip_batches)
-        bar = tqdm(loader, desc=f"epoch {epoch}", initial=skip_batches, total=steps_per_epoch,
-                   disable=not is_main, dynamic_ncols=True)
-        replaced = skipped = without_boxes = 0
-        model.train()
-        batch_index = skip_batches
-        for batch_index, batch in enumerate(bar, start=skip_batches):
-            started = time.perf_counter()
-            torch.manual_seed(mix_seed(args.seed, epoch, batch_index, rank))
-            batch = batch.to(device)
-            replaced += batch.num_replaced
-            instructions, targets = make_instructions(
-                batch, dataset.class_names, mix_generator(args.seed, epoch, batch_index, rank))
-            if not true_in_every_process(len(instructions.class_names) > 0, device):
-                without_boxes += 1      # no box, no prompt: nothing to learn from
-                continue
-            num_boxes = max(average_across_processes(
-                float(sum(len(t.labels) for t in targets)), device), 1.0)
-            with autocast:
-                loss, terms = objective(network, batch, instructions, targets, num_boxes)
-            if not true_in_every_process(bool(torch.isfinite(loss.detach())), device):
-                if not args.skip_nonfinite:
-                    raise FloatingPointError(nonfinite_message(terms, step) + f"; stopped, "
-                                             f"{out / 'last.pt'} is left as it was "
-                                             f"(--skip-nonfinite skips such steps instead)")
-                skipped += 1
-                if is_main:
-                    print(nonfinite_message(terms, step) + ": step skipped")
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if is_main and (step % args.log_every == 0 or step == total_steps):
-                values = {k: round(v.item(), 5) for k, v in terms.items()}
-                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
-                write_log_line(log, step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                               step_seconds=time.perf_counter() - started,
-                               rss_mb=round(resident_memory_mb(), 1), **values)
-            if step >= total_steps:
-                break               # the checkpoint after the loop saves this step
-            if is_main and args.save_every and step % args.save_every == 0 \
-                    and batch_index + 1 < steps_per_epoch:
-                save_checkpoint(out / "last.pt", checkpoint_state(epoch, batch_index + 1))
-        finished_epoch = batch_index + 1 >= steps_per_epoch
-        skip_batches = 0
-        if is_main:
-            report_skips(epoch, replaced, skipped, without_boxes)
-            save_checkpoint(out / "last.pt", checkpoint_state(
-                epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else batch_index + 1))
-    if log:
-        log.close()
-    if is_main and not args.no_eval:
-        final_evaluation(model, args, out, device)
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return model
-
-
-def mix_generator(*values: int) -> torch.Generator:
-    """A generator for one step's visual instructions, seeded from (seed, epoch, batch, rank)."""
-    return torch.Generator().manual_seed(mix_seed(*values, 1))
-
+# ----------------------------------------------------------------------------- the end
 
 def final_evaluation(model: DINOR1, args, out: Path, device: torch.device) -> dict:
     """Generic-prompt evaluation on the evaluation split; metrics.json and prediction PNGs."""
@@ -493,7 +535,7 @@ def final_evaluation(model: DINOR1, args, out: Path, device: torch.device) -> di
 
 def main(argv=None) -> DINOR1:
     args = finish_args(make_parser().parse_args(argv), "sft")
-    return train(args, SFTObjective(args))
+    return train(args, SFTObjective())
 
 
 if __name__ == "__main__":

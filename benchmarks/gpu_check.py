@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import Batch, Target  # noqa: E402
+from data import Batch, Target, VisualInstructions  # noqa: E402
 from kernels import ms_deform_attn  # noqa: E402
-from model import SetCriterion, VisualInstructions, build_model  # noqa: E402
+from model import SetCriterion, build_model  # noqa: E402
 
 
 def random_attention_inputs(batch: int, num_queries: int, dtype, device, seed: int = 0):
@@ -73,7 +73,7 @@ def synthetic_batch(height: int, width: int, device, num_classes: int = 10, per_
     images = torch.randn(2, 3, *padded, generator=generator)
     mask = torch.ones(2, *padded, dtype=torch.bool)
     mask[:, :height, :width] = False
-    batch = Batch(images=images, mask=mask, targets=targets, num_replaced=0).to(device)
+    batch = Batch(images=images, mask=mask, targets=targets).to(device)
     classes = torch.cat([t.labels for t in batch.targets]).unique()
     prompt_targets = [Target(t.boxes, torch.searchsorted(classes, t.labels), t.image_id,
                              t.orig_size, t.size) for t in batch.targets]

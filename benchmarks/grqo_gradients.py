@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import build_dataset, collate  # noqa: E402
+from data import build_dataset, collate, sample_prompts  # noqa: E402
 from grqo import group_advantages, grqo_loss, mute_mask, query_rewards  # noqa: E402
 from model import SetCriterion, load_checkpoint, model_from_checkpoint  # noqa: E402
-from train_sft import make_instructions  # noqa: E402
 
 
 def flat_gradient(model, loss) -> torch.Tensor:
@@ -47,8 +46,8 @@ def main(argv=None):
     for index in range(args.batches):
         torch.manual_seed(index)
         batch = collate([dataset[index * args.batch_size + j] for j in range(args.batch_size)])
-        instructions, targets = make_instructions(batch, dataset.class_names,
-                                                  torch.Generator().manual_seed(index))
+        instructions, targets = sample_prompts(batch, dataset.class_names,
+                                               torch.Generator().manual_seed(index))
         output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
         sft = criterion(output, targets, float(sum(len(t.labels) for t in targets)))["sft"]
         costs, gt_mask = [], None

@@ -88,9 +88,9 @@ def summarise(args) -> dict:
         per_seed = [json.loads((run_folder(args, variant, seed) / "metrics.json").read_text())
                     for seed in args.seeds]
         row = {}
-        for name in METRICS:
-            values = [100 * m[name] for m in per_seed]
-            row[name] = (statistics.mean(values),
+        for name in METRICS:       # a metric COCOeval could not compute (None) is left out
+            values = [100 * m[name] for m in per_seed if m[name] is not None]
+            row[name] = (statistics.mean(values) if values else float("nan"),
                          statistics.stdev(values) if len(values) > 1 else 0.0, values)
         steps = [median_step_seconds(run_folder(args, variant, seed), variant != "sft")
                  for seed in args.seeds]

@@ -22,6 +22,7 @@ outside the map read zero.
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
@@ -33,8 +34,7 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     float32 (like the Triton kernel's accumulation) and the output is cast back to
     value's dtype; float64 stays float64 so that gradcheck is meaningful.
     """
-    batch_size, _, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    batch_size = value.shape[0]
     compute_dtype = torch.promote_types(value.dtype, torch.float32)
     # grid_sample wants the levels as separate images, so the shapes must be host integers.
     level_shapes = spatial_shapes.tolist()
@@ -45,20 +45,15 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     sampling_grids = 2 * sampling_locations.to(compute_dtype) - 1
     samples_per_level = []
     for level, ((height, width), start) in enumerate(zip(level_shapes, level_starts)):
-        # (B, H*W, heads, D) -> (B*heads, D, H, W)
-        level_value = value[:, start:start + height * width].to(compute_dtype)
-        level_value = level_value.permute(0, 2, 3, 1).reshape(
-            batch_size * num_heads, head_dim, height, width)
-        # (B, Q, heads, P, 2) -> (B*heads, Q, P, 2)
-        level_grid = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        level_value = rearrange(value[:, start:start + height * width].to(compute_dtype),
+                                "b (y x) m d -> (b m) d y x", y=height, x=width)
+        level_grid = rearrange(sampling_grids[:, :, :, level], "b q m p xy -> (b m) q p xy")
         samples_per_level.append(F.grid_sample(
             level_value, level_grid, mode="bilinear", padding_mode="zeros",
             align_corners=False))  # (B*heads, D, Q, P)
 
     samples = torch.stack(samples_per_level, dim=-2).flatten(-2)  # (B*heads, D, Q, L*P)
-    # (B, Q, heads, L, P) -> (B*heads, 1, Q, L*P)
-    weights = attention_weights.to(compute_dtype).transpose(1, 2).reshape(
-        batch_size * num_heads, 1, num_queries, num_levels * num_points)
+    weights = rearrange(attention_weights.to(compute_dtype), "b q m l p -> (b m) 1 q (l p)")
     output = (samples * weights).sum(-1)  # (B*heads, D, Q)
-    output = output.view(batch_size, num_heads * head_dim, num_queries).transpose(1, 2)
+    output = rearrange(output, "(b m) d q -> b q (m d)", b=batch_size)
     return output.to(value.dtype).contiguous()

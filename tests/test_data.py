@@ -6,6 +6,7 @@ import io
 import json
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,13 +215,13 @@ def test_resized_shape_caps_long_side():
 
 def test_collate_pads_and_masks():
     first = (torch.ones(3, 40, 50), make_target([0]))
-    second = (torch.ones(3, 70, 20), replace(make_target([1, 2]), replaced=True))
+    second = (torch.ones(3, 70, 20), make_target([1, 2]))
     batch = data.collate([first, second])
     assert batch.images.shape == (2, 3, 96, 64) and batch.mask.shape == (2, 96, 64)
     assert not batch.mask[0, :40, :50].any() and batch.mask[0, 40:].all() and batch.mask[0, :, 50:].all()
     assert not batch.mask[1, :70, :20].any() and batch.mask[1, 70:].all() and batch.mask[1, :, 20:].all()
     assert torch.equal(batch.images.sum(dim=1) == 0, batch.mask)
-    assert batch.num_replaced == 1 and len(batch.targets) == 2
+    assert len(batch.targets) == 2
     moved = batch.to("cpu")
     assert moved.targets[1].labels.tolist() == [1, 2]
 
@@ -275,37 +276,53 @@ def test_invalid_json_names_file_and_position(tmp_path):
 def test_corrupt_image_is_replaced_and_counted(tmp_path):
     annotations = [{"image_id": 2, "category_id": 2, "bbox": [1, 1, 5, 5]}]
     write_split(tmp_path, [b"\x89PNG\r\n\x1a\nnot really a png", rgb()], annotations)
-    dataset = data.CocoDetection(tmp_path, "val")
+    dataset = data.ReplaceUnreadable(data.CocoDetection(tmp_path, "val"))
     with pytest.warns(UserWarning, match="1.png"):
         image, target = dataset[0]
-    assert target.image_id == 2 and target.replaced and dataset.num_replaced == 1
+    assert target.image_id == 2 and dataset.num_replaced == 1
     assert target.labels.tolist() == [1] and image.shape == (3, 30, 40)
     _, target = dataset[1]
-    assert not target.replaced and dataset.num_replaced == 1
-    strict = data.CocoDetection(tmp_path, "val", skip_corrupt=False)
+    assert target.image_id == 2 and dataset.num_replaced == 1
+    with pytest.warns(UserWarning, match="1.png"):
+        assert [target.image_id for _, target in dataset] == [2, 2]   # iteration ends
     with pytest.raises(data.DataError, match="1.png"):
-        strict[0]
+        dataset.dataset[0]                  # the dataset itself names the broken file
 
 
 def test_replacements_are_counted_across_workers(tmp_path):
     write_split(tmp_path, [b"broken", rgb(), rgb(), rgb()], [])
-    dataset = data.CocoDetection(tmp_path, "val")
+    dataset = data.ReplaceUnreadable(data.CocoDetection(tmp_path, "val"))
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=1, collate_fn=data.collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=1,
+                                         collate_fn=data.collate)
     batches = list(loader)
     assert len(batches) == 1 and batches[0].images.shape == (2, 3, 32, 64)
     assert [target.image_id for target in batches[0].targets] == [2, 3]  # sample 0 replaced by 1
-    assert batches[0].num_replaced == 1 and dataset.num_replaced == 0  # counted in the worker
+    assert dataset.num_replaced == 1                 # counted in the worker, seen here
 
 
 def test_missing_image_file_is_replaced(tmp_path):
     write_split(tmp_path, [rgb(), None], [])
-    dataset = data.CocoDetection(tmp_path, "val")
+    dataset = data.ReplaceUnreadable(data.CocoDetection(tmp_path, "val"))
     with pytest.warns(UserWarning, match=r"val/2\.png is missing"):
         _, target = dataset[1]
-    assert target.image_id == 1 and target.replaced and dataset.num_replaced == 1
+    assert target.image_id == 1 and dataset.num_replaced == 1
     with pytest.raises(data.DataError, match=r"val/2\.png"):
-        data.CocoDetection(tmp_path, "val", skip_corrupt=False)[1]
+        data.CocoDetection(tmp_path, "val")[1]
+
+
+def test_importing_data_leaves_pil_pixel_guard_alone(tmp_path):
+    import subprocess
+    import sys
+    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import data; "
+            "print(before == Image.MAX_IMAGE_PIXELS is not None)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(data.__file__).parent)
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
+    write_split(tmp_path, [rgb()], [])
+    before = Image.MAX_IMAGE_PIXELS
+    data.CocoDetection(tmp_path, "val")[0]
+    assert Image.MAX_IMAGE_PIXELS == before
 
 
 def test_bad_boxes_are_clipped_or_dropped_and_counted(tmp_path):
@@ -403,24 +420,36 @@ def test_split_file_gives_novel_classes(tmp_path):
 # ---------------------------------------------------------------- prompt sampling
 
 
-def test_visual_instructions_one_per_class_and_deterministic():
+def make_batch(targets):
+    return data.Batch(torch.zeros(len(targets), 3, 32, 32),
+                      torch.zeros(len(targets), 32, 32, dtype=torch.bool), targets)
+
+
+def test_prompts_one_per_class_deterministic_and_labels_reindexed():
     targets = [make_target([1, 3]), make_target([3, 5, 1, 3]), make_target([])]
     labels = torch.cat([target.labels for target in targets])
-    sample = data.sample_visual_instructions(targets, torch.Generator().manual_seed(0))
-    assert sample.classes.tolist() == [1, 3, 5]
-    assert torch.equal(labels[sample.instance_index], sample.classes)
-    again = data.sample_visual_instructions(targets, torch.Generator().manual_seed(0))
-    assert torch.equal(again.instance_index, sample.instance_index)
-    seen = {
-        tuple(data.sample_visual_instructions(targets, torch.Generator().manual_seed(seed)).instance_index.tolist())
-        for seed in range(20)
-    }
+    names = [f"class {index}" for index in range(6)]
+    instructions, prompted = data.sample_prompts(make_batch(targets), names,
+                                                 torch.Generator().manual_seed(0))
+    assert instructions.class_names == ["class 1", "class 3", "class 5"]
+    assert labels[instructions.selected].tolist() == [1, 3, 5]      # prompt k is of class k
+    assert instructions.labels.tolist() == [0, 1, 1, 2, 0, 1]        # prompt index per box
+    assert [t.labels.tolist() for t in prompted] == [[0, 1], [1, 2, 0, 1], []]
+    assert instructions.image_index.tolist() == [0, 0, 1, 1, 1, 1]
+    assert torch.equal(instructions.boxes, torch.cat([t.boxes for t in targets]))
+    again, _ = data.sample_prompts(make_batch(targets), names, torch.Generator().manual_seed(0))
+    assert torch.equal(again.selected, instructions.selected)
+    seen = {tuple(data.sample_prompts(make_batch(targets), names,
+                                      torch.Generator().manual_seed(seed))[0].selected.tolist())
+            for seed in range(20)}
     assert len(seen) > 1
 
 
-def test_visual_instructions_of_empty_batch():
-    sample = data.sample_visual_instructions([make_target([]), make_target([])], torch.Generator().manual_seed(0))
-    assert sample.classes.shape == (0,) and sample.instance_index.shape == (0,)
+def test_prompts_of_empty_batch():
+    instructions, prompted = data.sample_prompts(make_batch([make_target([]), make_target([])]),
+                                                 [], torch.Generator().manual_seed(0))
+    assert instructions.class_names == [] and instructions.selected.shape == (0,)
+    assert instructions.boxes.shape == (0, 4) and [len(t.labels) for t in prompted] == [0, 0]
 
 
 def test_instance_image_index():

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from data import Target, collate
-from model import (DetectorOutput, HungarianMatcher, SetCriterion, VisualInstructions,
+from data import Target, VisualInstructions, collate
+from model import (DetectorOutput, HungarianMatcher, SetCriterion,
                    build_model, postprocess)
 
 
@@ -51,7 +51,25 @@ def test_tiny_forward_shapes(tiny):
     assert (out.selection.objectness_logits.diff(dim=1) <= 0).all()
     assert out.dn_logits.shape[:2] == (layers, 2) and out.dn_boxes.shape[-1] == 4
     assert out.contrastive_logits.shape == (2, 2)
-    assert ((out.boxes >= 0) & (out.boxes <= 1)).all()
+    # 3 ground truths at most: 40 DN queries make 6 groups of 3 positives and 3 negatives
+    assert out.dn_logits.shape[2] == 36 and out.dn_targets.num_groups == 6
+    dn = out.dn_targets
+    assert (dn.positive & dn.valid).sum() == 6 * 4 and dn.valid.sum() == 6 * 2 * 4
+
+
+@pytest.mark.parametrize("num_levels, strides", [(1, [32]), (3, [8, 16, 32]),
+                                                 (5, [8, 16, 32, 64, 128])])
+def test_num_levels_is_honoured(num_levels, strides):
+    torch.manual_seed(0)
+    model = build_model("tiny", kernel="torch", num_levels=num_levels).eval()
+    batch, _, _ = tiny_batch()
+    features = model.backbone(batch.images, batch.mask)
+    height, width = batch.images.shape[-2:]
+    assert features.spatial_shapes.tolist() == [[-(-height // s), -(-width // s)]
+                                                for s in strides]
+    output = model(batch.images, batch.mask, prompts=torch.randn(2, 3, 64))
+    num_queries = min(100, int(features.spatial_shapes.prod(1).sum()))
+    assert output.logits.shape == (3, 2, num_queries, 3) and torch.isfinite(output.logits).all()
 
 
 def test_every_parameter_gets_a_gradient_from_one_step(tiny):
@@ -214,7 +232,7 @@ def test_tiny_learns_a_fixed_batch():
                         dev_images=2, val_images=2)
         dataset = build_dataset(folder, "train", train=False, image_size=128, max_size=171)
         batch = collate([dataset[0], dataset[1]])
-    from train_sft import make_instructions
+    from data import sample_prompts
     model = build_model("tiny", kernel="torch")
     model.train()
     criterion = SetCriterion()
@@ -222,8 +240,8 @@ def test_tiny_learns_a_fixed_batch():
     losses = []
     for step in range(150):
         torch.manual_seed(step)
-        instructions, targets = make_instructions(batch, dataset.class_names,
-                                                  torch.Generator().manual_seed(step))
+        instructions, targets = sample_prompts(batch, dataset.class_names,
+                                               torch.Generator().manual_seed(step))
         out = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
         loss = criterion(out, targets, float(sum(len(t.labels) for t in targets)))["sft"]
         optimizer.zero_grad()

@@ -206,8 +206,8 @@ class PoisonedObjective(train_sft.SFTObjective):
     """SFT whose `poisoned_call`-th call (counting from 1) adds `value` (NaN or Inf) to the
     decoder term; the terms of that call are kept in `poisoned_terms`."""
 
-    def __init__(self, args, poisoned_call: int, value: float):
-        super().__init__(args)
+    def __init__(self, poisoned_call: int, value: float):
+        super().__init__()
         self.poisoned_call, self.value, self.calls = poisoned_call, value, 0
         self.poisoned_terms = None
 
@@ -229,7 +229,7 @@ def parse(argv: list[str]):
 def test_nonfinite_loss_stops_naming_step_and_terms(shapes, tmp_path, value):
     out = tmp_path / "run"
     args = parse(run_args(shapes, out, "--save-every", "1"))
-    objective = PoisonedObjective(args, poisoned_call=3, value=value)
+    objective = PoisonedObjective(poisoned_call=3, value=value)
     with pytest.raises(FloatingPointError) as error:
         train_sft.train(args, objective)
     message = str(error.value)
@@ -243,7 +243,7 @@ def test_nonfinite_loss_stops_naming_step_and_terms(shapes, tmp_path, value):
 def test_skip_nonfinite_skips_and_counts_the_step(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     args = parse(run_args(shapes, out, "--epochs", "1", "--log-every", "1", "--skip-nonfinite"))
-    model = train_sft.train(args, PoisonedObjective(args, poisoned_call=2, value=float("nan")))
+    model = train_sft.train(args, PoisonedObjective(poisoned_call=2, value=float("nan")))
     printed = capsys.readouterr().out
     assert "non-finite loss at step 2: decoder=nan" in printed and ": step skipped" in printed
     assert "epoch 0: 1 steps skipped for a non-finite loss" in printed
@@ -295,12 +295,12 @@ def test_visual_instructions_depend_only_on_seed_epoch_batch_and_rank():
     targets = [Target(torch.rand(len(image), 4), torch.tensor(image), image_id,
                       torch.tensor([32, 32]), torch.tensor([32, 32]))
                for image_id, image in enumerate(labels)]
-    batch = Batch(torch.zeros(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool), targets, 0)
+    batch = Batch(torch.zeros(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool), targets)
     names = [f"class {index}" for index in range(6)]
 
     def selected(rank: int, seed: int = 0) -> list[int]:
         generator = train_sft.mix_generator(seed, 1, 2, rank)
-        instructions, _ = train_sft.make_instructions(batch, names, generator)
+        instructions, _ = data.sample_prompts(batch, names, generator)
         assert instructions.class_names == ["class 1", "class 3", "class 5"]
         return instructions.selected.tolist()
 
@@ -368,7 +368,7 @@ def test_very_large_images_load_and_are_resized(tmp_path, side):
 def test_images_over_the_pixel_limit_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
     folder = write_one_image_split(tmp_path, Image.new("RGB", (60, 40)), [1, 1, 5, 5])
-    strict = data.CocoDetection(folder, "val", skip_corrupt=False)
+    strict = data.CocoDetection(folder, "val")
     with pytest.raises(data.DataError) as error:
         strict[0]
     assert str(error.value) == (f"image file {folder / 'val' / '1.png'} is 60x40 pixels, more "
@@ -424,6 +424,26 @@ def test_checkpoint_of_another_preset_names_the_mismatch(shapes, trained, tmp_pa
         assert message.startswith(f"{tmp_path / 'swin_t.pt'} holds a different model (preset "
                                   f"'swin_t', not --model tiny): backbone: 'swin_t' there, "
                                   f"'tiny' here, hidden_dim: 256 there, ")
+
+
+def test_checkpoint_of_a_pretrained_backbone_run_needs_no_download(shapes, trained, tmp_path):
+    """A --pretrained-backbone run's checkpoint holds every weight: evaluation and --init
+    rebuild the detector without asking for ImageNet weights (which fails offline; the tiny
+    backbone has none at all, so asking for them fails here too)."""
+    from model import model_from_checkpoint
+    checkpoint = torch.load(trained / "last.pt", weights_only=True)
+    checkpoint["config"]["pretrained_backbone"] = True
+    checkpoint["args"]["pretrained_backbone"] = True
+    torch.save(checkpoint, tmp_path / "pretrained.pt")
+    model = model_from_checkpoint(checkpoint)
+    assert not model.config.pretrained_backbone
+    metrics = evaluate.main(["--ckpt", str(tmp_path / "pretrained.pt"), "--data", str(shapes),
+                             "--prompt", "text"])
+    assert metrics["num_images"] == 4
+    resumed = train_sft.main(run_args(shapes, tmp_path / "run", "--max-steps", "1",
+                                      "--init", str(tmp_path / "pretrained.pt")))
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 1
+    assert resumed.config == model.config
 
 
 def test_file_that_is_not_a_training_checkpoint(shapes, trained, tmp_path):

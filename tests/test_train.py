@@ -70,25 +70,48 @@ def test_evaluation_oracle_gives_ap_one(shapes):
     assert metrics["AP"] == pytest.approx(1.0)
     assert metrics["AP50"] == pytest.approx(1.0)
     assert metrics["AP_novel"] == pytest.approx(1.0) and metrics["AP_base"] == pytest.approx(1.0)
+    # No object in these 128-px pictures is large: COCOeval says -1, we say None and "-".
+    assert metrics["APl"] is None and metrics["APs"] == pytest.approx(1.0)
+    header, _, values = evaluate.format_table(metrics).splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), values.strip("| ").split(" | ")))
+    assert cells["APl"].strip() == "-" and cells["AP"].strip() == "100.0"
 
 
-def test_chunked_prompts_equal_one_prompt_set(shapes):
-    """More classes than one prompt set holds: chunks merged = all prompts at once (the
-    queries are selected per chunk, so compare with one chunk per class run separately)."""
+def test_chunked_prompts_map_each_chunk_to_its_classes(shapes):
+    """More classes than one prompt set holds (5 prompts, chunks of 2): each chunk is run
+    on its own (queries are selected per chunk), its labels mapped to the classes of that
+    chunk, and the chunks merged. The reference here calls the model directly."""
+    from data import collate
+    from model import postprocess
     torch.manual_seed(0)
     model = build_model("tiny", kernel="torch").eval()
     dataset = build_dataset(str(shapes), "val", train=False, image_size=128, max_size=171)
-    from data import collate
     batch = collate([dataset[0], dataset[1]])
     prompts = torch.randn(5, model.config.hidden_dim)
     classes = [3, 1, 4, 0, 2]
     chunked = evaluate.detect(model, batch, prompts, classes, chunk_size=2, top_k=50)
-    parts = [evaluate.detect(model, batch, prompts[i:i + 2], classes[i:i + 2], chunk_size=2,
-                             top_k=50) for i in (0, 2, 4)]
+    sizes = torch.stack([t.orig_size for t in batch.targets])
+    expected = [[] for _ in range(2)]
+    with torch.no_grad():
+        for start in (0, 2, 4):
+            chunk = prompts[start:start + 2][None].expand(2, -1, -1)
+            output = model(batch.images, batch.mask, prompts=chunk)
+            for b, found in enumerate(postprocess(output.logits[-1], output.boxes[-1], sizes, 50)):
+                labels = torch.tensor([classes[start + k] for k in found.labels.tolist()])
+                expected[b].append(Detections(found.boxes, found.scores, labels))
     for b in range(2):
-        merged = evaluate.keep_top([p[b] for p in parts], 50)
+        merged = evaluate.keep_top(expected[b], 50)
         torch.testing.assert_close(chunked[b].scores, merged.scores)
-        assert set(chunked[b].labels.tolist()) <= set(classes)
+        torch.testing.assert_close(chunked[b].boxes, merged.boxes)
+        assert chunked[b].labels.tolist() == merged.labels.tolist()
+        assert len(set(merged.labels.tolist())) > 2     # from more than one chunk of 2
+    whole = evaluate.detect(model, batch, prompts, classes, chunk_size=5, top_k=50)
+    with torch.no_grad():
+        output = model(batch.images, batch.mask, prompts=prompts[None].expand(2, -1, -1))
+    once = postprocess(output.logits[-1], output.boxes[-1], sizes, 50)
+    for b in range(2):
+        torch.testing.assert_close(whole[b].scores, once[b].scores)
+        assert whole[b].labels.tolist() == [classes[k] for k in once[b].labels.tolist()]
 
 
 def test_ddp_on_cpu_keeps_identical_weights(shapes, tmp_path):
