@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from data import (Batch, DataError, build_dataset, collate, instance_image_index,
                   resolve_data_root, sample_visual_instructions, split_files)
-from model import (PRESETS, DetectorConfig, DINOR1, SetCriterion, VisualInstructions,
-                   load_checkpoint)
+from model import (PRESETS, DetectorConfig, DINOR1, HungarianMatcher, SetCriterion,
+                   VisualInstructions, load_checkpoint)
 
 # Training defaults per model preset (any of them can be overridden on the command line).
 TRAIN_DEFAULTS = {
@@ -77,6 +77,9 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--skip-nonfinite", action="store_true",
                         help="skip (and count) a step whose loss is NaN or Inf instead of "
                              "stopping the run")
+    parser.add_argument("--match-cost", default="focal", choices=HungarianMatcher.CLASS_COSTS,
+                        help="class part of the Hungarian matching cost: focal (DINO-style) or "
+                             "binary_focal (the release's, METHOD section 4)")
     parser.add_argument("--eval-split", default="val", help="split evaluated at the end")
     parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     return parser
@@ -203,7 +206,7 @@ class SFTObjective:
     name = "sft"
 
     def __init__(self, args):
-        self.criterion = SetCriterion()
+        self.criterion = SetCriterion(HungarianMatcher(class_cost=args.match_cost))
 
     def start_epoch(self, model: DINOR1, epoch: int) -> None:
         """Called before every epoch (GRQO refreshes its reference model here)."""
