@@ -16,7 +16,7 @@ import copy
 
 import torch
 
-from grqo import grqo_loss
+from grqo import FORMS, grqo_loss
 from model import DINOR1, HungarianMatcher
 from train_sft import SFTObjective, finish_args, make_parser, train
 
@@ -86,8 +86,10 @@ def make_grqo_parser():
                         help="KL weight, counted once (the release's 6 layers x 0.04)")
     parser.add_argument("--mute-fraction", type=float, default=1 / 3,
                         help="lowest-ranked fraction of queries without advantage term")
-    parser.add_argument("--grqo-form", default="paper", choices=["paper", "pg"],
-                        help="paper: differentiable cost; pg: -A.detach() * log O")
+    parser.add_argument("--grqo-form", default="paper", choices=FORMS,
+                        help="paper: differentiable cost; pg: -A.detach() * log O; "
+                             "detached_stats: the group's mean and std detached; "
+                             "advantage_pull: -max(A, 0).detach() * r (see grqo.py)")
     parser.add_argument("--reward-cost", default=None, choices=HungarianMatcher.CLASS_COSTS,
                         help="class part of the cost behind the GRQO rewards "
                              "(default: the same as --match-cost)")

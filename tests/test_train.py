@@ -146,7 +146,8 @@ def test_match_and_reward_costs_are_chosen_separately():
     assert sft.criterion.matcher.class_cost == "binary_focal"
 
 
-@pytest.mark.parametrize("extra", [[], ["--match-cost", "binary_focal"]])
+@pytest.mark.parametrize("extra", [[], ["--match-cost", "binary_focal",
+                                         "--grqo-form", "advantage_pull"]])
 def test_a_few_grqo_steps_have_finite_losses(shapes, tmp_path, extra):
     train_grqo.main(["--data", str(shapes), "--out", str(tmp_path / "grqo"), "--batch-size", "2",
                      "--sft-epochs", "0", "--grqo-epochs", "1", "--max-steps", "3",
