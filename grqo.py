@@ -32,6 +32,16 @@ objectness logits get gradient from the KL term only. `form="pg"` is the GRPO-st
 policy-gradient alternative, -A.detach() * log O: the query selection is the policy, and
 gradient reaches only the objectness logits.
 
+Two further forms are this project's variants, not the paper's; both keep the gradient in C,
+like "paper", but treat part of the advantage as a constant, as GRPO does:
+- `form="detached_stats"`: A_i = (r_i - mean r) / (std r + eps) with the group's mean and
+  std detached. Every unmuted query is pulled toward its nearest ground truth with weight
+  alpha / (std r + eps); the muted queries get no gradient (nothing pushes them away).
+- `form="advantage_pull"`: -alpha * m_i * max(A_i, 0).detach() * r_i. Queries better than
+  their group's average are pulled toward their nearest ground truth in proportion to
+  their advantage; the others get no gradient. Its value scales with the cost, not with
+  the standardised advantage.
+
 Beta convention. The release adds the same KL tensor to each of its 6 per-layer losses with
 beta = 0.04, an effective weight of 6 x 0.04 = 0.24. Here the KL term is counted once, with
 `beta` as its total weight, so the default beta = 0.24 keeps the release's effective value
@@ -47,7 +57,7 @@ cost of every prediction against every ground truth, and gt_mask (B, M)):
 
     costs = []
     for logits, boxes in zip(layer_logits, layer_boxes):       # one entry per decoder layer
-        cost, gt_mask = matcher.pairwise_cost(logits, boxes, targets)
+        cost, gt_mask = matcher.pairwise_cost(logits, boxes, targets, prompt_mask)
         costs.append(cost)
     with torch.no_grad():
         ref_logits = reference_model.objectness(images, selected_token_indices)
@@ -78,13 +88,15 @@ def query_rewards(cost: Tensor, gt_mask: Tensor | None = None) -> tuple[Tensor, 
     return -nearest, has_gt                                                          # (3)
 
 
-def group_advantages(rewards: Tensor, valid: Tensor | None = None, eps: float = 2e-9) -> Tensor:
+def group_advantages(rewards: Tensor, valid: Tensor | None = None, eps: float = 2e-9,
+                     detach_statistics: bool = False) -> Tensor:
     """METHOD (4): A_i = (r_i - mean r) / (std r + eps) within each image's group of Q queries.
 
     rewards (B, Q); valid (B,) bool, False for an image without ground truth.
     The standard deviation is the unbiased one (as in GRPO implementations). A group whose
     rewards are all equal (zero variance), an invalid image, or a group of one query gives
-    zeros, never NaN. Differentiable through the mean and the std.
+    zeros, never NaN. Differentiable through the mean and the std, or, with
+    `detach_statistics`, through r_i only (the mean and std are constants).
     """
     batch, num_queries = rewards.shape
     if num_queries < 2:
@@ -92,10 +104,12 @@ def group_advantages(rewards: Tensor, valid: Tensor | None = None, eps: float = 
     keep = (rewards.amax(dim=1) > rewards.amin(dim=1))                   # zero variance -> 0
     if valid is not None:
         keep = keep & valid
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    mean = rewards.mean(dim=1, keepdim=True)
+    centred = rewards - (mean.detach() if detach_statistics else mean)
     # Compute the std on safe values only, so that a flat group cannot produce 0/0 gradients.
     safe = torch.where(keep[:, None], centred, torch.ones_like(centred))
-    advantages = safe / (safe.std(dim=1, keepdim=True) + eps)
+    std = safe.std(dim=1, keepdim=True)
+    advantages = safe / ((std.detach() if detach_statistics else std) + eps)
     return torch.where(keep[:, None], advantages, torch.zeros_like(advantages))
 
 
@@ -118,6 +132,9 @@ def mute_mask(num_queries: int, mute_fraction: float, device=None) -> Tensor:
     return mask
 
 
+FORMS = ("paper", "pg", "detached_stats", "advantage_pull")
+
+
 def grqo_loss(costs, objectness_logits: Tensor, ref_objectness_logits: Tensor, *,
               alpha: float = 0.01, beta: float = 0.24, mute_fraction: float = 1 / 3,
               form: str = "paper", gt_mask: Tensor | None = None,
@@ -129,32 +146,43 @@ def grqo_loss(costs, objectness_logits: Tensor, ref_objectness_logits: Tensor, *
         descending selection-score order.
     objectness_logits (B, Q): the policy's selection logits s_i of the same queries.
     ref_objectness_logits (B, Q): the reference model's logits at the same tokens (no grad).
-    form: "paper" (the advantage term differentiates through the cost) or "pg"
-        (-A.detach() * log O, gradient into the objectness logits only).
+    form: the advantage term per query, summed over layers and averaged over (b, i):
+        "paper"           -alpha m_i A_i, differentiable through the cost (mean, std included);
+        "pg"              -alpha m_i A_i.detach() log O_i, gradient into the objectness only;
+        "detached_stats"  -alpha m_i A_i with the group's mean and std detached (this
+                          project's variant);
+        "advantage_pull"  -alpha m_i max(A_i, 0).detach() r_i (this project's variant).
     gt_mask (B, M): True = real ground truth.
-    Returns (loss, statistics): detached scalar tensors for logging (no host sync here).
+    Returns (loss, statistics): detached scalar tensors for logging, computed on the
+    tensors' device without a host sync (no boolean indexing, no .item()). "reward" is the
+    mean of r_i over layers, queries and the images that have ground truth (0 if none has).
     """
-    if form not in ("paper", "pg"):
-        raise ValueError(f"form must be 'paper' or 'pg', got {form!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if isinstance(costs, torch.Tensor) and costs.dim() == 3:
         costs = costs[None]
     num_queries = objectness_logits.shape[1]
     muted = mute_mask(num_queries, mute_fraction, objectness_logits.device)
     policy_term = objectness_logits.new_zeros((), dtype=torch.float32)
-    rewards_seen = []
+    reward_sum = objectness_logits.new_zeros((), dtype=torch.float32)
+    reward_count = objectness_logits.new_zeros((), dtype=torch.float32)
     for cost in costs:
         rewards, has_gt = query_rewards(cost.float(), gt_mask)
-        advantages = group_advantages(rewards, has_gt, eps)
-        if form == "paper":
+        advantages = group_advantages(rewards, has_gt, eps,
+                                      detach_statistics=form == "detached_stats")
+        if form in ("paper", "detached_stats"):
             per_query = -alpha * muted * advantages
-        else:
+        elif form == "pg":
             per_query = -alpha * muted * advantages.detach() * F.logsigmoid(objectness_logits.float())
+        else:                                                           # "advantage_pull"
+            per_query = -alpha * muted * advantages.detach().clamp(min=0) * rewards
         policy_term = policy_term + per_query.mean()
-        rewards_seen.append(rewards.detach()[has_gt])
+        with_gt = has_gt.float()[:, None]                                # (B, 1)
+        reward_sum = reward_sum + (rewards.detach() * with_gt).sum()
+        reward_count = reward_count + with_gt.sum() * num_queries
     kl = objectness_kl(objectness_logits, ref_objectness_logits.detach())
     kl_term = beta * kl.mean()
-    all_rewards = torch.cat(rewards_seen) if rewards_seen else kl.new_zeros(0)
-    stats = {"reward": all_rewards.mean() if all_rewards.numel() else kl.new_zeros(()),
+    stats = {"reward": reward_sum / reward_count.clamp(min=1),
              "kl": kl.detach().mean(),
              "policy_term": policy_term.detach(),
              "kl_term": kl_term.detach()}

@@ -901,18 +901,36 @@ def paired_giou(boxes: Tensor, gt_boxes: Tensor) -> Tensor:
 class HungarianMatcher:
     """One-to-one matching of predictions to ground truth with the cost of METHOD (1):
 
-        C_ij = 2.0 * C_focal(i, class_j) + 5.0 * |b_i - b_j|_1 + 2.0 * (-GIoU(b_i, b_j))
+        C_ij = 2.0 * C_class(i, j) + 5.0 * |b_i - b_j|_1 + 2.0 * (-GIoU(b_i, b_j))
+
+    With p_ik = sigmoid(logit of query i for prompt k), k_j the prompt of ground truth j,
+    pos(p) = alpha (1 - p)^gamma (-log p) and neg(p) = (1 - alpha) p^gamma (-log(1 - p)),
+    `class_cost` picks C_class (METHOD section 4, "the release's cost C"):
+    - "focal" (DINO-style, the default): pos(p_ik_j) - neg(p_ik_j), j's prompt only;
+      unbounded below as p -> 1.
+    - "binary_focal" (the release's, mmdetection's BinaryFocalLossCost): the sum over every
+      real prompt k of y_jk pos(p_ik) + (1 - y_jk) neg(p_ik), y_j the one-hot of k_j, so a
+      query is also charged for scoring the other prompts; bounded below by 0.
     """
 
+    CLASS_COSTS = ("focal", "binary_focal")
+
     def __init__(self, class_weight: float = 2.0, l1_weight: float = 5.0,
-                 giou_weight: float = 2.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+                 giou_weight: float = 2.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 class_cost: str = "focal"):
+        if class_cost not in self.CLASS_COSTS:
+            raise ValueError(f"class_cost must be one of {self.CLASS_COSTS}, got {class_cost!r}")
         self.class_weight, self.l1_weight, self.giou_weight = class_weight, l1_weight, giou_weight
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.class_cost = class_cost
 
-    def pairwise_cost(self, logits: Tensor, boxes: Tensor, targets: list) -> tuple[Tensor, Tensor]:
+    def pairwise_cost(self, logits: Tensor, boxes: Tensor, targets: list,
+                      prompt_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The full cost matrices, differentiable (GRQO builds its rewards from them).
 
-        logits (B, Q, K), boxes (B, Q, 4) cxcywh, targets with labels in 0..K-1.
+        logits (B, Q, K), boxes (B, Q, 4) cxcywh, targets with labels in 0..K-1;
+        prompt_mask (B, K) True = padding prompt, left out of the binary focal sum
+        (None = every prompt real; the focal cost never reads a padding prompt).
         Returns cost (B, Q, M) and gt_mask (B, M), True = real ground truth; the cost of a
         padding column is meaningless and must be masked by the caller.
         """
@@ -920,21 +938,32 @@ class HungarianMatcher:
         batch, num_queries = logits.shape[:2]
         if labels.shape[1] == 0:
             return logits.new_zeros(batch, num_queries, 0), gt_mask
-        probability = logits.float().sigmoid()
-        probability = probability.gather(2, labels[:, None, :].expand(-1, num_queries, -1))
+        probability = logits.float().sigmoid()                                   # (B, Q, K)
         alpha, gamma = self.focal_alpha, self.focal_gamma
         positive = alpha * (1 - probability) ** gamma * -(probability + 1e-8).log()
         negative = (1 - alpha) * probability ** gamma * -(1 - probability + 1e-8).log()
+        prompt_of_gt = labels[:, None, :].expand(-1, num_queries, -1)            # (B, Q, M)
+        positive_j, negative_j = positive.gather(2, prompt_of_gt), negative.gather(2, prompt_of_gt)
+        if self.class_cost == "focal":
+            class_cost = positive_j - negative_j
+        else:
+            # sum_k (1 - y_jk) neg(p_ik) = (sum over real prompts) - neg(p_ik_j): a gather and
+            # a sum instead of a (B, Q, K) x (B, K, M) product that autocast would run in bf16.
+            if prompt_mask is not None:
+                negative = negative.masked_fill(prompt_mask[:, None, :], 0.0)
+            class_cost = positive_j + negative.sum(2, keepdim=True) - negative_j
         boxes = boxes.float()
         l1 = torch.cdist(boxes, gt_boxes, p=1)
-        cost = (self.class_weight * (positive - negative) + self.l1_weight * l1
+        cost = (self.class_weight * class_cost + self.l1_weight * l1
                 - self.giou_weight * paired_giou(boxes, gt_boxes))
         return cost, gt_mask
 
     @torch.no_grad()
-    def __call__(self, logits: Tensor, boxes: Tensor, targets: list) -> list[tuple[Tensor, Tensor]]:
-        """Per image (query indices, ground-truth indices), each (min(Q, M),) long."""
-        cost, gt_mask = self.pairwise_cost(logits, boxes, targets)
+    def __call__(self, logits: Tensor, boxes: Tensor, targets: list,
+                 prompt_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Per image (query indices, ground-truth indices), each (min(Q, M),) long.
+        Arguments as for `pairwise_cost`."""
+        cost, gt_mask = self.pairwise_cost(logits, boxes, targets, prompt_mask)
         cost = cost.cpu()
         matches = []
         for b, count in enumerate(gt_mask.sum(1).tolist()):
@@ -978,7 +1007,7 @@ class SetCriterion:
         """Hungarian-matched loss of one prediction set (METHOD section 3, matched with the
         cost of METHOD (1)): logits (B, Q, K), boxes (B, Q, 4) cxcywh; prompt_mask (B, K)
         True = padding prompt (no loss)."""
-        matches = self.matcher(logits, boxes, targets)
+        matches = self.matcher(logits, boxes, targets, prompt_mask)
         target_classes = torch.zeros_like(logits)
         matched_boxes, gt_boxes = [], []
         for b, (rows, cols) in enumerate(matches):

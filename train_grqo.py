@@ -16,8 +16,8 @@ import copy
 
 import torch
 
-from grqo import grqo_loss
-from model import DINOR1
+from grqo import FORMS, grqo_loss
+from model import DINOR1, HungarianMatcher
 from train_sft import SFTObjective, finish_args, make_parser, train
 
 
@@ -25,10 +25,12 @@ class GRQOObjective(SFTObjective):
     """SFT for the first `sft_epochs` epochs, then SFT + GRQO."""
 
     def __init__(self, args):
-        super().__init__()
+        super().__init__(args.match_cost)
         self.sft_epochs = args.sft_epochs
         self.settings = dict(alpha=args.alpha, beta=args.beta, mute_fraction=args.mute_fraction,
                              form=args.grqo_form)
+        # The rewards' cost, METHOD (2)-(3), may differ from the one the matching uses.
+        self.reward_matcher = HungarianMatcher(class_cost=args.reward_cost or args.match_cost)
         self.reference: DINOR1 | None = None
 
     def start_epoch(self, model: DINOR1, epoch: int) -> None:
@@ -55,7 +57,8 @@ class GRQOObjective(SFTObjective):
                 batch.images, batch.mask, output.selection.indices, instructions=instructions)
         costs, gt_mask = [], None
         for logits, boxes in zip(output.logits, output.boxes):     # one cost per decoder layer
-            cost, gt_mask = self.criterion.matcher.pairwise_cost(logits, boxes, targets)
+            cost, gt_mask = self.reward_matcher.pairwise_cost(logits, boxes, targets,
+                                                              output.prompt_mask)
             costs.append(cost)
         loss_grqo, stats = grqo_loss(costs, output.selection.objectness_logits,
                                      reference_logits, gt_mask=gt_mask, **self.settings)
@@ -82,8 +85,13 @@ def make_grqo_parser():
                         help="KL weight, counted once (the release's 6 layers x 0.04)")
     parser.add_argument("--mute-fraction", type=float, default=1 / 3,
                         help="lowest-ranked fraction of queries without advantage term")
-    parser.add_argument("--grqo-form", default="paper", choices=["paper", "pg"],
-                        help="paper: differentiable cost; pg: -A.detach() * log O")
+    parser.add_argument("--grqo-form", default="paper", choices=FORMS,
+                        help="paper: differentiable cost; pg: -A.detach() * log O; "
+                             "detached_stats: the group's mean and std detached; "
+                             "advantage_pull: -max(A, 0).detach() * r (see grqo.py)")
+    parser.add_argument("--reward-cost", default=None, choices=HungarianMatcher.CLASS_COSTS,
+                        help="class part of the cost behind the GRQO rewards "
+                             "(default: the same as --match-cost)")
     return parser
 
 
@@ -94,6 +102,8 @@ def main(argv=None):
         parser.error("train_grqo.py counts epochs as --sft-epochs + --grqo-epochs; "
                      "drop --epochs")
     args = finish_args(args, "grqo")          # fills epochs with the preset's (equal compute)
+    if args.reward_cost is None:
+        args.reward_cost = args.match_cost    # recorded in config.json as used
     if args.init:
         args.sft_epochs = 0                   # the SFT stage happened in the --init run
     if args.grqo_epochs is None:

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from data import (Batch, DataError, ReplaceUnreadable, VisualInstructions, build_dataset,
                   collate, resolve_data_root, sample_prompts, split_files)
-from model import PRESETS, DINOR1, SetCriterion, checkpoint_config_differences, load_checkpoint
+from model import (PRESETS, DINOR1, HungarianMatcher, SetCriterion,
+                   checkpoint_config_differences, load_checkpoint)
 
 # Training defaults per model preset (any of them can be overridden on the command line).
 TRAIN_DEFAULTS = {
@@ -73,6 +74,9 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--skip-nonfinite", action="store_true",
                         help="skip (and count) a step whose loss is NaN or Inf instead of "
                              "stopping the run")
+    parser.add_argument("--match-cost", default="focal", choices=HungarianMatcher.CLASS_COSTS,
+                        help="class part of the Hungarian matching cost: focal (DINO-style) or "
+                             "binary_focal (the release's, METHOD section 4)")
     parser.add_argument("--eval-split", default="val", help="split evaluated at the end")
     parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     return parser
@@ -250,8 +254,8 @@ def restore(args, model: DINOR1, optimizer, scheduler, objective) -> tuple[int, 
 class SFTObjective:
     """L_SFT + L_contra (METHOD section 3). train_grqo.GRQOObjective extends it."""
 
-    def __init__(self):
-        self.criterion = SetCriterion()
+    def __init__(self, match_cost: str = "focal"):
+        self.criterion = SetCriterion(HungarianMatcher(class_cost=match_cost))
 
     def start_epoch(self, model: DINOR1, epoch: int) -> None:
         """Called before every epoch (GRQO refreshes its reference model here)."""
@@ -535,7 +539,7 @@ def final_evaluation(model: DINOR1, args, out: Path, device: torch.device) -> di
 
 def main(argv=None) -> DINOR1:
     args = finish_args(make_parser().parse_args(argv), "sft")
-    return train(args, SFTObjective())
+    return train(args, SFTObjective(args.match_cost))
 
 
 if __name__ == "__main__":

@@ -126,13 +126,94 @@ def test_pg_form_differentiates_only_into_objectness():
     torch.testing.assert_close(logits.grad, expected, atol=1e-6, rtol=1e-4)
 
 
+STD = 1.892969     # the unbiased std of REWARDS, worked out above
+
+
+@pytest.mark.parametrize("mute_fraction", [1 / 3, 0.0])
+def test_detached_stats_form_by_hand(mute_fraction):
+    # Same value as "paper": -0.01 * mean(m * A). Gradient: with the mean and std constant,
+    # dL/dr_i = -alpha * m_i / (Q * std), and r_i = -C_i,nearest, so each unmuted query's
+    # nearest entry gets +0.01 / (3 * 1.892969) = 0.0017609 (query 0: column 0, query 1:
+    # column 1, query 2: one of its tied columns); nothing else, muted queries included.
+    muted = mute_mask(3, mute_fraction)
+    cost = COST.clone().requires_grad_(True)
+    logits = LOGITS.clone().requires_grad_(True)
+    loss, _ = grqo_loss([cost], logits, LOGITS.clone(), beta=0.0, form="detached_stats",
+                        mute_fraction=mute_fraction)
+    assert loss.item() == pytest.approx((-0.01 * muted * ADVANTAGES).mean().item(), abs=1e-7)
+    loss.backward()
+    pull = 0.01 / (3 * STD)
+    assert cost.grad[0, 0].tolist() == pytest.approx([pull, 0.0], abs=1e-8)
+    assert cost.grad[0, 1].tolist() == pytest.approx([0.0, pull], abs=1e-8)
+    assert cost.grad[0, 2].sum().item() == pytest.approx(pull * muted[2].item(), abs=1e-8)
+    assert logits.grad is None or torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("mute_fraction", [1 / 3, 0.0])
+def test_advantage_pull_form_by_hand(mute_fraction):
+    # -0.01 * m * max(A, 0) * r, averaged over 3 queries; A_2 < 0, so query 2 adds nothing
+    # muted or not: -0.01 * (0.440225 * -1 + 0.704361 * -0.5) / 3 = 0.0026413533.
+    # Gradient: dL/dC_i,nearest = +0.01 * m_i * max(A_i, 0) / 3:
+    #   query 0, column 0: 0.0014674167; query 1, column 1: 0.0023478700; query 2: 0.
+    cost = COST.clone().requires_grad_(True)
+    logits = LOGITS.clone().requires_grad_(True)
+    loss, _ = grqo_loss([cost], logits, LOGITS.clone(), beta=0.0, form="advantage_pull",
+                        mute_fraction=mute_fraction)
+    assert loss.item() == pytest.approx(0.01 * (0.440225 + 0.704361 * 0.5) / 3, abs=1e-8)
+    loss.backward()
+    expected = torch.tensor([[[0.01 * 0.440225 / 3, 0.0], [0.0, 0.01 * 0.704361 / 3],
+                              [0.0, 0.0]]])
+    torch.testing.assert_close(cost.grad, expected, atol=1e-8, rtol=1e-5)
+    assert logits.grad is None or torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_unknown_form_is_refused():
+    with pytest.raises(ValueError):
+        grqo_loss([COST], LOGITS, REF_LOGITS, form="reinforce")
+
+
+def test_reward_statistic_is_the_mean_over_images_with_ground_truth():
+    # Image 0 is the worked example (r = [-1, -0.5, -4]); image 1 has no ground truth, and its
+    # zero rewards must not dilute the mean. Layer 2 doubles the cost (r = [-2, -1, -8]).
+    # Mean over layers, queries and image 0: (-5.5 - 11) / 6 = -2.75.
+    cost = torch.cat([COST, torch.full((1, 3, 2), 7.0)])                    # (2, 3, 2)
+    gt_mask = torch.tensor([[True, True], [False, False]])
+    logits = torch.zeros(2, 3)
+    _, stats = grqo_loss([cost, 2 * cost], logits, logits, gt_mask=gt_mask)
+    assert stats["reward"].item() == pytest.approx(-2.75, abs=1e-6)
+    _, stats = grqo_loss([cost], logits, logits, gt_mask=torch.zeros(2, 2, dtype=torch.bool))
+    assert stats["reward"].item() == 0.0                                    # no ground truth
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grqo_loss_does_not_synchronise_with_the_host():
+    device = torch.device("cuda")
+    costs = torch.rand(2, 3, 5, 4, device=device, requires_grad=True)
+    gt_mask = torch.tensor([[True, True, False, False], [False] * 4, [True] * 4], device=device)
+    logits, ref_logits = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for form in ("paper", "pg", "detached_stats", "advantage_pull"):
+            loss, stats = grqo_loss(costs, logits, ref_logits, gt_mask=gt_mask, form=form)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and torch.isfinite(stats["reward"])
+
+
 def test_grqo_py_alone_runs_in_an_empty_folder(tmp_path):
     shutil.copy(ROOT / "grqo.py", tmp_path / "grqo.py")
     # -I: no PYTHONPATH, no user site, not even the current folder; add only that folder.
+    # The worked example with alpha = 1, beta = 0: the last of 3 queries is muted, so the
+    # loss is -(A_1 + A_2 + 0) / 3 = -(0.440225 + 0.704361) / 3 (0 without the muting).
     script = ("import sys; sys.path.insert(0, '.'); import torch, grqo; "
-              "loss, stats = grqo.grqo_loss(torch.rand(2, 3, 5, 4), torch.randn(3, 5), "
-              "torch.randn(3, 5)); assert torch.isfinite(loss); print('ok')")
+              "cost = torch.tensor([[[1.0, 3.0], [2.0, 0.5], [4.0, 4.0]]]); "
+              "logits = torch.zeros(1, 3); "
+              "loss, stats = grqo.grqo_loss(cost, logits, logits, alpha=1.0, beta=0.0); "
+              "print(f'{loss.item():.6f} {stats[\"reward\"].item():.6f}')")
     result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    loss, reward = map(float, result.stdout.split())
+    assert loss == pytest.approx(-(0.440225 + 0.704361) / 3, abs=1e-5)
+    assert reward == pytest.approx(-5.5 / 3, abs=1e-5)

@@ -1,6 +1,8 @@
 """The detector (model.py): shapes, matcher invariants, losses, DN isolation, gradients,
 learning on a fixed batch, and the light objectness path."""
 
+import math
+
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -195,6 +197,62 @@ def test_pairwise_cost_is_differentiable_and_follows_method_1():
     giou = generalized_box_iou(box_convert(boxes[0, :1], "cxcywh", "xyxy"),
                                box_convert(targets[0].boxes, "cxcywh", "xyxy"))[0, 0]
     assert cost[0, 0, 0].item() == pytest.approx((2 * focal + 5 * l1 - 2 * giou).item(), abs=1e-5)
+
+
+# The class costs by hand: 2 queries x 3 prompts x 2 ground truths (prompts 0 and 2).
+# With alpha 0.25, gamma 2: pos(p) = 0.25 (1 - p)^2 (-ln p), neg(p) = 0.75 p^2 (-ln(1 - p)):
+#   p = 0.5:  pos 0.043322, neg 0.129965
+#   p = 0.25: pos 0.194948, neg 0.013485
+#   p = 0.75: pos 0.004495, neg 0.584843
+# query 0: p = [0.5, 0.25, 0.75], query 1: p = [0.75, 0.5, 0.25].
+# focal = pos - neg at j's prompt:
+#   q0: [0.043322 - 0.129965, 0.004495 - 0.584843] = [-0.086643, -0.580348]
+#   q1: [0.004495 - 0.584843, 0.194948 - 0.013485] = [-0.580348, 0.181463]
+# binary_focal = pos at j's prompt + neg at every other prompt:
+#   q0: [0.043322 + 0.013485 + 0.584843, 0.129965 + 0.013485 + 0.004495] = [0.641650, 0.147945]
+#   q1: [0.004495 + 0.129965 + 0.013485, 0.584843 + 0.129965 + 0.194948] = [0.147945, 0.909756]
+# prompt 1 padding: binary_focal drops neg at prompt 1 (q0: 0.013485, q1: 0.129965):
+#   q0: [0.628165, 0.134460], q1: [0.017980, 0.779791]; focal does not change.
+CLASS_LOGITS = torch.tensor([[[0.0, -math.log(3.0), math.log(3.0)],
+                              [math.log(3.0), 0.0, -math.log(3.0)]]])
+CLASS_TARGETS = [make_target([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]], [0, 2])]
+FOCAL_COST = torch.tensor([[[-0.086643, -0.580348], [-0.580348, 0.181463]]])
+BINARY_FOCAL_COST = torch.tensor([[[0.641650, 0.147945], [0.147945, 0.909756]]])
+BINARY_FOCAL_COST_PADDED = torch.tensor([[[0.628165, 0.134460], [0.017980, 0.779791]]])
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_class_costs_by_hand(padding):
+    boxes = torch.rand(1, 2, 4) * 0.2 + 0.4
+    prompt_mask = torch.tensor([[False, padding, False]])
+    class_only = dict(class_weight=1.0, l1_weight=0.0, giou_weight=0.0)
+    focal, _ = HungarianMatcher(**class_only, class_cost="focal").pairwise_cost(
+        CLASS_LOGITS, boxes, CLASS_TARGETS, prompt_mask)
+    torch.testing.assert_close(focal, FOCAL_COST, atol=2e-6, rtol=0)
+    logits = CLASS_LOGITS.clone().requires_grad_(True)
+    binary, gt_mask = HungarianMatcher(**class_only, class_cost="binary_focal").pairwise_cost(
+        logits, boxes, CLASS_TARGETS, prompt_mask)
+    expected = BINARY_FOCAL_COST_PADDED if padding else BINARY_FOCAL_COST
+    torch.testing.assert_close(binary, expected, atol=2e-6, rtol=0)
+    assert gt_mask.tolist() == [[True, True]]
+    binary.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[0, :, 1] == 0).all() if padding else (logits.grad != 0).all()
+
+
+def test_binary_focal_matching_passes_the_prompt_mask_through():
+    logits, boxes = random_predictions(batch=2, queries=6, prompts=4)
+    targets = random_targets([3, 2], prompts=3)
+    prompt_mask = torch.tensor([[False, False, False, True], [False, False, False, True]])
+    matcher = HungarianMatcher(class_cost="binary_focal")
+    cost, _ = matcher.pairwise_cost(logits, boxes, targets, prompt_mask)
+    for b, (rows, cols) in enumerate(matcher(logits, boxes, targets, prompt_mask)):
+        optimal_rows, optimal_cols = linear_sum_assignment(
+            cost[b, :, :len(targets[b].labels)].numpy())
+        assert torch.equal(rows, torch.as_tensor(optimal_rows))
+        assert torch.equal(cols, torch.as_tensor(optimal_cols))
+    with pytest.raises(ValueError):
+        HungarianMatcher(class_cost="softmax")
 
 
 def test_postprocess_scales_to_original_image():

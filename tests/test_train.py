@@ -155,10 +155,26 @@ def test_grqo_reference_fixed_within_an_epoch_refreshed_at_the_next(shapes):
     assert_same_weights(objective.reference.state_dict(), model.state_dict())
 
 
-def test_a_few_grqo_steps_have_finite_losses(shapes, tmp_path):
+def test_match_and_reward_costs_are_chosen_separately():
+    def costs(*argv):
+        objective = train_grqo.GRQOObjective(train_grqo.make_grqo_parser().parse_args(argv))
+        return objective.criterion.matcher.class_cost, objective.reward_matcher.class_cost
+    assert costs() == ("focal", "focal")                              # unchanged by default
+    assert costs("--match-cost", "binary_focal") == ("binary_focal", "binary_focal")
+    assert costs("--reward-cost", "binary_focal") == ("focal", "binary_focal")
+    assert costs("--match-cost", "binary_focal", "--reward-cost", "focal") == \
+        ("binary_focal", "focal")
+    sft_args = train_sft.make_parser().parse_args(["--match-cost", "binary_focal"])
+    sft = train_sft.SFTObjective(sft_args.match_cost)
+    assert sft.criterion.matcher.class_cost == "binary_focal"
+
+
+@pytest.mark.parametrize("extra", [[], ["--match-cost", "binary_focal",
+                                         "--grqo-form", "advantage_pull"]])
+def test_a_few_grqo_steps_have_finite_losses(shapes, tmp_path, extra):
     train_grqo.main(["--data", str(shapes), "--out", str(tmp_path / "grqo"), "--batch-size", "2",
                      "--sft-epochs", "0", "--grqo-epochs", "1", "--max-steps", "3",
-                     "--log-every", "1", "--no-eval"])
+                     "--log-every", "1", "--no-eval", *extra])
     lines = [json.loads(line) for line in (tmp_path / "grqo" / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
     for line in lines:
