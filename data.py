@@ -363,24 +363,33 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         index = range(len(self))[index]  # IndexError out of range, as iteration expects
-        image = self.load_image(index)
         boxes, labels = self.instances(index)
-        orig_size = torch.tensor([image.height, image.width])
-        if self.transforms is not None:
-            image, boxes, labels = self.transforms(image, boxes, labels)
-        if isinstance(image, Image.Image):
-            image = F.to_tensor(image)
-        image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
-        height, width = image.shape[-2:]
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        target = Target(
-            boxes=box_convert(boxes, "xyxy", "cxcywh") / scale,
-            labels=labels.clone(),  # not a view that would carry all instance_labels along
-            image_id=self.image_ids[index],
-            orig_size=orig_size,
-            size=torch.tensor([height, width]),
-        )
-        return image, target
+        return make_sample(self.load_image(index), boxes, labels, self.transforms,
+                           self.image_ids[index])
+
+
+def make_sample(image: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, transforms,
+                image_id: int) -> tuple[torch.Tensor, Target]:
+    """A picture and its boxes (M, 4) xyxy pixels -> a sample as the model sees it: the
+    transformed image (3, H, W) normalised with the ImageNet mean and std, and its Target
+    (boxes normalised cxcywh relative to the transformed image). Datasets and predict.py
+    both go through here, so a picture reaches the model the same way from either."""
+    orig_size = torch.tensor([image.height, image.width])
+    if transforms is not None:
+        image, boxes, labels = transforms(image, boxes, labels)
+    if isinstance(image, Image.Image):
+        image = F.to_tensor(image)
+    image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+    height, width = image.shape[-2:]
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    target = Target(
+        boxes=box_convert(boxes, "xyxy", "cxcywh") / scale,
+        labels=labels.clone(),  # not a view that would carry all instance_labels along
+        image_id=image_id,
+        orig_size=orig_size,
+        size=torch.tensor([height, width]),
+    )
+    return image, target
 
 
 def build_dataset(data: str, split: str, train: bool, image_size: int, max_size: int,

@@ -74,6 +74,23 @@ def generic_prototypes(model: DINOR1, support: CocoDetection, shots: int | None,
     return sums[present] / counts[present, None], present
 
 
+def save_prototypes(model: DINOR1, data: str, path: Path, shots: int | None, seed: int,
+                    device, support_split: str | None = None,
+                    novel: list[str] | None = None) -> None:
+    """Write the generic prototypes of a support split for predict.py --classes: a plain
+    dict {"prototypes": (C', d) float tensor, "names": C' class names}, loadable with
+    torch.load(weights_only=True), so the support set is encoded once."""
+    model.eval().to(device)
+    size = dict(image_size=model.config.image_size, max_size=model.config.max_size)
+    support = build_dataset(data, support_split or default_support_split(data), train=False,
+                            novel=novel, **size)
+    prototypes, classes = generic_prototypes(model, support, shots, seed, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"prototypes": prototypes.cpu(),
+                "names": [support.class_names[c] for c in classes]}, path)
+    print(f"{len(classes)} prototypes written to {path}")
+
+
 @torch.no_grad()
 def text_prompts(model: DINOR1, class_names: list[str]) -> tuple[torch.Tensor, list[int]]:
     """Every class name through the text encoder: (prompts (C, d), class indices)."""
@@ -326,6 +343,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--novel", help="comma-separated novel class names")
     parser.add_argument("--vis", help="write PNGs with predictions to this folder")
     parser.add_argument("--out", help="write the metrics as JSON here")
+    parser.add_argument("--save-prototypes", metavar="FILE",
+                        help="write the generic prototypes (for predict.py --classes) to FILE "
+                             "and stop, without evaluating")
     args = parser.parse_args(argv)
     checkpoint = load_checkpoint(args.ckpt)
     overrides = {"kernel": args.kernel} if args.kernel else {}
@@ -335,6 +355,13 @@ def main(argv=None) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     data = args.data or checkpoint["args"]["data"]
     novel = args.novel or checkpoint["args"].get("novel")
+    if args.save_prototypes:
+        try:
+            save_prototypes(model, data, Path(args.save_prototypes), args.shots, args.seed,
+                            device, args.support_split, novel.split(",") if novel else None)
+        except DataError as error:
+            raise SystemExit(f"cannot build prototypes from --data {data}: {error}") from error
+        return {}
     try:
         metrics = evaluate(model, data, split=args.split, prompt=args.prompt,
                            shots=args.shots, device=device, batch_size=args.batch_size,
