@@ -14,6 +14,8 @@ Prompt modes (METHOD.md section 1):
 Metrics: AP, AP50, AP75, APs, APm, APl over all classes, AP over base and over novel classes
 (COCOeval with params.catIds restricted), and AP per class. A metric that COCOeval cannot
 compute (no large objects in the split, no novel classes) is None and printed as "-".
+`duplicates` is the share of detections scoring >= 0.3 that repeat a higher-scored
+detection of the same prompt (IoU > 0.7).
 """
 
 import argparse
@@ -185,6 +187,22 @@ def to_coco_results(detections: list[Detections], image_ids: list[int],
     return results
 
 
+def duplicate_counts(found: Detections, score_threshold: float = 0.3,
+                     iou_threshold: float = 0.7) -> tuple[int, int]:
+    """(detections scoring >= score_threshold, those among them that overlap a
+    higher-scored detection of the same prompt with IoU > iou_threshold). A DETR-style
+    detector has no NMS: answering one object many times shows up here."""
+    from torchvision.ops import box_iou
+    keep = found.scores >= score_threshold
+    boxes, scores, labels = found.boxes[keep], found.scores[keep], found.labels[keep]
+    order = scores.argsort(descending=True)
+    boxes, labels = boxes[order], labels[order]
+    overlap = box_iou(boxes, boxes) > iou_threshold
+    same_prompt = labels[:, None] == labels[None, :]
+    earlier = torch.ones_like(overlap).tril(-1)       # [i, j] with j ranked above i
+    return len(boxes), int((overlap & same_prompt & earlier).any(1).sum())
+
+
 def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict:
     """COCOeval on bounding boxes: the six summary numbers over all classes, AP over base
     and over novel classes, and AP per class (by name). AP values are in [0, 1]."""
@@ -298,12 +316,15 @@ def evaluate(model: DINOR1, data: str, *, split: str = "val", prompt: str = "gen
     else:
         raise ValueError(f"unknown prompt mode {prompt!r}")
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    results, position = [], 0
+    results, position, confident, duplicates = [], 0, 0, 0
     for batch in tqdm(loader, desc=f"evaluate {split} ({prompt})"):
         batch = batch.to(device)
         found = detect_batch(batch)
         image_ids = [t.image_id for t in batch.targets]
         results += to_coco_results(found, image_ids, dataset.category_ids)
+        for detections in found:
+            counts = duplicate_counts(detections)
+            confident, duplicates = confident + counts[0], duplicates + counts[1]
         if vis_dir is not None:
             for b, detections in enumerate(found):
                 if position + b < num_vis:
@@ -312,6 +333,7 @@ def evaluate(model: DINOR1, data: str, *, split: str = "val", prompt: str = "gen
         position += len(batch.targets)
     metrics = coco_metrics(dataset, results)
     metrics.update(split=split, prompt=prompt, shots=shots, num_images=len(dataset),
+                   duplicates=duplicates / confident if confident else 0.0,
                    novel_class_names=[dataset.class_names[c] for c in dataset.novel_classes])
     return metrics
 

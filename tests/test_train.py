@@ -77,6 +77,18 @@ def test_evaluation_oracle_gives_ap_one(shapes):
     assert cells["APl"].strip() == "-" and cells["AP"].strip() == "100.0"
 
 
+def test_duplicate_counts_by_hand():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 9], [0, 0, 10, 10], [0, 0, 10, 9.5],
+                          [20, 20, 30, 30]], dtype=torch.float)
+    found = Detections(boxes, torch.tensor([0.9, 0.8, 0.7, 0.2, 0.5]),
+                       torch.tensor([0, 0, 1, 0, 0]))
+    # scoring >= 0.3: boxes 0, 1, 2, 4. Box 1 repeats box 0 (IoU 0.9, same prompt); box 2
+    # is box 0 for another prompt; box 3 scores too low; box 4 is elsewhere.
+    assert evaluate.duplicate_counts(found) == (4, 1)
+    assert evaluate.duplicate_counts(found, iou_threshold=0.95) == (4, 0)
+    assert evaluate.duplicate_counts(found, score_threshold=0.1) == (5, 2)
+
+
 def test_chunked_prompts_map_each_chunk_to_its_classes(shapes):
     """More classes than one prompt set holds (5 prompts, chunks of 2): each chunk is run
     on its own (queries are selected per chunk), its labels mapped to the classes of that

@@ -1,0 +1,214 @@
+"""Where does GRQO act without hacking its reward? A sweep of form, cost and weight on `dev`.
+
+    python benchmarks/grqo_sweep.py                                # the coarse sweep, seed 0
+    python benchmarks/grqo_sweep.py --settings sft_binary pull_binary_1 --seeds 1 2
+    python benchmarks/grqo_sweep.py --summary                      # the table of what finished
+
+Every setting is one run of the `tiny` preset on the shapes data, "1+5" epochs (train_sft.py
+for 6 epochs for the SFT baselines), evaluated on `dev` (never `val`: settings are chosen
+here). Runs go two at a time with one CPU thread each, in the order of SETTINGS (most
+informative first). A finished run (its metrics.json) is read back, not rerun, so the sweep
+resumes where it stopped; a run that diverges is recorded with the message it stopped with.
+
+Per run: AP, AP_base, AP_novel and `duplicates` (share of detections >= 0.3 repeating a
+higher-scored one of the same prompt, IoU > 0.7) from the final evaluation; the mean reward
+over the last epoch (a reward that runs away is the sign of hacking); the median seconds per
+step; and, for GRQO runs, the ratio of the advantage term's gradient norm to the supervised
+one on training batches of the final checkpoint (benchmarks/grqo_gradients.py). The table
+goes to OUT/summary.md and OUT/summary.json after every finished run.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def grqo(form: str, cost: str, alpha: float) -> tuple[str, list[str]]:
+    return ("train_grqo.py", ["--grqo-form", form, "--match-cost", cost, "--alpha", str(alpha)])
+
+
+# name -> (script, arguments). Binary focal settings match with the binary focal cost, so
+# their baseline is sft_binary; focal ones compare with sft_focal.
+SETTINGS = {
+    "sft_focal": ("train_sft.py", []),
+    "sft_binary": ("train_sft.py", ["--match-cost", "binary_focal"]),
+    "detached_binary_1": grqo("detached_stats", "binary_focal", 1),
+    "pull_binary_1": grqo("advantage_pull", "binary_focal", 1),
+    "pg_focal_10": grqo("pg", "focal", 10),
+    "paper_binary_1": grqo("paper", "binary_focal", 1),
+    "detached_binary_0.1": grqo("detached_stats", "binary_focal", 0.1),
+    "pull_binary_0.1": grqo("advantage_pull", "binary_focal", 0.1),
+    "detached_binary_10": grqo("detached_stats", "binary_focal", 10),
+    "pull_binary_10": grqo("advantage_pull", "binary_focal", 10),
+    "pg_focal_1": grqo("pg", "focal", 1),
+    "pg_focal_100": grqo("pg", "focal", 100),
+    "paper_binary_10": grqo("paper", "binary_focal", 10),
+    "paper_focal_10": grqo("paper", "focal", 10),
+}
+COLUMNS = ["AP", "AP_base", "AP_novel", "duplicates"]
+
+
+def run_folder(args, setting: str, seed: int) -> Path:
+    return Path(args.out) / f"{setting}_seed{seed}"
+
+
+def train_command(args, setting: str, seed: int) -> list[str]:
+    script, extra = SETTINGS[setting]
+    schedule = (["--epochs", str(args.epochs)] if script == "train_sft.py"
+                else ["--sft-epochs", "1", "--grqo-epochs", str(args.epochs - 1)])
+    return [sys.executable, str(ROOT / script), "--data", args.data, "--model", "tiny",
+            "--seed", str(seed), "--eval-split", args.split, "--device", "cpu",
+            "--out", str(run_folder(args, setting, seed)), *schedule, *extra]
+
+
+def gradient_command(args, setting: str, seed: int) -> list[str]:
+    folder = run_folder(args, setting, seed)
+    return [sys.executable, str(ROOT / "benchmarks" / "grqo_gradients.py"),
+            "--ckpt", str(folder / "last.pt"), "--batches", str(args.gradient_batches),
+            "--json", str(folder / "gradients.json")]
+
+
+def next_step(args, setting: str, seed: int) -> list[str] | None:
+    """The command this run still needs (training, then for GRQO the gradient ratio), or
+    None when it is finished or diverged."""
+    folder = run_folder(args, setting, seed)
+    if (folder / "diverged.txt").exists():
+        return None
+    if not (folder / "metrics.json").exists():
+        return train_command(args, setting, seed)
+    if SETTINGS[setting][0] == "train_grqo.py" and not (folder / "gradients.json").exists():
+        return gradient_command(args, setting, seed)
+    return None
+
+
+def run_all(args, jobs: list[tuple[str, int]]) -> None:
+    """Two (args.jobs) at a time, one thread each; each job runs its steps in turn."""
+    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            job = pending.pop(0)
+            command = next_step(args, *job)
+            if command is None:
+                continue
+            folder = run_folder(args, *job)
+            folder.mkdir(parents=True, exist_ok=True)
+            name = "stdout.txt" if "train" in Path(command[1]).name else "gradients.txt"
+            log = open(folder / name, "w")
+            print(f"start {job[0]} seed {job[1]}: {Path(command[1]).name}", flush=True)
+            running.append((job, log, subprocess.Popen(command, stdout=log,
+                                                       stderr=subprocess.STDOUT, cwd=ROOT,
+                                                       env=environment)))
+        time.sleep(5)
+        for item in list(running):
+            job, log, process = item
+            if process.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            folder = run_folder(args, *job)
+            if process.returncode != 0:
+                reason = failure_reason(Path(log.name))
+                if Path(log.name).name == "stdout.txt":
+                    (folder / "diverged.txt").write_text(reason + "\n")
+                print(f"stop  {job[0]} seed {job[1]}: {reason}", flush=True)
+            else:
+                print(f"done  {job[0]} seed {job[1]}", flush=True)
+                pending.insert(0, job)            # its next step, if any, goes first
+            write_summary(args)
+
+
+def failure_reason(log_file: Path) -> str:
+    """The line a run stopped with (e.g. "non-finite loss at step 812: ...")."""
+    lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    named = [line for line in lines if "non-finite loss" in line or "Error" in line]
+    return (named or lines or ["no output"])[-1][:300]
+
+
+def last_epoch_reward(folder: Path) -> float | None:
+    lines = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    last = max(line["epoch"] for line in lines)
+    rewards = [line["grqo_reward"] for line in lines if line["epoch"] == last
+               and "grqo_reward" in line]
+    return statistics.mean(rewards) if rewards else None
+
+
+def median_step_seconds(folder: Path) -> float:
+    lines = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    grqo_lines = [line for line in lines if "grqo" in line]
+    return statistics.median(line["step_seconds"] for line in (grqo_lines or lines))
+
+
+def collect(args) -> list[dict]:
+    rows = []
+    for seed in args.seeds:
+        for setting in args.settings:
+            folder = run_folder(args, setting, seed)
+            row = {"setting": setting, "seed": seed, "status": "not run"}
+            if (folder / "diverged.txt").exists():
+                row["status"] = "diverged: " + (folder / "diverged.txt").read_text().strip()
+            elif (folder / "metrics.json").exists():
+                metrics = json.loads((folder / "metrics.json").read_text())
+                row.update({name: metrics.get(name) for name in COLUMNS}, status="done",
+                           reward=last_epoch_reward(folder),
+                           step_seconds=median_step_seconds(folder))
+                if (folder / "gradients.json").exists():
+                    medians = json.loads((folder / "gradients.json").read_text())["medians"]
+                    row["gradient_ratio"] = medians["ratio"]
+            rows.append(row)
+    return rows
+
+
+def write_summary(args) -> str:
+    def cell(value, scale=1.0, digits=1):
+        return "-" if value is None else f"{scale * value:.{digits}f}"
+
+    rows = collect(args)
+    lines = [f"split {args.split}, \"1+{args.epochs - 1}\" epochs (SFT: {args.epochs}); AP in "
+             f"points; duplicates in % of detections >= 0.3; reward = mean over the last "
+             f"epoch; ratio = |grad advantage term| / |grad supervised|",
+             "",
+             "| setting | seed | AP | AP_base | AP_novel | duplicates | reward | ratio | "
+             "s/step | status |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['setting']} | {row['seed']} | {cell(row.get('AP'), 100)} | "
+            f"{cell(row.get('AP_base'), 100)} | {cell(row.get('AP_novel'), 100)} | "
+            f"{cell(row.get('duplicates'), 100)} | {cell(row.get('reward'), 1, 2)} | "
+            f"{cell(row.get('gradient_ratio'), 1, 4)} | {cell(row.get('step_seconds'), 1, 3)} "
+            f"| {row['status']} |")
+    table = "\n".join(lines)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "summary.md").write_text(table + "\n")
+    Path(args.out, "summary.json").write_text(json.dumps(rows, indent=2))
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--data", default="shapes")
+    parser.add_argument("--split", default="dev", help="dev: settings are chosen on it")
+    parser.add_argument("--epochs", type=int, default=6, help="E: SFT E, GRQO 1 + (E - 1)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    parser.add_argument("--gradient-batches", type=int, default=4)
+    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--summary", action="store_true", help="only print the table")
+    args = parser.parse_args(argv)
+    if not args.summary:
+        run_all(args, [(setting, seed) for seed in args.seeds for setting in args.settings])
+    print(write_summary(args))
+
+
+if __name__ == "__main__":
+    main()
