@@ -28,6 +28,7 @@ import io
 import json
 import math
 import multiprocessing
+import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -238,17 +239,22 @@ def read_rgb_image(path: Path) -> Image.Image:
         raise DataError(f"cannot read image file {path}: {error}") from error
 
 
+_PIL_GUARD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _without_pil_pixel_guard():
     """PIL's decompression-bomb guard (89.5 megapixels) off while one file is opened,
-    because read_rgb_image applies MAX_IMAGE_PIXELS instead; restored afterwards, so that
-    this module changes no global state of the process."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    because read_rgb_image applies MAX_IMAGE_PIXELS instead; restored afterwards (under a
+    lock, so that threads reading images cannot leave it off), so that this module leaves
+    PIL's setting as it found it."""
+    with _PIL_GUARD_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -583,7 +589,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# Prompt sampling (METHOD 2.5)
+# Prompt sampling: visual instructions for training (METHOD 2.5), exemplars for evaluation
 # ----------------------------------------------------------------------------------------
 
 

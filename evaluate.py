@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Subset
+from torchvision.ops import box_iou, nms
+from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
@@ -76,21 +78,15 @@ def generic_prototypes(model: DINOR1, support: CocoDetection, shots: int | None,
     return sums[present] / counts[present, None], present
 
 
-def save_prototypes(model: DINOR1, data: str, path: Path, shots: int | None, seed: int,
-                    device, support_split: str | None = None,
-                    novel: list[str] | None = None) -> None:
-    """Write the generic prototypes of a support split for predict.py --classes: a plain
-    dict {"prototypes": (C', d) float tensor, "names": C' class names}, loadable with
-    torch.load(weights_only=True), so the support set is encoded once."""
-    model.eval().to(device)
-    size = dict(image_size=model.config.image_size, max_size=model.config.max_size)
-    support = build_dataset(data, support_split or default_support_split(data), train=False,
-                            novel=novel, **size)
-    prototypes, classes = generic_prototypes(model, support, shots, seed, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"prototypes": prototypes.cpu(),
-                "names": [support.class_names[c] for c in classes]}, path)
-    print(f"{len(classes)} prototypes written to {path}")
+def default_support_split(data: str) -> str:
+    """`support` where the data has that split (the shapes data does), else `train`."""
+    try:
+        split_files(resolve_data_root(data), "support")
+        return "support"
+    except DataError:
+        print(f"no 'support' split in {data}: generic prompts take their exemplars from "
+              f"'train'")
+        return "train"
 
 
 @torch.no_grad()
@@ -100,7 +96,7 @@ def text_prompts(model: DINOR1, class_names: list[str]) -> tuple[torch.Tensor, l
 
 
 @torch.no_grad()
-def detect(model: DINOR1, batch, prompts: torch.Tensor, prompt_classes: list[int],
+def detect(model: DINOR1, batch: Batch, prompts: torch.Tensor, prompt_classes: list[int],
            chunk_size: int, top_k: int = 300) -> list[Detections]:
     """Run shared prompts (C, d) over a batch, `chunk_size` prompts at a time (LVIS has 1,203
     classes), merge the chunks and keep each image's top_k. Labels become class indices."""
@@ -118,6 +114,7 @@ def detect(model: DINOR1, batch, prompts: torch.Tensor, prompt_classes: list[int
 
 
 def keep_top(parts: list[Detections], top_k: int) -> Detections:
+    """The top_k detections of several parts (one image's chunks), by score."""
     boxes = torch.cat([p.boxes for p in parts])
     scores = torch.cat([p.scores for p in parts])
     labels = torch.cat([p.labels for p in parts])
@@ -125,7 +122,8 @@ def keep_top(parts: list[Detections], top_k: int) -> Detections:
     return Detections(boxes[order], scores[order], labels[order])
 
 
-def original_sizes(batch) -> torch.Tensor:
+def original_sizes(batch: Batch) -> torch.Tensor:
+    """(B, 2) (height, width) of the image files, where boxes are reported."""
     return torch.stack([t.orig_size for t in batch.targets]).to(batch.images.device)
 
 
@@ -159,6 +157,8 @@ def interactive_prompts(model: DINOR1, batch: Batch) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def detect_interactive(model: DINOR1, batch: Batch, top_k: int = 300) -> list[Detections]:
+    """Each image with its own prompts; labels become class indices (padding prompts, which
+    score exactly 0, are dropped)."""
     prompts, prompt_mask, classes = interactive_prompts(model, batch)
     output = model(batch.images, batch.mask, prompts=prompts, prompt_mask=prompt_mask)
     found = postprocess(output.logits[-1], output.boxes[-1], original_sizes(batch), top_k)
@@ -192,7 +192,6 @@ def duplicate_counts(found: Detections, score_threshold: float = 0.3,
     """(detections scoring >= score_threshold, those among them that overlap a
     higher-scored detection of the same prompt with IoU > iou_threshold). A DETR-style
     detector has no NMS: answering one object many times shows up here."""
-    from torchvision.ops import box_iou
     keep = found.scores >= score_threshold
     boxes, scores, labels = found.boxes[keep], found.scores[keep], found.labels[keep]
     order = scores.argsort(descending=True)
@@ -206,8 +205,12 @@ def duplicate_counts(found: Detections, score_threshold: float = 0.3,
 def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict:
     """COCOeval on bounding boxes: the six summary numbers over all classes, AP over base
     and over novel classes, and AP per class (by name). AP values are in [0, 1]."""
-    metrics = {name: 0.0 for name in SUMMARY_NAMES}
-    metrics.update(AP_base=0.0, AP_novel=0.0, AP50_base=0.0, AP50_novel=0.0, per_class={},
+    metrics = {name: 0.0 for name in SUMMARY_NAMES}          # what no detection scores
+    for subset, classes in (("base", dataset.base_classes), ("novel", dataset.novel_classes)):
+        metrics[f"AP_{subset}"] = metrics[f"AP50_{subset}"] = 0.0 if classes else None
+    present = set(dataset.instance_labels.tolist())
+    metrics.update(per_class={name: 0.0 if k in present else None
+                              for k, name in enumerate(dataset.class_names)},
                    num_detections=len(results))
     if not results:
         return metrics
@@ -269,9 +272,6 @@ def draw_predictions(dataset: CocoDetection, index: int, found: Detections, path
     """The original image with predicted boxes, class names and scores above `threshold`;
     one label per box (the best-scoring class of a query), and small images enlarged, so
     that the labels can be read."""
-    from torchvision.ops import nms
-    from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
-
     image = pil_to_tensor(dataset.load_image(index))
     zoom = max(1.0, min_side / min(image.shape[-2:]))
     image = resize(image, [round(image.shape[-2] * zoom), round(image.shape[-1] * zoom)])
@@ -338,15 +338,21 @@ def evaluate(model: DINOR1, data: str, *, split: str = "val", prompt: str = "gen
     return metrics
 
 
-def default_support_split(data: str) -> str:
-    """`support` where the data has that split (the shapes data does), else `train`."""
-    try:
-        split_files(resolve_data_root(data), "support")
-        return "support"
-    except DataError:
-        print(f"no 'support' split in {data}: generic prompts take their exemplars from "
-              f"'train'")
-        return "train"
+def save_prototypes(model: DINOR1, data: str, path: Path, shots: int | None, seed: int,
+                    device, support_split: str | None = None,
+                    novel: list[str] | None = None) -> None:
+    """Write the generic prototypes of a support split for predict.py --classes: a plain
+    dict {"prototypes": (C', d) float tensor, "names": C' class names}, loadable with
+    torch.load(weights_only=True), so the support set is encoded once."""
+    model.eval().to(device)
+    size = dict(image_size=model.config.image_size, max_size=model.config.max_size)
+    support = build_dataset(data, support_split or default_support_split(data), train=False,
+                            novel=novel, **size)
+    prototypes, classes = generic_prototypes(model, support, shots, seed, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"prototypes": prototypes.cpu(),
+                "names": [support.class_names[c] for c in classes]}, path)
+    print(f"{len(classes)} prototypes written to {path}")
 
 
 def main(argv=None) -> dict:

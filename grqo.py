@@ -60,6 +60,7 @@ cost of every prediction against every ground truth, and gt_mask (B, M)):
         cost, gt_mask = matcher.pairwise_cost(logits, boxes, targets, prompt_mask)
         costs.append(cost)
     with torch.no_grad():
+        # your reference model's objectness logits at the tokens the policy selected
         ref_logits = reference_model.objectness(images, selected_token_indices)
     loss_grqo, stats = grqo_loss(costs, objectness_logits, ref_logits, gt_mask=gt_mask)
     loss = loss_sft + loss_grqo
@@ -173,7 +174,8 @@ def grqo_loss(costs, objectness_logits: Tensor, ref_objectness_logits: Tensor, *
         if form in ("paper", "detached_stats"):
             per_query = -alpha * muted * advantages
         elif form == "pg":
-            per_query = -alpha * muted * advantages.detach() * F.logsigmoid(objectness_logits.float())
+            log_objectness = F.logsigmoid(objectness_logits.float())
+            per_query = -alpha * muted * advantages.detach() * log_objectness
         else:                                                           # "advantage_pull"
             per_query = -alpha * muted * advantages.detach().clamp(min=0) * rewards
         policy_term = policy_term + per_query.mean()

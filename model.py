@@ -154,6 +154,21 @@ def sine_encoding(coords: Tensor, num_features: int, temperature: float = 10000.
     return encoded.flatten(-3)
 
 
+def pad_targets(targets: list["Target"], device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image targets -> labels (B, M) long, boxes (B, M, 4) cxcywh, gt_mask (B, M) with
+    True = a real ground truth (M = the most any image has). Padding slots hold label 0 and
+    the box (0.5, 0.5, 0.5, 0.5), harmless dummies that keep costs finite; every user masks
+    them."""
+    max_gt = max((len(t.labels) for t in targets), default=0)
+    labels = torch.zeros(len(targets), max_gt, dtype=torch.long, device=device)
+    boxes = torch.full((len(targets), max_gt, 4), 0.5, device=device)
+    gt_mask = torch.zeros(len(targets), max_gt, dtype=torch.bool, device=device)
+    for b, target in enumerate(targets):
+        count = len(target.labels)
+        labels[b, :count], boxes[b, :count], gt_mask[b, :count] = target.labels, target.boxes, True
+    return labels, boxes, gt_mask
+
+
 class MLP(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
         super().__init__()
@@ -642,21 +657,6 @@ class Decoder(nn.Module):
 # matching queries and must be recovered without matching; an attention mask keeps them from
 # leaking into the matching queries.
 
-def pad_targets(targets: list["Target"], device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-image targets -> labels (B, M) long, boxes (B, M, 4) cxcywh, gt_mask (B, M) with
-    True = a real ground truth (M = the most any image has). Padding slots hold label 0 and
-    the box (0.5, 0.5, 0.5, 0.5), harmless dummies that keep costs finite; every user masks
-    them."""
-    max_gt = max((len(t.labels) for t in targets), default=0)
-    labels = torch.zeros(len(targets), max_gt, dtype=torch.long, device=device)
-    boxes = torch.full((len(targets), max_gt, 4), 0.5, device=device)
-    gt_mask = torch.zeros(len(targets), max_gt, dtype=torch.bool, device=device)
-    for b, target in enumerate(targets):
-        count = len(target.labels)
-        labels[b, :count], boxes[b, :count], gt_mask[b, :count] = target.labels, target.boxes, True
-    return labels, boxes, gt_mask
-
-
 @dataclass
 class DenoisingTargets:
     """Where the denoising (DN) queries sit and what they must recover (METHOD 2.10)."""
@@ -823,6 +823,9 @@ class DINOR1(nn.Module):
         (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g. generic prototypes or text) or
         as `instructions` (training: exemplar boxes of this batch, one per class becomes the
         prompt of every image)."""
+        if (prompts is None) == (instructions is None):
+            raise ValueError("give the detector either prompts (B, K, d) or visual "
+                             "instructions, exactly one of them")
         features = self.backbone(images, mask)
         exemplars = None
         if instructions is not None:

@@ -47,10 +47,11 @@ class GRQOObjective(SFTObjective):
             self.reference = frozen_copy(model)
             self.reference.load_state_dict(state["reference"])
 
-    def __call__(self, model, batch, instructions, targets, num_boxes):
+    def __call__(self, network, batch, instructions, targets, num_boxes):
         if self.reference is None:
-            return super().__call__(model, batch, instructions, targets, num_boxes)
-        output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+            return super().__call__(network, batch, instructions, targets, num_boxes)
+        output = network(batch.images, batch.mask, instructions=instructions,
+                         dn_targets=targets)
         terms = self.criterion(output, targets, num_boxes)
         with torch.no_grad():
             reference_logits = self.reference.objectness(

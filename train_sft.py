@@ -266,10 +266,12 @@ class SFTObjective:
     def load_state_dict(self, state: dict, model: DINOR1) -> None:
         pass
 
-    def __call__(self, model, batch: Batch, instructions: VisualInstructions, targets: list,
+    def __call__(self, network, batch: Batch, instructions: VisualInstructions, targets: list,
                  num_boxes: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns the loss to minimise and named terms for logging."""
-        output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+        """Returns the loss to minimise and named terms for logging. `network` is the
+        detector, or its DDP wrapper under torchrun."""
+        output = network(batch.images, batch.mask, instructions=instructions,
+                         dn_targets=targets)
         terms = self.criterion(output, targets, num_boxes)
         return terms["sft"], terms
 
@@ -352,7 +354,16 @@ def log_step(run: Run, bar: tqdm, epoch: int, terms: dict, seconds: float) -> No
     run.log.flush()
 
 
-# ----------------------------------------------------------------------------- reproducibility
+def resident_memory_mb() -> float:
+    """This process's resident set size (Linux; 0 where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return 0.0
+
+
+# ----------------------------------------------------------------------------- reproducible data
 # Every random draw of a step is seeded from (seed, epoch, sample or batch index, rank):
 # a sample's augmentation (SeededSamples), the visual instructions (mix_generator) and the
 # denoising noise (torch's global RNG, seeded at the top of each step). So `--resume`
@@ -453,7 +464,7 @@ class EpochFaults:
         replaced = run.samples.num_replaced - self.replaced_before
         if replaced:
             print(f"epoch {epoch}: {replaced} unreadable images were replaced by others "
-                  f"(see the warnings above)")
+                  f"(in this process; see the warnings above)")
         if self.skipped:
             print(f"epoch {epoch}: {self.skipped} steps skipped for a non-finite loss")
         if self.without_boxes:
@@ -513,23 +524,19 @@ def truncate_log(log_file: Path, step: int) -> None:
         os.replace(temporary, log_file)
 
 
-def resident_memory_mb() -> float:
-    """This process's resident set size (Linux; 0 where /proc is absent)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-    except OSError:
-        return 0.0
-
-
 # ----------------------------------------------------------------------------- the end
 
 def final_evaluation(model: DINOR1, args, out: Path, device: torch.device) -> dict:
     """Generic-prompt evaluation on the evaluation split; metrics.json and prediction PNGs."""
     import evaluate
-    metrics = evaluate.evaluate(model, args.data, split=args.eval_split, prompt="generic",
-                                device=device, vis_dir=out / "predictions",
-                                novel=args.novel.split(",") if args.novel else None)
+    try:
+        metrics = evaluate.evaluate(model, args.data, split=args.eval_split, prompt="generic",
+                                    device=device, vis_dir=out / "predictions",
+                                    novel=args.novel.split(",") if args.novel else None)
+    except DataError as error:          # the checkpoint is safe; say how to evaluate it later
+        print(f"the final evaluation failed: {error}; the trained model is in "
+              f"{out / 'last.pt'}: python evaluate.py --ckpt {out / 'last.pt'}")
+        return {}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(evaluate.format_per_class(metrics))
     print(evaluate.format_table(metrics))

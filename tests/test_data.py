@@ -479,9 +479,13 @@ def test_sample_exemplars(tmp_path):
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(two[0], again[0]))
 
 
-def test_target_to_device():
-    target = make_target([1, 2]).to("cpu")
-    assert target.labels.tolist() == [1, 2] and target.size.dtype == torch.long
+def test_target_and_batch_move_every_tensor():
+    target = make_target([1, 2]).to("meta")
+    assert all(t.device.type == "meta"
+               for t in (target.boxes, target.labels, target.orig_size, target.size))
+    batch = make_batch([make_target([1]), make_target([2, 3])]).to("meta")
+    assert batch.images.device.type == batch.mask.device.type == "meta"
+    assert all(t.boxes.device.type == t.labels.device.type == "meta" for t in batch.targets)
 
 
 def test_coco_object_is_pycocotools(shapes_root):

@@ -93,16 +93,29 @@ def test_zero_variance_and_no_ground_truth_give_zeros_and_finite_gradients():
 def test_muting_drops_exactly_the_lowest_ranked_queries():
     assert mute_mask(900, 1 / 3).tolist() == [1.0] * 600 + [0.0] * 300
     assert mute_mask(6, 0.0).tolist() == [1.0] * 6
-    cost = torch.rand(2, 6, 3, requires_grad=True)
-    loss, _ = grqo_loss([cost], torch.zeros(2, 6), torch.zeros(2, 6), mute_fraction=1 / 3, beta=0.0)
-    loss.backward()
-    # Only queries 0-3 carry the advantage term directly; the muted ones (4, 5) still get
-    # gradient through the group mean and std. So check through the per-query term instead:
-    rewards, has_gt = query_rewards(cost.detach())
-    advantages = group_advantages(rewards, has_gt)
-    per_query = -0.01 * mute_mask(6, 1 / 3) * advantages
-    assert torch.equal(per_query[:, 4:], torch.zeros(2, 2))
-    assert (per_query[:, :4] != 0).all()
+    cost = torch.rand(2, 6, 3, generator=torch.Generator().manual_seed(0))
+    rewards = -cost.min(2).values
+    advantages = (rewards - rewards.mean(1, keepdim=True)) / rewards.std(1, keepdim=True)
+    unmuted = torch.tensor([1.0] * 4 + [0.0] * 2)                    # written out
+    loss, _ = grqo_loss([cost], torch.zeros(2, 6), torch.zeros(2, 6), beta=0.0)
+    assert loss.item() == pytest.approx(-(0.01 * unmuted * advantages).mean().item(), abs=1e-7)
+    # With the statistics detached, only the unmuted queries' costs get gradient; with the
+    # policy-gradient form, only the unmuted queries' objectness logits.
+    for form, tensor in (("detached_stats", "cost"), ("pg", "logits")):
+        leaves = {"cost": cost.clone().requires_grad_(), "logits": torch.zeros(2, 6).requires_grad_()}
+        loss, _ = grqo_loss([leaves["cost"]], leaves["logits"], torch.zeros(2, 6), beta=0.0,
+                            form=form)
+        loss.backward()
+        grad = leaves[tensor].grad.reshape(2, 6, -1)
+        assert (grad[:, 4:] == 0).all() and (grad[:, :4] != 0).any(-1).all(), form
+
+
+def test_kl_term_is_counted_once_whatever_the_number_of_layers():
+    loss, stats = grqo_loss([COST, 2 * COST, 3 * COST], LOGITS, REF_LOGITS, alpha=0.0,
+                            beta=0.24)
+    assert loss.item() == pytest.approx(0.24 * KL.mean().item(), abs=1e-6)
+    assert stats["kl_term"].item() == pytest.approx(loss.item())
+    assert stats["policy_term"].item() == 0.0
 
 
 def test_paper_form_differentiates_through_the_cost_not_objectness():
@@ -112,6 +125,12 @@ def test_paper_form_differentiates_through_the_cost_not_objectness():
     loss.backward()
     assert cost.grad is not None and cost.grad.abs().sum() > 0
     assert logits.grad is None or torch.equal(logits.grad, torch.zeros_like(logits))
+    # Differentiated through the group's mean and std, a term over the whole group (nothing
+    # muted) sums to zero for any cost: no gradient at all (detaching them would give some).
+    cost = COST.clone().requires_grad_(True)
+    loss, _ = grqo_loss([cost], LOGITS, LOGITS, beta=0.0, mute_fraction=0.0, form="paper")
+    loss.backward()
+    assert cost.grad.abs().max() < 1e-9
 
 
 def test_pg_form_differentiates_only_into_objectness():

@@ -8,8 +8,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from data import Target, VisualInstructions, collate
-from model import (DetectorOutput, HungarianMatcher, SetCriterion,
-                   build_model, postprocess)
+from model import (DetectorOutput, HungarianMatcher, SetCriterion, build_denoising_queries,
+                   build_model, denoising_loss, postprocess)
 
 
 def make_target(boxes, labels, size=(96, 128)):
@@ -57,6 +57,17 @@ def test_tiny_forward_shapes(tiny):
     assert out.dn_logits.shape[2] == 36 and out.dn_targets.num_groups == 6
     dn = out.dn_targets
     assert (dn.positive & dn.valid).sum() == 6 * 4 and dn.valid.sum() == 6 * 2 * 4
+    # Padding slots (image 1 has 1 of 3) get no loss; negatives get no box loss.
+    logits = out.dn_logits[-1].detach().requires_grad_()
+    boxes = out.dn_boxes[-1].detach().requires_grad_()
+    denoising_loss(SetCriterion(), logits, boxes, dn, out.prompt_mask, 4.0).backward()
+    assert (logits.grad[~dn.valid] == 0).all() and (logits.grad[dn.valid] != 0).any()
+    assert (boxes.grad[~(dn.positive & dn.valid)] == 0).all()
+    # DN groups see neither each other nor are seen by the matching queries.
+    queries = build_denoising_queries(targets, torch.randn(2, 2, 64), 100, tiny.config)
+    group = torch.arange(36) // 6
+    assert torch.equal(queries.attn_mask[:36, :36], group[:, None] != group[None, :])
+    assert queries.attn_mask[36:, :36].all() and not queries.attn_mask[:, 36:].any()
 
 
 @pytest.mark.parametrize("num_levels, strides", [(1, [32]), (3, [8, 16, 32]),
@@ -262,6 +273,13 @@ def test_postprocess_scales_to_original_image():
     found = postprocess(logits, boxes, torch.tensor([[200, 100]]), top_k=1)[0]
     torch.testing.assert_close(found.boxes, torch.tensor([[25.0, 0.0, 75.0, 200.0]]))
     assert found.labels.tolist() == [0]
+    # 3 queries x 2 prompts: the flat top-k index must split as (query, prompt) = (i // K, i % K)
+    logits = torch.full((1, 3, 2), -10.0)
+    logits[0, 2, 0], logits[0, 0, 1] = 10.0, 9.0
+    boxes = torch.tensor([[[0.1, 0.1, 0.1, 0.1], [0.5, 0.5, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]]])
+    found = postprocess(logits, boxes, torch.tensor([[100, 100]]), top_k=2)[0]
+    assert found.labels.tolist() == [0, 1]
+    torch.testing.assert_close(found.boxes[:, 0], torch.tensor([75.0, 5.0]))
 
 
 # ----------------------------------------------------------------------------- scales

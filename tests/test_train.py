@@ -70,6 +70,15 @@ def test_evaluation_oracle_gives_ap_one(shapes):
     assert metrics["AP"] == pytest.approx(1.0)
     assert metrics["AP50"] == pytest.approx(1.0)
     assert metrics["AP_novel"] == pytest.approx(1.0) and metrics["AP_base"] == pytest.approx(1.0)
+    # Without the novel classes' detections: base AP stays 1, novel AP and theirs drop to 0.
+    novel = set(dataset.novel_classes)
+    novel_ids = {dataset.category_ids[c] for c in novel}
+    metrics_base = evaluate.coco_metrics(
+        dataset, [r for r in results if r["category_id"] not in novel_ids])
+    assert metrics_base["AP_base"] == pytest.approx(1.0) and metrics_base["AP_novel"] == 0.0
+    for k, name in enumerate(dataset.class_names):
+        if metrics_base["per_class"][name] is not None:
+            assert metrics_base["per_class"][name] == pytest.approx(0.0 if k in novel else 1.0)
     # No object in these 128-px pictures is large: COCOeval says -1, we say None and "-".
     assert metrics["APl"] is None and metrics["APs"] == pytest.approx(1.0)
     header, _, values = evaluate.format_table(metrics).splitlines()
@@ -165,6 +174,34 @@ def test_grqo_reference_fixed_within_an_epoch_refreshed_at_the_next(shapes):
     assert_same_weights(frozen, reference.state_dict())
     objective.start_epoch(model, 2)                       # the next epoch: a fresh copy
     assert_same_weights(objective.reference.state_dict(), model.state_dict())
+
+
+def test_grqo_objective_adds_its_term_with_the_reward_cost(shapes, monkeypatch):
+    """The GRQO loss reaches the optimiser (L_all = L_SFT + L_contra + L_GRQO) and its
+    rewards come from the --reward-cost matcher, one cost per decoder layer."""
+    from data import collate, sample_prompts
+    from model import HungarianMatcher
+    torch.manual_seed(0)
+    model = build_model("tiny", kernel="torch").train()
+    dataset = build_dataset(str(shapes), "train", train=False, image_size=128, max_size=171)
+    batch = collate([dataset[0], dataset[1]])
+    instructions, targets = sample_prompts(batch, dataset.class_names,
+                                           torch.Generator().manual_seed(0))
+    argv = ["--sft-epochs", "0", "--reward-cost", "binary_focal", "--alpha", "1"]
+    objective = train_grqo.GRQOObjective(train_grqo.make_grqo_parser().parse_args(argv))
+    objective.start_epoch(model, 0)
+    calls = []
+    reward_cost = HungarianMatcher.pairwise_cost
+
+    def counted(matcher, *args, **kwargs):
+        calls.append(matcher.class_cost)
+        return reward_cost(matcher, *args, **kwargs)
+
+    monkeypatch.setattr(HungarianMatcher, "pairwise_cost", counted)
+    loss, terms = objective(model, batch, instructions, targets, 4.0)
+    assert calls.count("binary_focal") == model.config.num_decoder_layers
+    assert terms["grqo"].abs() > 0
+    torch.testing.assert_close(loss, terms["sft"] + terms["grqo"])
 
 
 def test_match_and_reward_costs_are_chosen_separately():
