@@ -7,8 +7,9 @@
 Every setting is one run of the `tiny` preset on the shapes data, "1+5" epochs (train_sft.py
 for 6 epochs for the SFT baselines), evaluated on `dev` (never `val`: settings are chosen
 here). Runs go two at a time with one CPU thread each, in the order of SETTINGS (most
-informative first). A finished run (its metrics.json) is read back, not rerun, so the sweep
-resumes where it stopped; a run that diverges is recorded with the message it stopped with.
+informative first). A finished run (its metrics.json) is read back, not rerun, and a run
+cut off continues from its last checkpoint (--resume), so the sweep resumes where it
+stopped; a run that diverges is recorded with the message it stopped with.
 
 Per run: AP, AP_base, AP_novel and `duplicates` (share of detections >= 0.3 repeating a
 higher-scored one of the same prompt, IoU > 0.7) from the final evaluation; the mean reward
@@ -63,9 +64,12 @@ def train_command(args, setting: str, seed: int) -> list[str]:
     script, extra = SETTINGS[setting]
     schedule = (["--epochs", str(args.epochs)] if script == "train_sft.py"
                 else ["--sft-epochs", "1", "--grqo-epochs", str(args.epochs - 1)])
+    folder = run_folder(args, setting, seed)
+    # A run cut off (a session's end, a crash) continues from its last checkpoint, exactly.
+    resume = ["--resume", str(folder / "last.pt")] if (folder / "last.pt").exists() else []
     return [sys.executable, str(ROOT / script), "--data", args.data, "--model", "tiny",
             "--seed", str(seed), "--eval-split", args.split, "--device", "cpu",
-            "--out", str(run_folder(args, setting, seed)), *schedule, *extra]
+            "--out", str(folder), *schedule, *extra, *resume]
 
 
 def gradient_command(args, setting: str, seed: int) -> list[str]:
