@@ -16,7 +16,9 @@ higher-scored one of the same prompt, IoU > 0.7) from the final evaluation; the 
 over the last epoch (a reward that runs away is the sign of hacking); the median seconds per
 step; and, for GRQO runs, the ratio of the advantage term's gradient norm to the supervised
 one on training batches of the final checkpoint (benchmarks/grqo_gradients.py). The table
-goes to OUT/summary.md and OUT/summary.json after every finished run.
+goes to OUT/summary.md and OUT/summary.json after every finished run. OUT is kept in git
+(checkpoints, pictures and stdout excepted), so that a finished run is read back in a later
+session: commit it as results come.
 """
 
 import argparse
@@ -206,7 +208,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--gradient-batches", type=int, default=4)
-    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--out", default="benchmarks/results/grqo_sweep_dev",
+                        help="tracked by git, except checkpoints, pictures and stdout")
     parser.add_argument("--summary", action="store_true", help="only print the table")
     args = parser.parse_args(argv)
     if not args.summary:
