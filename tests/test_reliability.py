@@ -298,12 +298,14 @@ def test_visual_instructions_depend_only_on_seed_epoch_batch_and_rank():
     batch = Batch(torch.zeros(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool), targets)
     names = [f"class {index}" for index in range(6)]
 
-    def selected(rank: int, seed: int = 0) -> list[int]:
-        generator = train_sft.mix_generator(seed, 1, 2, rank)
+    def selected(rank: int, seed: int = 0, epoch: int = 1, batch_index: int = 2) -> list[int]:
+        generator = train_sft.mix_generator(seed, epoch, batch_index, rank)
         instructions, _ = data.sample_prompts(batch, names, generator)
         assert instructions.class_names == ["class 1", "class 3", "class 5"]
         return instructions.selected.tolist()
 
+    per_step = {tuple(selected(0, epoch=e, batch_index=b)) for e in range(3) for b in range(3)}
+    assert len(per_step) > 1                      # epoch and batch change the sample too
     per_rank = [selected(rank) for rank in range(4)]
     assert per_rank == [selected(rank) for rank in range(4)]
     assert len({tuple(sample) for sample in per_rank}) > 1
