@@ -33,12 +33,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def grqo(form: str, cost: str, alpha: float) -> tuple[str, list[str]]:
-    return ("train_grqo.py", ["--grqo-form", form, "--match-cost", cost, "--alpha", str(alpha)])
+def grqo(form: str, cost: str, alpha: float, reward_cost: str | None = None
+         ) -> tuple[str, list[str]]:
+    extra = ["--reward-cost", reward_cost] if reward_cost else []
+    return ("train_grqo.py",
+            ["--grqo-form", form, "--match-cost", cost, "--alpha", str(alpha), *extra])
 
 
-# name -> (script, arguments). Binary focal settings match with the binary focal cost, so
-# their baseline is sft_binary; focal ones compare with sft_focal.
+# name -> (script, arguments). Settings that match with the binary focal cost compare with
+# sft_binary, the others with sft_focal (`baseline`). "mixed" matches with the focal cost
+# (the better SFT) and rewards with the bounded binary focal cost.
 SETTINGS = {
     "sft_focal": ("train_sft.py", []),
     "sft_binary": ("train_sft.py", ["--match-cost", "binary_focal"]),
@@ -54,8 +58,17 @@ SETTINGS = {
     "pg_focal_100": grqo("pg", "focal", 100),
     "paper_binary_10": grqo("paper", "binary_focal", 10),
     "paper_focal_10": grqo("paper", "focal", 10),
+    "detached_mixed_0.1": grqo("detached_stats", "focal", 0.1, reward_cost="binary_focal"),
 }
 COLUMNS = ["AP", "AP_base", "AP_novel", "duplicates"]
+
+
+def baseline(setting: str) -> str:
+    """The SFT run a setting is compared with: the one that matches with the same cost."""
+    arguments = SETTINGS[setting][1]
+    binary = "--match-cost" in arguments and \
+        arguments[arguments.index("--match-cost") + 1] == "binary_focal"
+    return "sft_binary" if binary else "sft_focal"
 
 
 def run_folder(args, setting: str, seed: int) -> Path:
@@ -153,9 +166,15 @@ def median_step_seconds(folder: Path) -> float:
 
 
 def collect(args) -> list[dict]:
+    """One row per run asked for or found in OUT (so a sweep of a few settings or seeds
+    never drops the others' rows from the summary), in the order of seeds, then SETTINGS."""
+    folders = [folder.name.rpartition("_seed") for folder in Path(args.out).glob("*_seed*")]
+    found = {(setting, int(seed)) for setting, _, seed in folders
+             if setting in SETTINGS and seed.isdigit()}
+    wanted = found | {(setting, seed) for setting in args.settings for seed in args.seeds}
     rows = []
-    for seed in args.seeds:
-        for setting in args.settings:
+    for seed in sorted({seed for _, seed in wanted}):
+        for setting in [setting for setting in SETTINGS if (setting, seed) in wanted]:
             folder = run_folder(args, setting, seed)
             row = {"setting": setting, "seed": seed, "status": "not run"}
             if (folder / "diverged.txt").exists():
@@ -191,11 +210,45 @@ def write_summary(args) -> str:
             f"{cell(row.get('duplicates'), 100)} | {cell(row.get('reward'), 1, 2)} | "
             f"{cell(row.get('gradient_ratio'), 1, 4)} | {cell(row.get('step_seconds'), 1, 3)} "
             f"| {row['status']} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines + [""] + paired_table(rows))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "summary.md").write_text(table + "\n")
     Path(args.out, "summary.json").write_text(json.dumps(rows, indent=2))
     return table
+
+
+def paired_differences(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """setting -> metric -> [setting minus its baseline, per seed where both finished]."""
+    done = {(row["setting"], row["seed"]): row for row in rows if row["status"] == "done"}
+    differences = {}
+    for (setting, seed), row in done.items():
+        reference = done.get((baseline(setting), seed))
+        if SETTINGS[setting][0] != "train_grqo.py" or reference is None:
+            continue
+        for metric in ["AP", "AP_base", "AP_novel"]:
+            if row.get(metric) is not None and reference.get(metric) is not None:
+                differences.setdefault(setting, {}).setdefault(metric, []).append(
+                    100 * (row[metric] - reference[metric]))
+    return differences
+
+
+def paired_table(rows: list[dict]) -> list[str]:
+    """Mean (+- std over seeds) of each setting's difference to its baseline, in AP points."""
+    def cell(values):
+        if not values:
+            return "-"
+        spread = f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):+.1f}{spread}"
+
+    lines = ["Paired with the SFT run of the same seed and matching cost (setting minus "
+             "baseline, AP points, mean +- std over seeds):", "",
+             "| setting | baseline | seeds | AP | AP_base | AP_novel |",
+             "|---|---|---:|---:|---:|---:|"]
+    for setting, metrics in paired_differences(rows).items():
+        lines.append(f"| {setting} | {baseline(setting)} | {len(metrics['AP'])} | "
+                     f"{cell(metrics['AP'])} | {cell(metrics.get('AP_base'))} | "
+                     f"{cell(metrics.get('AP_novel'))} |")
+    return lines
 
 
 def main(argv=None):

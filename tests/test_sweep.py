@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import grqo_sweep  # noqa: E402
@@ -63,3 +65,22 @@ def test_summary_reports_last_epoch_reward_and_divergence(tmp_path):
     table = grqo_sweep.write_summary(args)
     assert "| pull_binary_1 | 0 | 10.0 | 10.0 | - | 25.0 | -2.50 | 0.1250 |" in table
     assert json.loads((tmp_path / "summary.json").read_text())[1]["AP"] == 0.1
+
+
+def test_summary_keeps_other_runs_and_pairs_each_setting_with_its_baseline(tmp_path):
+    args = args_for(tmp_path)
+    args.settings, args.seeds = ["pull_binary_1"], [1]                # a sweep of one more seed
+    for seed, (grqo_ap, sft_ap) in enumerate([(0.20, 0.18), (0.15, 0.19)]):
+        write_run(tmp_path / f"pull_binary_1_seed{seed}", {1: [-3.0]}, grqo_ap)
+        write_run(tmp_path / f"sft_binary_seed{seed}", None, sft_ap)
+    write_run(tmp_path / "sft_focal_seed0", None, 0.5)              # not pull's baseline
+    write_run(tmp_path / "detached_mixed_0.1_seed0", {1: [-3.0]}, 0.45)
+    rows = grqo_sweep.collect(args)
+    assert [(row["setting"], row["seed"]) for row in rows] == [
+        ("sft_focal", 0), ("sft_binary", 0), ("pull_binary_1", 0), ("detached_mixed_0.1", 0),
+        ("sft_binary", 1), ("pull_binary_1", 1)]
+    differences = grqo_sweep.paired_differences(rows)
+    assert differences["pull_binary_1"]["AP"] == pytest.approx([2.0, -4.0])
+    assert differences["detached_mixed_0.1"]["AP"] == pytest.approx([-5.0])  # vs sft_focal
+    table = grqo_sweep.write_summary(args)
+    assert "| pull_binary_1 | sft_binary | 2 | -1.0 +- 4.2 | -1.0 +- 4.2 | - |" in table
