@@ -25,7 +25,7 @@ class GRQOObjective(SFTObjective):
     """SFT for the first `sft_epochs` epochs, then SFT + GRQO."""
 
     def __init__(self, args):
-        super().__init__(args.match_cost)
+        super().__init__(args.match_cost, args.contrastive_weight)
         self.sft_epochs = args.sft_epochs
         self.settings = dict(alpha=args.alpha, beta=args.beta, mute_fraction=args.mute_fraction,
                              form=args.grqo_form)

@@ -77,6 +77,11 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--match-cost", default="focal", choices=HungarianMatcher.CLASS_COSTS,
                         help="class part of the Hungarian matching cost: focal (DINO-style) or "
                              "binary_focal (the release's, METHOD section 4)")
+    parser.add_argument("--contrastive-weight", type=float, default=1.0,
+                        help="weight of L_contra (the release uses 100, METHOD section 4)")
+    parser.add_argument("--dn-label-noise", type=float, default=None,
+                        help="share of DN queries given a wrong prompt (default: per preset, "
+                             "0.25; the release uses 0.5)")
     parser.add_argument("--eval-split", default="val", help="split evaluated at the end")
     parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     return parser
@@ -176,9 +181,11 @@ def setup_distributed(device_name: str) -> tuple[torch.device, int, int]:
 
 def build_detector(args) -> DINOR1:
     """The --model preset with the command line's kernel, backbone weights and text encoder."""
-    return DINOR1(replace(PRESETS[args.model], kernel=args.kernel,
-                          pretrained_backbone=args.pretrained_backbone,
-                          text_encoder=args.text_encoder))
+    config = replace(PRESETS[args.model], kernel=args.kernel,
+                     pretrained_backbone=args.pretrained_backbone, text_encoder=args.text_encoder)
+    if args.dn_label_noise is not None:
+        config = replace(config, dn_label_noise=args.dn_label_noise)
+    return DINOR1(config)
 
 
 def training_data(args, model: DINOR1, rank: int, world_size: int):
@@ -254,8 +261,9 @@ def restore(args, model: DINOR1, optimizer, scheduler, objective) -> tuple[int, 
 class SFTObjective:
     """L_SFT + L_contra (METHOD section 3). train_grqo.GRQOObjective extends it."""
 
-    def __init__(self, match_cost: str = "focal"):
-        self.criterion = SetCriterion(HungarianMatcher(class_cost=match_cost))
+    def __init__(self, match_cost: str = "focal", contrastive_weight: float = 1.0):
+        self.criterion = SetCriterion(HungarianMatcher(class_cost=match_cost),
+                                      contrastive_weight=contrastive_weight)
 
     def start_epoch(self, model: DINOR1, epoch: int) -> None:
         """Called before every epoch (GRQO refreshes its reference model here)."""
@@ -546,7 +554,7 @@ def final_evaluation(model: DINOR1, args, out: Path, device: torch.device) -> di
 
 def main(argv=None) -> DINOR1:
     args = finish_args(make_parser().parse_args(argv), "sft")
-    return train(args, SFTObjective(args.match_cost))
+    return train(args, SFTObjective(args.match_cost, args.contrastive_weight))
 
 
 if __name__ == "__main__":

@@ -218,6 +218,16 @@ def test_match_and_reward_costs_are_chosen_separately():
     assert sft.criterion.matcher.class_cost == "binary_focal"
 
 
+def test_release_contrastive_weight_and_dn_label_noise_reach_the_loss_and_the_model():
+    argv = ["--contrastive-weight", "100", "--dn-label-noise", "0.5"]
+    grqo_args = train_grqo.make_grqo_parser().parse_args(argv)
+    assert train_grqo.GRQOObjective(grqo_args).criterion.contrastive_weight == 100
+    sft_args = train_sft.finish_args(train_sft.make_parser().parse_args(argv), "sft")
+    assert train_sft.build_detector(sft_args).config.dn_label_noise == 0.5
+    defaults = train_sft.finish_args(train_sft.make_parser().parse_args([]), "sft")
+    assert train_sft.build_detector(defaults).config.dn_label_noise == 0.25     # the preset's
+
+
 @pytest.mark.parametrize("extra", [[], ["--match-cost", "binary_focal",
                                          "--grqo-form", "advantage_pull"]])
 def test_a_few_grqo_steps_have_finite_losses(shapes, tmp_path, extra):
