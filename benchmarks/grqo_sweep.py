@@ -1,7 +1,8 @@
 """Where does GRQO act without hacking its reward? A sweep of form, cost and weight on `dev`.
 
-    python benchmarks/grqo_sweep.py                                # the coarse sweep, seed 0
+    python benchmarks/grqo_sweep.py                                # every setting, seed 0
     python benchmarks/grqo_sweep.py --settings sft_binary pull_binary_1 --seeds 1 2
+    python benchmarks/grqo_sweep.py --settings sft_binary_release detached_binary_0.1_beta0 ...
     python benchmarks/grqo_sweep.py --summary                      # the table of what finished
 
 Every setting is one run of the `tiny` preset on the shapes data, "1+5" epochs (train_sft.py
@@ -60,15 +61,36 @@ SETTINGS = {
     "paper_focal_10": grqo("paper", "focal", 10),
     "detached_mixed_0.1": grqo("detached_stats", "focal", 0.1, reward_cost="binary_focal"),
 }
+RELEASE = ["--contrastive-weight", "100", "--dn-label-noise", "0.5"]   # the release's values
+
+
+def add_ablations(best: str) -> None:
+    """The ablations of the best setting: no KL, no muting, KL weight x0.25 and x4 (of the
+    effective 0.24), and the release's contrastive weight and DN label noise (with an SFT
+    baseline that uses them too)."""
+    script, arguments = SETTINGS[best]
+    for suffix, extra in [("beta0", ["--beta", "0"]), ("mute0", ["--mute-fraction", "0"]),
+                          ("beta0.06", ["--beta", "0.06"]), ("beta0.96", ["--beta", "0.96"]),
+                          ("release", RELEASE)]:
+        SETTINGS[f"{best}_{suffix}"] = (script, arguments + extra)
+    reference = baseline(best)
+    SETTINGS[f"{reference}_release"] = (SETTINGS[reference][0],
+                                        SETTINGS[reference][1] + RELEASE)
+
 COLUMNS = ["AP", "AP_base", "AP_novel", "duplicates"]
 
 
 def baseline(setting: str) -> str:
-    """The SFT run a setting is compared with: the one that matches with the same cost."""
+    """The SFT run a setting is compared with: the one that matches with the same cost (and
+    uses the release's contrastive weight and DN noise where the setting does)."""
     arguments = SETTINGS[setting][1]
     binary = "--match-cost" in arguments and \
         arguments[arguments.index("--match-cost") + 1] == "binary_focal"
-    return "sft_binary" if binary else "sft_focal"
+    release = "_release" if "--contrastive-weight" in arguments else ""
+    return ("sft_binary" if binary else "sft_focal") + release
+
+
+add_ablations("detached_binary_0.1")      # the best on dev with seeds 0-2 (README)
 
 
 def run_folder(args, setting: str, seed: int) -> Path:

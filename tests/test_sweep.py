@@ -84,3 +84,13 @@ def test_summary_keeps_other_runs_and_pairs_each_setting_with_its_baseline(tmp_p
     assert differences["detached_mixed_0.1"]["AP"] == pytest.approx([-5.0])  # vs sft_focal
     table = grqo_sweep.write_summary(args)
     assert "| pull_binary_1 | sft_binary | 2 | -1.0 +- 4.2 | -1.0 +- 4.2 | - |" in table
+
+
+def test_ablations_of_the_best_setting_compare_with_the_matching_sft_run():
+    assert grqo_sweep.baseline("detached_binary_0.1_beta0") == "sft_binary"
+    assert grqo_sweep.baseline("detached_mixed_0.1") == "sft_focal"
+    release = grqo_sweep.SETTINGS["detached_binary_0.1_release"][1]
+    assert release[release.index("--contrastive-weight") + 1] == "100"
+    assert grqo_sweep.baseline("detached_binary_0.1_release") == "sft_binary_release"
+    assert grqo_sweep.SETTINGS["sft_binary_release"] == (
+        "train_sft.py", ["--match-cost", "binary_focal", *grqo_sweep.RELEASE])
