@@ -1,4 +1,4 @@
-"""benchmarks/grqo_sweep.py: what it reads back, what it still has to run, what it reports."""
+"""benchmarks/grqo_sweep.py and sft_vs_grqo.py: what they read back, still run and report."""
 
 import argparse
 import json
@@ -94,3 +94,29 @@ def test_ablations_of_the_best_setting_compare_with_the_matching_sft_run():
     assert grqo_sweep.baseline("detached_binary_0.1_release") == "sft_binary_release"
     assert grqo_sweep.SETTINGS["sft_binary_release"] == (
         "train_sft.py", ["--match-cost", "binary_focal", *grqo_sweep.RELEASE])
+
+
+def test_final_comparison_pairs_a_sweep_setting_with_its_baseline_seed_by_seed(tmp_path):
+    import sft_vs_grqo
+    variants = sft_vs_grqo.use_sweep_setting("detached_binary_0.1")
+    assert variants == ["sft_binary", "detached_binary_0.1"]
+    args = argparse.Namespace(variants=variants, seeds=[0, 1, 2], out=str(tmp_path), epochs=6,
+                              data="shapes", split="val", device="cpu", extra=[])
+    novel = {"sft_binary": [None, 0.10, 0.20], "detached_binary_0.1": [0.30, 0.15, 0.19]}
+    for variant, values in novel.items():
+        for seed, value in enumerate(values):
+            folder = tmp_path / f"{variant}_seed{seed}"
+            write_run(folder, {1: [-3.0]} if variant != "sft_binary" else None, 0.2)
+            metrics = json.loads((folder / "metrics.json").read_text())
+            metrics.update(AP50=0.3, AP50_base=0.3, AP50_novel=0.3, AP_novel=value)
+            (folder / "metrics.json").write_text(json.dumps(metrics))
+    summary = sft_vs_grqo.summarise(args)
+    differences = sft_vs_grqo.paired_differences(summary, args)
+    # seed 0 has no SFT AP_novel, so it leaves the pairs: +5 and -1, never 30 - 10
+    assert differences["detached_binary_0.1"]["AP_novel"] == pytest.approx([5.0, -1.0])
+    assert "| detached_binary_0.1 | +0.0 ± 0.0 | +0.0 ± 0.0 | +2.0 ± 4.2 | [+5.0, -1.0] |" \
+        in sft_vs_grqo.format_summary(summary, args)
+    (tmp_path / "sft_binary_seed1" / "last.pt").write_bytes(b"")          # cut off: resumes
+    command = sft_vs_grqo.command("sft_binary", 1, args)
+    assert command[command.index("--match-cost") + 1] == "binary_focal"
+    assert command[-2:] == ["--resume", str(tmp_path / "sft_binary_seed1" / "last.pt")]
