@@ -24,6 +24,7 @@ session: commit it as results come.
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -236,6 +237,7 @@ def write_summary(args) -> str:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "summary.md").write_text(table + "\n")
     Path(args.out, "summary.json").write_text(json.dumps(rows, indent=2))
+    draw_figure(rows, Path(args.out, "ap_novel_vs_alpha.png"))
     return table
 
 
@@ -271,6 +273,84 @@ def paired_table(rows: list[dict]) -> list[str]:
                      f"{cell(metrics['AP'])} | {cell(metrics.get('AP_base'))} | "
                      f"{cell(metrics.get('AP_novel'))} |")
     return lines
+
+
+SERIES_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+
+
+def alpha_series(rows: list[dict], metric: str = "AP_novel") -> dict[str, list[tuple]]:
+    """"form, cost" -> [(alpha, mean of `metric` over finished seeds, AP points)] for the
+    settings that differ only in form, cost and alpha (no ablations, no mixed costs)."""
+    values = {}
+    for row in rows:
+        arguments = SETTINGS[row["setting"]][1]
+        if (row["status"] != "done" or row.get(metric) is None
+                or SETTINGS[row["setting"]][0] != "train_grqo.py" or len(arguments) != 6):
+            continue
+        key = (f"{arguments[arguments.index('--grqo-form') + 1]}, "
+               f"{arguments[arguments.index('--match-cost') + 1]}")
+        alpha = float(arguments[arguments.index("--alpha") + 1])
+        values.setdefault(key, {}).setdefault(alpha, []).append(100 * row[metric])
+    return {key: sorted((alpha, statistics.mean(v)) for alpha, v in by_alpha.items())
+            for key, by_alpha in values.items()}
+
+
+def draw_figure(rows: list[dict], path: Path, metric: str = "AP_novel") -> None:
+    """AP_novel against alpha (log scale), one line per form and cost, the SFT baselines as
+    dashed lines: a picture of where GRQO acts and where it breaks. PIL only."""
+    from PIL import Image, ImageDraw
+    series = alpha_series(rows, metric)
+    sft = {}
+    for name in ("sft_focal", "sft_binary"):
+        values = [100 * row[metric] for row in rows if row["setting"] == name
+                  and row["status"] == "done" and row.get(metric) is not None]
+        if values:
+            sft[name] = statistics.mean(values)
+    if not series:
+        return
+    width, height, left, right, top, bottom = 720, 440, 60, 200, 30, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    alphas = [alpha for points in series.values() for alpha, _ in points]
+    low, high = math.floor(math.log10(min(alphas))), math.ceil(math.log10(max(alphas)))
+    high = max(high, low + 1)
+    top_value = 5 * math.ceil(max([v for pts in series.values() for _, v in pts]
+                                  + list(sft.values())) / 5)
+
+    def x(alpha):
+        return left + (math.log10(alpha) - low) / (high - low) * (width - left - right)
+
+    def y(value):
+        return height - bottom - value / top_value * (height - top - bottom)
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for exponent in range(low, high + 1):
+        draw.line([x(10 ** exponent), height - bottom, x(10 ** exponent), height - bottom + 5],
+                  fill="black")
+        draw.text((x(10 ** exponent) - 10, height - bottom + 8), f"{10 ** exponent:g}",
+                  fill="black")
+    for value in range(0, top_value + 1, 5):
+        draw.line([left - 5, y(value), left, y(value)], fill="black")
+        draw.text((left - 25, y(value) - 6), f"{value}", fill="black")
+    draw.text((left + 150, height - 22), "alpha (advantage weight, log scale)", fill="black")
+    draw.text((left, 8), f"dev {metric} (AP points) after 1+5 epochs, mean over seeds",
+              fill="black")
+    legend = top + 5
+    for (name, value), colour in zip(sft.items(), ["#555555", "#aaaaaa"]):
+        for start in range(left, width - right, 12):                # dashed
+            draw.line([start, y(value), min(start + 6, width - right), y(value)],
+                      fill=colour, width=2)
+        draw.text((width - right + 10, legend), f"-- {name} {value:.1f}", fill=colour)
+        legend += 16
+    for (name, points), colour in zip(series.items(), SERIES_COLOURS):
+        corners = [(x(alpha), y(value)) for alpha, value in points]
+        if len(corners) > 1:
+            draw.line(corners, fill=colour, width=2)
+        for cx, cy in corners:
+            draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+        draw.text((width - right + 10, legend), f"o {name}", fill=colour)
+        legend += 16
+    image.save(path)
 
 
 def main(argv=None):

@@ -120,3 +120,18 @@ def test_final_comparison_pairs_a_sweep_setting_with_its_baseline_seed_by_seed(t
     command = sft_vs_grqo.command("sft_binary", 1, args)
     assert command[command.index("--match-cost") + 1] == "binary_focal"
     assert command[-2:] == ["--resume", str(tmp_path / "sft_binary_seed1" / "last.pt")]
+
+
+def test_figure_plots_form_and_cost_against_alpha_without_ablations(tmp_path):
+    args = args_for(tmp_path)
+    for setting, seed, ap in [("pull_binary_1", 0, 0.10), ("pull_binary_1", 1, 0.20),
+                              ("pull_binary_0.1", 0, 0.30), ("detached_binary_0.1_beta0", 0, 0.5),
+                              ("detached_mixed_0.1", 0, 0.5), ("sft_binary", 0, 0.4)]:
+        write_run(tmp_path / f"{setting}_seed{seed}", {1: [-3.0]}, ap)
+    rows = grqo_sweep.collect(args)
+    series = grqo_sweep.alpha_series(rows, "AP")
+    assert series == {"advantage_pull, binary_focal": [(0.1, pytest.approx(30.0)),
+                                                       (1.0, pytest.approx(15.0))]}
+    grqo_sweep.draw_figure(rows, tmp_path / "figure.png", "AP")
+    from PIL import Image
+    assert Image.open(tmp_path / "figure.png").size == (720, 440)
