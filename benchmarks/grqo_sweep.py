@@ -285,7 +285,7 @@ def alpha_series(rows: list[dict], metric: str = "AP_novel") -> dict[str, list[t
     for row in rows:
         arguments = SETTINGS[row["setting"]][1]
         if (row["status"] != "done" or row.get(metric) is None
-                or SETTINGS[row["setting"]][0] != "train_grqo.py" or len(arguments) != 6):
+                or set(arguments[::2]) != {"--grqo-form", "--match-cost", "--alpha"}):
             continue
         key = (f"{arguments[arguments.index('--grqo-form') + 1]}, "
                f"{arguments[arguments.index('--match-cost') + 1]}")
