@@ -60,6 +60,7 @@ SETTINGS = {
     "pg_focal_100": grqo("pg", "focal", 100),
     "paper_binary_10": grqo("paper", "binary_focal", 10),
     "paper_focal_10": grqo("paper", "focal", 10),
+    "pg_focal_0.1": grqo("pg", "focal", 0.1),
     "detached_mixed_0.1": grqo("detached_stats", "focal", 0.1, reward_cost="binary_focal"),
 }
 RELEASE = ["--contrastive-weight", "100", "--dn-label-noise", "0.5"]   # the release's values
