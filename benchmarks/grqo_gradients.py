@@ -54,7 +54,8 @@ def main(argv=None):
     config = model.config
     dataset = build_dataset(checkpoint["args"]["data"], "train", train=True,
                             image_size=config.image_size, max_size=config.max_size)
-    criterion = SetCriterion(HungarianMatcher(class_cost=match_cost))
+    criterion = SetCriterion(HungarianMatcher(class_cost=match_cost),
+                             contrastive_weight=trained.get("contrastive_weight", 1.0))
     rows = []
     for index in range(args.batches):
         torch.manual_seed(index)

@@ -1,6 +1,6 @@
 """Where does GRQO act without hacking its reward? A sweep of form, cost and weight on `dev`.
 
-    python benchmarks/grqo_sweep.py                                # every setting, seed 0
+    python benchmarks/grqo_sweep.py                                # the coarse sweep, seed 0
     python benchmarks/grqo_sweep.py --settings sft_binary pull_binary_1 --seeds 1 2
     python benchmarks/grqo_sweep.py --settings sft_binary_release detached_binary_0.1_beta0 ...
     python benchmarks/grqo_sweep.py --summary                      # the table of what finished
@@ -23,6 +23,7 @@ session: commit it as results come.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -63,12 +64,13 @@ SETTINGS = {
     "pg_focal_0.1": grqo("pg", "focal", 0.1),
     "detached_mixed_0.1": grqo("detached_stats", "focal", 0.1, reward_cost="binary_focal"),
 }
+COARSE = list(SETTINGS)                  # what a plain `python benchmarks/grqo_sweep.py` runs
 RELEASE = ["--contrastive-weight", "100", "--dn-label-noise", "0.5"]   # the release's values
 
 
 def add_ablations(best: str) -> None:
     """The ablations of the best setting: no KL, no muting, KL weight x0.25 and x4 (of the
-    effective 0.24), and the release's contrastive weight and DN label noise (with an SFT
+    default --beta 0.24), and the release's contrastive weight and DN label noise (with an SFT
     baseline that uses them too)."""
     script, arguments = SETTINGS[best]
     for suffix, extra in [("beta0", ["--beta", "0"]), ("mute0", ["--mute-fraction", "0"]),
@@ -88,11 +90,11 @@ def baseline(setting: str) -> str:
     arguments = SETTINGS[setting][1]
     binary = "--match-cost" in arguments and \
         arguments[arguments.index("--match-cost") + 1] == "binary_focal"
-    release = "_release" if "--contrastive-weight" in arguments else ""
+    release = "_release" if all(flag in arguments for flag in RELEASE[::2]) else ""
     return ("sft_binary" if binary else "sft_focal") + release
 
 
-add_ablations("detached_binary_0.1")      # the best on dev with seeds 0-2 (README)
+add_ablations("detached_binary_0.1")      # the front runner on dev after seed 0 (README)
 
 
 def run_folder(args, setting: str, seed: int) -> Path:
@@ -195,12 +197,18 @@ def collect(args) -> list[dict]:
     folders = [folder.name.rpartition("_seed") for folder in Path(args.out).glob("*_seed*")]
     found = {(setting, int(seed)) for setting, _, seed in folders
              if setting in SETTINGS and seed.isdigit()}
-    wanted = found | {(setting, seed) for setting in args.settings for seed in args.seeds}
+    wanted = found
+    if not getattr(args, "summary", False):
+        wanted = found | {(setting, seed) for setting in args.settings for seed in args.seeds}
     rows = []
     for seed in sorted({seed for _, seed in wanted}):
         for setting in [setting for setting in SETTINGS if (setting, seed) in wanted]:
             folder = run_folder(args, setting, seed)
             row = {"setting": setting, "seed": seed, "status": "not run"}
+            if (folder / "log.jsonl").exists():
+                steps = (folder / "log.jsonl").read_text().splitlines()
+                last = json.loads(steps[-1])["step"] if steps else 0
+                row["status"] = f"unfinished (logged to step {last})"
             if (folder / "diverged.txt").exists():
                 row["status"] = "diverged: " + (folder / "diverged.txt").read_text().strip()
             elif (folder / "metrics.json").exists():
@@ -270,8 +278,9 @@ def paired_table(rows: list[dict]) -> list[str]:
              "| setting | baseline | seeds | AP | AP_base | AP_novel |",
              "|---|---|---:|---:|---:|---:|"]
     for setting, metrics in paired_differences(rows).items():
-        lines.append(f"| {setting} | {baseline(setting)} | {len(metrics['AP'])} | "
-                     f"{cell(metrics['AP'])} | {cell(metrics.get('AP_base'))} | "
+        seeds = max(len(values) for values in metrics.values())
+        lines.append(f"| {setting} | {baseline(setting)} | {seeds} | "
+                     f"{cell(metrics.get('AP'))} | {cell(metrics.get('AP_base'))} | "
                      f"{cell(metrics.get('AP_novel'))} |")
     return lines
 
@@ -279,35 +288,35 @@ def paired_table(rows: list[dict]) -> list[str]:
 SERIES_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
-def alpha_series(rows: list[dict], metric: str = "AP_novel") -> dict[str, list[tuple]]:
-    """"form, cost" -> [(alpha, mean of `metric` over finished seeds, AP points)] for the
-    settings that differ only in form, cost and alpha (no ablations, no mixed costs)."""
-    values = {}
+def alpha_series(rows: list[dict], metric: str = "AP_novel", seed: int = 0
+                 ) -> dict[str, list[tuple]]:
+    """"form, cost" -> [(alpha, `metric` in AP points)] of one seed, for the settings that
+    differ only in form, cost and alpha (no ablations, no mixed costs), alpha > 0."""
+    series = {}
     for row in rows:
         arguments = SETTINGS[row["setting"]][1]
-        if (row["status"] != "done" or row.get(metric) is None
+        if (row["seed"] != seed or row["status"] != "done" or row.get(metric) is None
                 or set(arguments[::2]) != {"--grqo-form", "--match-cost", "--alpha"}):
             continue
-        key = (f"{arguments[arguments.index('--grqo-form') + 1]}, "
-               f"{arguments[arguments.index('--match-cost') + 1]}")
         alpha = float(arguments[arguments.index("--alpha") + 1])
-        values.setdefault(key, {}).setdefault(alpha, []).append(100 * row[metric])
-    return {key: sorted((alpha, statistics.mean(v)) for alpha, v in by_alpha.items())
-            for key, by_alpha in values.items()}
+        if alpha > 0:
+            key = (f"{arguments[arguments.index('--grqo-form') + 1]}, "
+                   f"{arguments[arguments.index('--match-cost') + 1]}")
+            series.setdefault(key, []).append((alpha, 100 * row[metric]))
+    return {key: sorted(points) for key, points in series.items()}
 
 
-def draw_figure(rows: list[dict], path: Path, metric: str = "AP_novel") -> None:
-    """AP_novel against alpha (log scale), one line per form and cost, the SFT baselines as
-    dashed lines: a picture of where GRQO acts and where it breaks. PIL only."""
+def draw_figure(rows: list[dict], path: Path, metric: str = "AP_novel", seed: int = 0) -> None:
+    """`metric` against alpha (log scale) for one seed, one line per form and cost, the SFT
+    baselines of the same seed as dashed lines: where GRQO acts and where it breaks. PIL
+    only. Nothing to draw removes an old picture."""
     from PIL import Image, ImageDraw
-    series = alpha_series(rows, metric)
-    sft = {}
-    for name in ("sft_focal", "sft_binary"):
-        values = [100 * row[metric] for row in rows if row["setting"] == name
-                  and row["status"] == "done" and row.get(metric) is not None]
-        if values:
-            sft[name] = statistics.mean(values)
+    series = alpha_series(rows, metric, seed)
+    sft = {row["setting"]: 100 * row[metric] for row in rows
+           if row["setting"] in ("sft_focal", "sft_binary") and row["seed"] == seed
+           and row["status"] == "done" and row.get(metric) is not None}
     if not series:
+        path.unlink(missing_ok=True)
         return
     width, height, left, right, top, bottom = 720, 440, 60, 200, 30, 50
     image = Image.new("RGB", (width, height), "white")
@@ -315,8 +324,8 @@ def draw_figure(rows: list[dict], path: Path, metric: str = "AP_novel") -> None:
     alphas = [alpha for points in series.values() for alpha, _ in points]
     low, high = math.floor(math.log10(min(alphas))), math.ceil(math.log10(max(alphas)))
     high = max(high, low + 1)
-    top_value = 5 * math.ceil(max([v for pts in series.values() for _, v in pts]
-                                  + list(sft.values())) / 5)
+    top_value = max(5, 5 * math.ceil(max([v for pts in series.values() for _, v in pts]
+                                         + list(sft.values())) / 5))
 
     def x(alpha):
         return left + (math.log10(alpha) - low) / (high - low) * (width - left - right)
@@ -334,7 +343,7 @@ def draw_figure(rows: list[dict], path: Path, metric: str = "AP_novel") -> None:
         draw.line([left - 5, y(value), left, y(value)], fill="black")
         draw.text((left - 25, y(value) - 6), f"{value}", fill="black")
     draw.text((left + 150, height - 22), "alpha (advantage weight, log scale)", fill="black")
-    draw.text((left, 8), f"dev {metric} (AP points) after 1+5 epochs, mean over seeds",
+    draw.text((left, 8), f"dev {metric} (AP points) after 1+5 epochs, seed {seed}",
               fill="black")
     legend = top + 5
     for (name, value), colour in zip(sft.items(), ["#555555", "#aaaaaa"]):
@@ -343,7 +352,7 @@ def draw_figure(rows: list[dict], path: Path, metric: str = "AP_novel") -> None:
                       fill=colour, width=2)
         draw.text((width - right + 10, legend), f"-- {name} {value:.1f}", fill=colour)
         legend += 16
-    for (name, points), colour in zip(series.items(), SERIES_COLOURS):
+    for (name, points), colour in zip(series.items(), itertools.cycle(SERIES_COLOURS)):
         corners = [(x(alpha), y(value)) for alpha, value in points]
         if len(corners) > 1:
             draw.line(corners, fill=colour, width=2)
@@ -356,7 +365,8 @@ def draw_figure(rows: list[dict], path: Path, metric: str = "AP_novel") -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=COARSE, choices=list(SETTINGS),
+                        help="default: the coarse settings (not the ablations)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--data", default="shapes")
     parser.add_argument("--split", default="dev", help="dev: settings are chosen on it")
@@ -366,7 +376,8 @@ def main(argv=None):
     parser.add_argument("--gradient-batches", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/results/grqo_sweep_dev",
                         help="tracked by git, except checkpoints, pictures and stdout")
-    parser.add_argument("--summary", action="store_true", help="only print the table")
+    parser.add_argument("--summary", action="store_true",
+                        help="only print the table of the runs in OUT")
     args = parser.parse_args(argv)
     if not args.summary:
         run_all(args, [(setting, seed) for seed in args.seeds for setting in args.settings])

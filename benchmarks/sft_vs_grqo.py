@@ -156,7 +156,8 @@ def format_paired(summary: dict, args) -> str:
 def format_summary(summary: dict, args) -> str:
     header = ["variant"] + METRICS + ["s/step", "x SFT"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = list(summary.values())[0]["step_seconds"]        # the first variant: SFT
+    sft = [variant for variant in summary if VARIANTS[variant][0] == "train_sft.py"]
+    base = summary[sft[0]]["step_seconds"] if sft else None      # "x SFT": the first SFT
     for variant, row in summary.items():
         cells = [variant] + [f"{row[n][0]:.1f} ± {row[n][1]:.1f}" for n in METRICS]
         cells += [f"{row['step_seconds']:.3f}",

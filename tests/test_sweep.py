@@ -84,6 +84,15 @@ def test_summary_keeps_other_runs_and_pairs_each_setting_with_its_baseline(tmp_p
     assert differences["detached_mixed_0.1"]["AP"] == pytest.approx([-5.0])  # vs sft_focal
     table = grqo_sweep.write_summary(args)
     assert "| pull_binary_1 | sft_binary | 2 | -1.0 +- 4.2 | -1.0 +- 4.2 | - |" in table
+    (tmp_path / "pg_focal_1_seed3").mkdir()                     # cut off after 20 steps
+    (tmp_path / "pg_focal_1_seed3" / "log.jsonl").write_text('{"step": 20, "epoch": 0}\n')
+    args.settings = ["pg_focal_10"]                              # asked for, never run
+    assert [row["status"] for row in grqo_sweep.collect(args)
+            if row["setting"] == "pg_focal_10"] == ["not run"]
+    args.summary = True                                          # runs on disk only
+    rows = grqo_sweep.collect(args)
+    assert len(rows) == 7 and not any(row["status"] == "not run" for row in rows)
+    assert rows[-1]["status"] == "unfinished (logged to step 20)"
 
 
 def test_ablations_of_the_best_setting_compare_with_the_matching_sft_run():
@@ -92,12 +101,19 @@ def test_ablations_of_the_best_setting_compare_with_the_matching_sft_run():
     release = grqo_sweep.SETTINGS["detached_binary_0.1_release"][1]
     assert release[release.index("--contrastive-weight") + 1] == "100"
     assert grqo_sweep.baseline("detached_binary_0.1_release") == "sft_binary_release"
+    grqo_sweep.SETTINGS["half_release"] = ("train_grqo.py", ["--contrastive-weight", "100"])
+    try:
+        assert grqo_sweep.baseline("half_release") == "sft_focal"   # not the release's SFT
+    finally:
+        del grqo_sweep.SETTINGS["half_release"]
     assert grqo_sweep.SETTINGS["sft_binary_release"] == (
         "train_sft.py", ["--match-cost", "binary_focal", *grqo_sweep.RELEASE])
 
 
-def test_final_comparison_pairs_a_sweep_setting_with_its_baseline_seed_by_seed(tmp_path):
+def test_final_comparison_pairs_a_sweep_setting_with_its_baseline_seed_by_seed(tmp_path,
+                                                                              monkeypatch):
     import sft_vs_grqo
+    monkeypatch.setattr(sft_vs_grqo, "VARIANTS", dict(sft_vs_grqo.VARIANTS))
     variants = sft_vs_grqo.use_sweep_setting("detached_binary_0.1")
     assert variants == ["sft_binary", "detached_binary_0.1"]
     args = argparse.Namespace(variants=variants, seeds=[0, 1, 2], out=str(tmp_path), epochs=6,
@@ -122,7 +138,7 @@ def test_final_comparison_pairs_a_sweep_setting_with_its_baseline_seed_by_seed(t
     assert command[-2:] == ["--resume", str(tmp_path / "sft_binary_seed1" / "last.pt")]
 
 
-def test_figure_plots_form_and_cost_against_alpha_without_ablations(tmp_path):
+def test_figure_plots_one_seed_of_form_and_cost_against_alpha_without_ablations(tmp_path):
     args = args_for(tmp_path)
     for setting, seed, ap in [("pull_binary_1", 0, 0.10), ("pull_binary_1", 1, 0.20),
                               ("pull_binary_0.1", 0, 0.30), ("detached_binary_0.1_beta0", 0, 0.5),
@@ -131,7 +147,17 @@ def test_figure_plots_form_and_cost_against_alpha_without_ablations(tmp_path):
     rows = grqo_sweep.collect(args)
     series = grqo_sweep.alpha_series(rows, "AP")
     assert series == {"advantage_pull, binary_focal": [(0.1, pytest.approx(30.0)),
-                                                       (1.0, pytest.approx(15.0))]}
-    grqo_sweep.draw_figure(rows, tmp_path / "figure.png", "AP")
+                                                       (1.0, pytest.approx(10.0))]}
+    assert grqo_sweep.alpha_series(rows, "AP", seed=1) == {
+        "advantage_pull, binary_focal": [(1.0, pytest.approx(20.0))]}
     from PIL import Image
-    assert Image.open(tmp_path / "figure.png").size == (720, 440)
+    picture = tmp_path / "figure.png"
+    grqo_sweep.draw_figure(rows, picture, "AP")
+    colours = {colour for _, colour in Image.open(picture).getcolors(1 << 20)}
+    assert (0x1f, 0x77, 0xb4) in colours                   # the one series, in its colour
+    for row in rows:                            # all zero, one alpha: still a picture
+        row["AP"] = 0.0
+    grqo_sweep.draw_figure(rows, picture, "AP", seed=1)
+    assert Image.open(picture).size == (720, 440)
+    grqo_sweep.draw_figure(rows, picture, "AP", seed=7)          # nothing to draw
+    assert not picture.exists()

@@ -218,10 +218,12 @@ def test_match_and_reward_costs_are_chosen_separately():
     assert sft.criterion.matcher.class_cost == "binary_focal"
 
 
-def test_release_contrastive_weight_and_dn_label_noise_reach_the_loss_and_the_model():
+def test_release_contrastive_weight_and_dn_label_noise_reach_the_loss_and_the_model(
+        monkeypatch):
     argv = ["--contrastive-weight", "100", "--dn-label-noise", "0.5"]
-    grqo_args = train_grqo.make_grqo_parser().parse_args(argv)
-    assert train_grqo.GRQOObjective(grqo_args).criterion.contrastive_weight == 100
+    for script in (train_sft, train_grqo):             # what each main() hands to train()
+        monkeypatch.setattr(script, "train", lambda args, objective: objective)
+        assert script.main(argv).criterion.contrastive_weight == 100
     sft_args = train_sft.finish_args(train_sft.make_parser().parse_args(argv), "sft")
     assert train_sft.build_detector(sft_args).config.dn_label_noise == 0.5
     defaults = train_sft.finish_args(train_sft.make_parser().parse_args([]), "sft")
