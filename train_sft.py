@@ -448,9 +448,9 @@ def compatible_checkpoint(path: str, model: DINOR1, args) -> dict:
                          f"train_grqo.py (it needs 'model', 'config' and 'args')")
     differences = checkpoint_config_differences(checkpoint["config"], model.config)
     if differences:
-        raise SystemExit(f"{path} holds a different model (preset "
-                         f"{checkpoint['args'].get('model')!r}, not --model {args.model}): "
-                         f"{differences}")
+        raise SystemExit(f"{path} was written with other model settings ({differences}); "
+                         f"its run used --model {checkpoint['args'].get('model')}, this one "
+                         f"--model {args.model}")
     return checkpoint
 
 
