@@ -181,12 +181,14 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default="runs/benchmark")
+    parser.add_argument("--out", help="default runs/benchmark_<split>_<epochs>ep (finished "
+                                      "runs in it are read back, so never mix splits)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further arguments for every training run")
     args = parser.parse_args(argv)
     if args.setting:
         args.variants = use_sweep_setting(args.setting)
+    args.out = args.out or f"runs/benchmark_{args.split}_{args.epochs}ep"
     started = time.time()
     run_all([(variant, seed) for seed in args.seeds for variant in args.variants], args)
     summary = summarise(args)
