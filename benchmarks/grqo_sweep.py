@@ -120,11 +120,28 @@ def gradient_command(args, setting: str, seed: int) -> list[str]:
             "--json", str(folder / "gradients.json")]
 
 
+def held_by_another(folder: Path) -> int | None:
+    """The id of another live sweep process that is running this folder's run (its
+    `running` marker), else None: two sweeps on one OUT never train the same run twice."""
+    try:
+        owner = int((folder / "running").read_text())
+        os.kill(owner, 0)                          # raises if no such process
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None                                # no marker, or a stale one
+    except PermissionError:
+        return owner
+    return owner if owner != os.getpid() else None
+
+
 def next_step(args, setting: str, seed: int) -> list[str] | None:
     """The command this run still needs (training, then for GRQO the gradient ratio), or
-    None when it is finished or diverged."""
+    None when it is finished, diverged or being run by another sweep."""
     folder = run_folder(args, setting, seed)
     if (folder / "diverged.txt").exists():
+        return None
+    owner = held_by_another(folder)
+    if owner is not None:
+        print(f"skip  {setting} seed {seed}: process {owner} is running it", flush=True)
         return None
     if not (folder / "metrics.json").exists():
         return train_command(args, setting, seed)
@@ -145,6 +162,7 @@ def run_all(args, jobs: list[tuple[str, int]]) -> None:
                 continue
             folder = run_folder(args, *job)
             folder.mkdir(parents=True, exist_ok=True)
+            (folder / "running").write_text(str(os.getpid()))
             name = "stdout.txt" if "train" in Path(command[1]).name else "gradients.txt"
             log = open(folder / name, "w")
             print(f"start {job[0]} seed {job[1]}: {Path(command[1]).name}", flush=True)
@@ -159,6 +177,7 @@ def run_all(args, jobs: list[tuple[str, int]]) -> None:
             log.close()
             running.remove(item)
             folder = run_folder(args, *job)
+            (folder / "running").unlink(missing_ok=True)
             if process.returncode != 0:
                 reason = failure_reason(Path(log.name))
                 if Path(log.name).name == "stdout.txt":

@@ -161,3 +161,18 @@ def test_figure_plots_one_seed_of_form_and_cost_against_alpha_without_ablations(
     assert Image.open(picture).size == (720, 440)
     grqo_sweep.draw_figure(rows, picture, "AP", seed=7)          # nothing to draw
     assert not picture.exists()
+
+
+def test_a_run_another_live_sweep_holds_is_skipped_and_a_stale_marker_is_not(tmp_path):
+    import subprocess
+    args = args_for(tmp_path)
+    folder = tmp_path / "pull_binary_1_seed0"
+    folder.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / "running").write_text(str(other.pid))
+        assert grqo_sweep.next_step(args, "pull_binary_1", 0) is None      # held: skipped
+    finally:
+        other.kill()
+        other.wait()
+    assert Path(grqo_sweep.next_step(args, "pull_binary_1", 0)[1]).name == "train_grqo.py"
