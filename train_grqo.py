@@ -18,7 +18,7 @@ import torch
 
 from grqo import FORMS, grqo_loss
 from model import DINOR1, HungarianMatcher
-from train_sft import SFTObjective, finish_args, make_parser, train
+from train_sft import SFTObjective, finish_args, fraction, make_parser, train
 
 
 class GRQOObjective(SFTObjective):
@@ -84,7 +84,7 @@ def make_grqo_parser():
     parser.add_argument("--alpha", type=float, default=0.01, help="advantage weight, METHOD (6)")
     parser.add_argument("--beta", type=float, default=0.24,
                         help="KL weight, counted once (the release's 6 layers x 0.04)")
-    parser.add_argument("--mute-fraction", type=float, default=1 / 3,
+    parser.add_argument("--mute-fraction", type=fraction, default=1 / 3,
                         help="lowest-ranked fraction of queries without advantage term")
     parser.add_argument("--grqo-form", default="paper", choices=FORMS,
                         help="paper: differentiable cost; pg: -A.detach() * log O; "

@@ -40,6 +40,14 @@ TRAIN_DEFAULTS = {
 
 # ----------------------------------------------------------------------------- settings
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
 def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -79,7 +87,7 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
                              "binary_focal (the release's, METHOD section 4)")
     parser.add_argument("--contrastive-weight", type=float, default=1.0,
                         help="weight of L_contra (the release uses 100, METHOD section 4)")
-    parser.add_argument("--dn-label-noise", type=float, default=None,
+    parser.add_argument("--dn-label-noise", type=fraction, default=None,
                         help="share of DN queries given a wrong prompt (default: per preset, "
                              "0.25; the release uses 0.5)")
     parser.add_argument("--eval-split", default="val", help="split evaluated at the end")
@@ -180,7 +188,8 @@ def setup_distributed(device_name: str) -> tuple[torch.device, int, int]:
 
 
 def build_detector(args) -> DINOR1:
-    """The --model preset with the command line's kernel, backbone weights and text encoder."""
+    """The --model preset with the command line's kernel, backbone weights, text encoder and,
+    if given, DN label noise."""
     config = replace(PRESETS[args.model], kernel=args.kernel,
                      pretrained_backbone=args.pretrained_backbone, text_encoder=args.text_encoder)
     if args.dn_label_noise is not None:

@@ -84,17 +84,21 @@ def add_ablations(best: str) -> None:
 COLUMNS = ["AP", "AP_base", "AP_novel", "duplicates"]
 
 
+def flag_value(arguments: list[str], flag: str) -> str | None:
+    """The value after `flag` in a command line, or None when the flag is absent."""
+    return arguments[arguments.index(flag) + 1] if flag in arguments else None
+
+
 def baseline(setting: str) -> str:
     """The SFT run a setting is compared with: the one that matches with the same cost (and
     uses the release's contrastive weight and DN noise where the setting does)."""
     arguments = SETTINGS[setting][1]
-    binary = "--match-cost" in arguments and \
-        arguments[arguments.index("--match-cost") + 1] == "binary_focal"
+    binary = flag_value(arguments, "--match-cost") == "binary_focal"
     release = "_release" if all(flag in arguments for flag in RELEASE[::2]) else ""
     return ("sft_binary" if binary else "sft_focal") + release
 
 
-add_ablations("detached_binary_0.1")      # the front runner on dev after seed 0 (README)
+add_ablations("detached_binary_0.1")      # chosen on dev with seeds 0-2 (README)
 
 
 def run_folder(args, setting: str, seed: int) -> Path:
@@ -317,10 +321,9 @@ def alpha_series(rows: list[dict], metric: str = "AP_novel", seed: int = 0
         if (row["seed"] != seed or row["status"] != "done" or row.get(metric) is None
                 or set(arguments[::2]) != {"--grqo-form", "--match-cost", "--alpha"}):
             continue
-        alpha = float(arguments[arguments.index("--alpha") + 1])
+        alpha = float(flag_value(arguments, "--alpha"))
         if alpha > 0:
-            key = (f"{arguments[arguments.index('--grqo-form') + 1]}, "
-                   f"{arguments[arguments.index('--match-cost') + 1]}")
+            key = f"{flag_value(arguments, '--grqo-form')}, {flag_value(arguments, '--match-cost')}"
             series.setdefault(key, []).append((alpha, 100 * row[metric]))
     return {key: sorted(points) for key, points in series.items()}
 

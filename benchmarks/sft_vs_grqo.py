@@ -121,7 +121,7 @@ def summarise(args) -> dict:
     return summary
 
 
-def paired_differences(summary: dict, args) -> dict[str, dict[str, list[float]]]:
+def paired_differences(summary: dict) -> dict[str, dict[str, list[float]]]:
     """variant -> metric -> [variant minus the first variant, seed by seed], AP points; a
     seed where either could not compute the metric is left out."""
     first, *others = list(summary)
@@ -135,7 +135,7 @@ def paired_differences(summary: dict, args) -> dict[str, dict[str, list[float]]]
     return differences
 
 
-def format_paired(summary: dict, args) -> str:
+def format_paired(summary: dict) -> str:
     def cell(values):
         if not values:
             return "-"
@@ -146,7 +146,7 @@ def format_paired(summary: dict, args) -> str:
     lines = [f"Paired by seed, each variant minus {first} (AP points, mean ± std over the "
              f"seeds' differences; per seed in brackets):", "",
              "| variant | AP | AP_base | AP_novel | AP_novel per seed |", "|---|---|---|---|---|"]
-    for variant, metrics in paired_differences(summary, args).items():
+    for variant, metrics in paired_differences(summary).items():
         per_seed = ", ".join(f"{value:+.1f}" for value in metrics["AP_novel"])
         lines.append(f"| {variant} | {cell(metrics['AP'])} | {cell(metrics['AP_base'])} | "
                      f"{cell(metrics['AP_novel'])} | [{per_seed}] |")
@@ -165,7 +165,7 @@ def format_summary(summary: dict, args) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     return (f"split {args.split}, seeds {args.seeds}, {args.epochs} epochs "
             f"(GRQO 1 + {args.epochs - 1}); AP in points, mean ± std over seeds\n\n"
-            + "\n".join(lines) + "\n\n" + format_paired(summary, args))
+            + "\n".join(lines) + "\n\n" + format_paired(summary))
 
 
 def main(argv=None):

@@ -127,7 +127,7 @@ def test_final_comparison_pairs_a_sweep_setting_with_its_baseline_seed_by_seed(t
             metrics.update(AP50=0.3, AP50_base=0.3, AP50_novel=0.3, AP_novel=value)
             (folder / "metrics.json").write_text(json.dumps(metrics))
     summary = sft_vs_grqo.summarise(args)
-    differences = sft_vs_grqo.paired_differences(summary, args)
+    differences = sft_vs_grqo.paired_differences(summary)
     # seed 0 has no SFT AP_novel, so it leaves the pairs: +5 and -1, never 30 - 10
     assert differences["detached_binary_0.1"]["AP_novel"] == pytest.approx([5.0, -1.0])
     assert "| detached_binary_0.1 | +0.0 ± 0.0 | +0.0 ± 0.0 | +2.0 ± 4.2 | [+5.0, -1.0] |" \

@@ -230,6 +230,13 @@ def test_release_contrastive_weight_and_dn_label_noise_reach_the_loss_and_the_mo
     assert train_sft.build_detector(defaults).config.dn_label_noise == 0.25     # the preset's
 
 
+@pytest.mark.parametrize("argv", [["--dn-label-noise", "1.5"], ["--mute-fraction", "-0.1"]])
+def test_a_share_outside_zero_to_one_is_refused_by_name(argv, capsys):
+    with pytest.raises(SystemExit):
+        train_grqo.make_grqo_parser().parse_args(argv)
+    assert f"{argv[0]}: {argv[1]} is not between 0 and 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra", [[], ["--match-cost", "binary_focal",
                                          "--grqo-form", "advantage_pull"]])
 def test_a_few_grqo_steps_have_finite_losses(shapes, tmp_path, extra):
