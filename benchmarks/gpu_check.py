@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py kernels             # correctness on CUDA, fp32 and bf16
     python benchmarks/gpu_check.py step --kernel torch triton
     python benchmarks/gpu_check.py step --device cpu --image 128 160 --steps 2   # dry run
+    python benchmarks/gpu_check.py profile --kernel triton   # where a swin_t step's time goes
 
 `benchmarks/gpu_check.sh` runs these with kernels/bench.py and the tiny main job, and
 prints the summary table last.
@@ -119,9 +120,154 @@ def time_training_steps(kernel: str, device: str, height: int, width: int, steps
             "loss_finite": bool(torch.isfinite(loss))}
 
 
+PHASES = ("forward", "matching and losses", "backward", "optimizer")
+
+
+def training_step(model, criterion, optimizer, batch, instructions, targets, autocast,
+                  mark=lambda phase: None):
+    """One SFT step (forward, losses with Hungarian matching, backward, AdamW). `mark(phase)`
+    is called as each phase ends (a clock for the phases' wall times)."""
+    with autocast:
+        output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+        mark("forward")
+        loss = criterion(output, targets, float(sum(len(t.labels) for t in targets)))["sft"]
+        mark("matching and losses")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    mark("backward")
+    optimizer.step()
+    mark("optimizer")
+    return loss
+
+
+def profile_training_steps(kernel: str, device: str, height: int, width: int, steps: int,
+                           warmup: int, amp: bool, rows: int = 10) -> dict:
+    """Where a swin_t training step's time goes: the median wall time of each phase (the
+    device synchronised at each phase's end, no profiler), then torch.profiler over `steps`
+    steps: GPU kernel time and kernel launches a step, the top operations by self device time
+    and by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    model = build_model("swin_t", kernel=kernel).to(device).train()
+    criterion = SetCriterion()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch, instructions, targets = synthetic_batch(height, width, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda")
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    phase_times = {phase: [] for phase in PHASES}
+    clock = [0.0]
+
+    def mark(phase):
+        synchronize()
+        now = time.perf_counter()
+        phase_times[phase].append(now - clock[0])
+        clock[0] = now
+    for index in range(warmup + steps):
+        synchronize()
+        clock[0] = time.perf_counter()
+        training_step(model, criterion, optimizer, batch, instructions, targets, autocast,
+                      mark if index >= warmup else (lambda phase: None))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            training_step(model, criterion, optimizer, batch, instructions, targets, autocast)
+        synchronize()
+    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Optimizer.", "ProfilerStep"))]
+    events = profiler.key_averages()
+    device_key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return {"kernel": kernel, "image": f"{height}x{width}", "batch": 2, "bf16": amp,
+            "steps": steps,
+            "phase_median_s": {p: statistics.median(t) for p, t in phase_times.items()},
+            "gpu_kernel_ms_per_step": sum(e.device_time for e in kernels) / 1e3 / steps,
+            "kernel_launches_per_step": len(kernels) / steps,
+            "by_device_time": events.table(sort_by=device_key, row_limit=rows),
+            "by_cpu_time": events.table(sort_by="self_cpu_time_total", row_limit=rows)}
+
+
+def huggingface_grounding_dino(tiny: bool = False):
+    """Hugging Face's GroundingDinoForObjectDetection at Grounding DINO Swin-T's config (or a
+    tiny one for a dry run), random weights, built offline. `transformers` is imported here
+    only: it is the oracle, not a dependency."""
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+    if not tiny:
+        return GroundingDinoForObjectDetection(GroundingDinoConfig())
+    config = GroundingDinoConfig(
+        backbone_config={"model_type": "swin", "embed_dim": 24, "depths": [1, 1, 1, 1],
+                         "num_heads": [1, 1, 1, 1], "out_features": ["stage2", "stage3", "stage4"]},
+        text_config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "intermediate_size": 64},
+        d_model=64, encoder_layers=2, decoder_layers=2, num_queries=50,
+        encoder_ffn_dim=128, decoder_ffn_dim=128)
+    return GroundingDinoForObjectDetection(config)
+
+
+def time_huggingface_steps(device: str, height: int, width: int, steps: int, warmup: int,
+                           amp: bool, tiny: bool = False) -> dict:
+    """Median seconds of HF's Grounding DINO forward (eval, no gradient) and training step
+    (forward with its own losses, backward, AdamW) on the batch `synthetic_batch` makes, with
+    a caption of one word per class ("w0 . w1 . ... ."), token ids only (no tokenizer)."""
+    torch.manual_seed(0)
+    model = huggingface_grounding_dino(tiny).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch, _, targets = synthetic_batch(height, width, device)
+    num_classes = int(max(t.labels.max() for t in targets)) + 1
+    words = torch.arange(num_classes) + 2000            # any ids outside the special ones
+    caption = torch.stack([words, torch.full_like(words, 1012)], 1).flatten()   # "w ." per class
+    ids = torch.cat([torch.tensor([101]), caption, torch.tensor([102])]).repeat(2, 1).to(device)
+    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids), "pixel_mask": (~batch.mask).long()}
+    labels = [{"class_labels": t.labels, "boxes": t.boxes} for t in targets]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda")
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    result = {"model": "transformers GroundingDino", "image": f"{height}x{width}", "batch": 2,
+              "bf16": amp}
+    for phase in ("forward", "step"):
+        model.train(phase == "step")
+        times = []
+        for index in range(warmup + steps):
+            synchronize()
+            started = time.perf_counter()
+            if phase == "forward":
+                with torch.no_grad(), autocast:
+                    model(batch.images, **text)
+            else:
+                with autocast:
+                    loss = model(batch.images, **text, labels=labels).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            synchronize()
+            if index >= warmup:
+                times.append(time.perf_counter() - started)
+        result[f"median_{phase}_s"] = statistics.median(times)
+    result["loss_finite"] = bool(torch.isfinite(loss))
+    return result
+
+
+def time_forward(kernel: str, device: str, height: int, width: int, steps: int, warmup: int,
+                 amp: bool) -> float:
+    """Median seconds of this project's swin_t forward (eval, no gradient)."""
+    torch.manual_seed(0)
+    model = build_model("swin_t", kernel=kernel).to(device).eval()
+    batch, instructions, _ = synthetic_batch(height, width, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda")
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for index in range(warmup + steps):
+        synchronize()
+        started = time.perf_counter()
+        with torch.no_grad(), autocast:
+            model(batch.images, batch.mask, instructions=instructions)
+        synchronize()
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("check", choices=["kernels", "step"])
+    parser.add_argument("check", choices=["kernels", "step", "profile", "huggingface"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--kernel", nargs="+", default=["torch", "triton"])
     parser.add_argument("--image", type=int, nargs=2, default=[800, 1333])
@@ -129,12 +275,36 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-amp", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--tiny-huggingface", action="store_true",
+                        help="a tiny HF config (a dry run of the huggingface check on a CPU)")
     args = parser.parse_args(argv)
     if args.check == "kernels":
         rows = check_kernels(args.device)
         for row in rows:
             print(f"{row['dtype']:9s} {row['tensor']:15s} rel.err {row['relative_error']:.2e} "
                   f"{'ok' if row['ok'] else 'FAIL'}")
+    elif args.check == "huggingface":
+        rows = [time_huggingface_steps(args.device, *args.image, args.steps, args.warmup,
+                                       not args.no_amp, args.tiny_huggingface)]
+        if not args.tiny_huggingface:
+            rows += [{"model": f"this project's swin_t ({kernel})", "image": rows[0]["image"],
+                      "median_forward_s": time_forward(kernel, args.device, *args.image,
+                                                       args.steps, args.warmup, not args.no_amp)}
+                     for kernel in args.kernel]
+        for row in rows:
+            print(json.dumps(row))
+    elif args.check == "profile":
+        rows = [profile_training_steps(kernel, args.device, *args.image, args.steps, args.warmup,
+                                       not args.no_amp) for kernel in args.kernel]
+        for row in rows:
+            total = sum(row["phase_median_s"].values())
+            print(f"== {row['kernel']}: a step {total * 1e3:.1f} ms (sum of phase medians), GPU "
+                  f"kernels {row['gpu_kernel_ms_per_step']:.1f} ms a step, "
+                  f"{row['kernel_launches_per_step']:.0f} kernels a step")
+            for name, seconds in row["phase_median_s"].items():
+                print(f"   phase {name:22s} {seconds * 1e3:8.1f} ms")
+            print(row["by_device_time"])
+            print(row["by_cpu_time"])
     else:
         rows = [time_training_steps(kernel, args.device, *args.image, args.steps, args.warmup,
                                     not args.no_amp) for kernel in args.kernel]
