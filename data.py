@@ -368,21 +368,28 @@ class CocoDetection(torch.utils.data.Dataset):
         return read_rgb_image(self.image_dir / file_name)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        return self.sample(index)
+
+    def sample(self, index: int, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, Target]:
+        """Sample index, its random augmentation drawn from `generator` (None: torch's
+        global RNG)."""
         index = range(len(self))[index]  # IndexError out of range, as iteration expects
         boxes, labels = self.instances(index)
         return make_sample(self.load_image(index), boxes, labels, self.transforms,
-                           self.image_ids[index])
+                           self.image_ids[index], generator)
 
 
 def make_sample(image: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, transforms,
-                image_id: int) -> tuple[torch.Tensor, Target]:
+                image_id: int, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, Target]:
     """A picture and its boxes (M, 4) xyxy pixels -> a sample as the model sees it: the
     transformed image (3, H, W) normalised with the ImageNet mean and std, and its Target
     (boxes normalised cxcywh relative to the transformed image). Datasets and predict.py
     both go through here, so a picture reaches the model the same way from either."""
     orig_size = torch.tensor([image.height, image.width])
     if transforms is not None:
-        image, boxes, labels = transforms(image, boxes, labels)
+        image, boxes, labels = transforms(image, boxes, labels, generator)
     if isinstance(image, Image.Image):
         image = F.to_tensor(image)
     image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
@@ -409,9 +416,9 @@ def build_dataset(data: str, split: str, train: bool, image_size: int, max_size:
 # ----------------------------------------------------------------------------------------
 # Transforms: callables (image, boxes, labels) -> (image, boxes, labels), where image is a
 # PIL image or a (C, H, W) tensor, boxes are (M, 4) absolute (x0, y0, x1, y1) pixels and
-# labels are (M,). Randomness comes from torch's global RNG: the training loop seeds it
-# before every sample (train_sft.SeededSamples), which makes runs reproducible with any
-# number of DataLoader workers. As in DETR's transforms.
+# labels are (M,), and a generator that every random draw comes from (None: torch's global
+# RNG). Training passes one seeded per sample (train_sft.SeededSamples), which makes runs
+# reproducible with any number of DataLoader workers. As in DETR's transforms.
 # ----------------------------------------------------------------------------------------
 
 
@@ -421,18 +428,23 @@ def _image_shape(image) -> tuple[int, int]:
     return height, width
 
 
-def _random_int(low: int, high: int) -> int:
+def _random_int(low: int, high: int, generator: torch.Generator | None) -> int:
     """Uniform integer in [low, high], inclusive."""
-    return int(torch.randint(low, high + 1, ()).item())
+    return int(torch.randint(low, high + 1, (), generator=generator).item())
+
+
+def _random_float(generator: torch.Generator | None) -> float:
+    """Uniform number in [0, 1)."""
+    return torch.rand((), generator=generator).item()
 
 
 class Compose:
     def __init__(self, transforms: list):
         self.transforms = list(transforms)
 
-    def __call__(self, image, boxes, labels):
+    def __call__(self, image, boxes, labels, generator=None):
         for transform in self.transforms:
-            image, boxes, labels = transform(image, boxes, labels)
+            image, boxes, labels = transform(image, boxes, labels, generator)
         return image, boxes, labels
 
 
@@ -440,8 +452,8 @@ class RandomHorizontalFlip:
     def __init__(self, probability: float = 0.5):
         self.probability = probability
 
-    def __call__(self, image, boxes, labels):
-        if torch.rand(()).item() >= self.probability:
+    def __call__(self, image, boxes, labels, generator=None):
+        if _random_float(generator) >= self.probability:
             return image, boxes, labels
         _, width = _image_shape(image)
         x0, y0, x1, y1 = boxes.unbind(-1)
@@ -473,7 +485,7 @@ class Resize:
         self.short_side = short_side
         self.max_size = max_size
 
-    def __call__(self, image, boxes, labels):
+    def __call__(self, image, boxes, labels, generator=None):
         image, boxes = resize(image, boxes, self.short_side, self.max_size)
         return image, boxes, labels
 
@@ -485,8 +497,8 @@ class RandomResize:
         self.sizes = list(sizes)
         self.max_size = max_size
 
-    def __call__(self, image, boxes, labels):
-        short_side = self.sizes[_random_int(0, len(self.sizes) - 1)]
+    def __call__(self, image, boxes, labels, generator=None):
+        short_side = self.sizes[_random_int(0, len(self.sizes) - 1, generator)]
         image, boxes = resize(image, boxes, short_side, self.max_size)
         return image, boxes, labels
 
@@ -501,12 +513,13 @@ class RandomSizeCrop:
         self.min_size = min_size
         self.max_size = max_size
 
-    def __call__(self, image, boxes, labels):
+    def __call__(self, image, boxes, labels, generator=None):
         height, width = _image_shape(image)
-        crop_width = _random_int(min(self.min_size, width), min(width, self.max_size))
-        crop_height = _random_int(min(self.min_size, height), min(height, self.max_size))
-        top = _random_int(0, height - crop_height)
-        left = _random_int(0, width - crop_width)
+        crop_width = _random_int(min(self.min_size, width), min(width, self.max_size), generator)
+        crop_height = _random_int(min(self.min_size, height), min(height, self.max_size),
+                                  generator)
+        top = _random_int(0, height - crop_height, generator)
+        left = _random_int(0, width - crop_width, generator)
         image = F.crop(image, top, left, crop_height, crop_width)
         boxes = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
         upper = torch.tensor([crop_width, crop_height] * 2, dtype=boxes.dtype)
@@ -523,10 +536,10 @@ class RandomSelect:
         self.second = second
         self.probability = probability
 
-    def __call__(self, image, boxes, labels):
-        if torch.rand(()).item() < self.probability:
-            return self.first(image, boxes, labels)
-        return self.second(image, boxes, labels)
+    def __call__(self, image, boxes, labels, generator=None):
+        if _random_float(generator) < self.probability:
+            return self.first(image, boxes, labels, generator)
+        return self.second(image, boxes, labels, generator)
 
 
 def training_scales(image_size: int) -> list[int]:
@@ -694,11 +707,15 @@ class ReplaceUnreadable(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        return self.sample(index)
+
+    def sample(self, index: int, generator: torch.Generator | None = None):
+        """Sample index, or the next readable one; augmentation drawn from `generator`."""
         index = range(len(self))[index]  # IndexError out of range, as iteration expects
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
             try:
-                sample = self.dataset[candidate]
+                sample = self.dataset.sample(candidate, generator)
             except DataError as error:
                 warnings.warn(f"{error}; sample {candidate} replaced by the next readable one")
                 continue

@@ -29,15 +29,22 @@ import torch
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Subset
 from torchvision.ops import box_iou, nms
-from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
+from PIL import Image
+from torchvision.transforms.functional import (InterpolationMode, pil_to_tensor, resize,
+                                               to_pil_image)
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from data import (Batch, CocoDetection, DataError, build_dataset, collate,
                   instance_image_index, resolve_data_root, sample_exemplars, split_files)
-from model import DINOR1, Detections, load_checkpoint, model_from_checkpoint, postprocess
+from model import (DINOR1, Detections, load_checkpoint, model_from_checkpoint, postprocess,
+                   resolve_device)
 
 SUMMARY_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+# Box colours, one per class or prompt: light, for black label text, and unlike the
+# saturated red, green, blue and yellow of the shapes data, so that a box's colour never
+# reads as a class.
+COLOURS = ["white", "magenta", "cyan", "orange", "pink", "violet", "lightgrey", "tan"]
 
 
 # ----------------------------------------------------------------------------- shared prompts
@@ -173,18 +180,18 @@ def detect_interactive(model: DINOR1, batch: Batch, top_k: int = 300) -> list[De
 
 # ----------------------------------------------------------------------------- metrics
 
-def to_coco_results(detections: list[Detections], image_ids: list[int],
-                    category_ids: list[int]) -> list[dict]:
-    """Detections (boxes xyxy in original pixels, labels = class indices) -> COCO result
-    dicts (bbox as [x, y, w, h], category_id the dataset's own id)."""
-    results = []
-    for found, image_id in zip(detections, image_ids):
-        boxes = found.boxes.cpu().clone()
-        boxes[:, 2:] -= boxes[:, :2]
-        for box, score, label in zip(boxes.tolist(), found.scores.tolist(), found.labels.tolist()):
-            results.append({"image_id": int(image_id), "category_id": category_ids[label],
-                            "bbox": [round(v, 2) for v in box], "score": round(score, 5)})
-    return results
+def coco_results(found: Detections, identity: dict, label_key: str,
+                 label_values: list) -> list[dict]:
+    """One image's detections (boxes xyxy in its own pixels) -> COCO result dicts:
+    `identity` ({"image_id": 7} here, {"file_name": ...} in predict.py), then `label_key`
+    with label_values[label] (the dataset's category id, or the prompt's name), the bbox as
+    [x, y, w, h] and the score. evaluate.py and predict.py both write results through here."""
+    boxes = found.boxes.cpu().clone()
+    boxes[:, 2:] -= boxes[:, :2]
+    return [{**identity, label_key: label_values[label], "bbox": [round(v, 2) for v in box],
+             "score": round(score, 5)}
+            for box, score, label in zip(boxes.tolist(), found.scores.tolist(),
+                                         found.labels.tolist())]
 
 
 def duplicate_counts(found: Detections, score_threshold: float = 0.3,
@@ -267,24 +274,28 @@ def format_per_class(metrics: dict) -> str:
 
 # ----------------------------------------------------------------------------- pictures
 
-def draw_predictions(dataset: CocoDetection, index: int, found: Detections, path: Path,
-                     threshold: float = 0.3, min_side: int = 512) -> None:
-    """The original image with predicted boxes, class names and scores above `threshold`;
-    one label per box (the best-scoring class of a query), and small images enlarged, so
-    that the labels can be read."""
-    image = pil_to_tensor(dataset.load_image(index))
+def draw_detections(picture: Image.Image, found: Detections, names: list[str],
+                    threshold: float = 0.0, min_side: int = 512,
+                    overlap: float = 0.5) -> Image.Image:
+    """The picture with the boxes scoring at least `threshold`, each with its name
+    (names[label]) and score, one colour per label. Small pictures are enlarged (pixels kept
+    square) so that the labels can be read. Where boxes overlap by more than `overlap`
+    (IoU), only the best-scoring one is drawn: the same object found by several queries or
+    prompts (the results keep them all)."""
+    image = pil_to_tensor(picture)
     zoom = max(1.0, min_side / min(image.shape[-2:]))
-    image = resize(image, [round(image.shape[-2] * zoom), round(image.shape[-1] * zoom)])
-    found = Detections(found.boxes * zoom, found.scores, found.labels)
-    keep = nms(found.boxes.float(), found.scores.float(), iou_threshold=0.9)
-    keep = keep[found.scores[keep] >= threshold]
-    labels = [f"{dataset.class_names[c]} {s:.2f}"
-              for c, s in zip(found.labels[keep].tolist(), found.scores[keep].tolist())]
-    if labels:
-        image = draw_bounding_boxes(image, found.boxes[keep].cpu(), labels=labels,
-                                    colors="white", width=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil_image(image).save(path)
+    image = resize(image, [round(image.shape[-2] * zoom), round(image.shape[-1] * zoom)],
+                   InterpolationMode.NEAREST)
+    boxes, scores = found.boxes.float().cpu(), found.scores.float().cpu()
+    keep = nms(boxes, scores, iou_threshold=overlap)
+    keep = keep[scores[keep] >= threshold]
+    if len(keep):
+        labels = found.labels[keep].tolist()
+        texts = [f"{names[k]} {s:.2f}" for k, s in zip(labels, scores[keep].tolist())]
+        image = draw_bounding_boxes(image, boxes[keep] * zoom, labels=texts,
+                                    colors=[COLOURS[k % len(COLOURS)] for k in labels],
+                                    width=2, fill_labels=True)
+    return to_pil_image(image)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -321,15 +332,19 @@ def evaluate(model: DINOR1, data: str, *, split: str = "val", prompt: str = "gen
         batch = batch.to(device)
         found = detect_batch(batch)
         image_ids = [t.image_id for t in batch.targets]
-        results += to_coco_results(found, image_ids, dataset.category_ids)
+        for detections, image_id in zip(found, image_ids):
+            results += coco_results(detections, {"image_id": int(image_id)}, "category_id",
+                                    dataset.category_ids)
         for detections in found:
             counts = duplicate_counts(detections)
             confident, duplicates = confident + counts[0], duplicates + counts[1]
         if vis_dir is not None:
             for b, detections in enumerate(found):
                 if position + b < num_vis:
-                    draw_predictions(dataset, position + b, detections,
-                                     Path(vis_dir) / f"{split}_{image_ids[b]}.png")
+                    path = Path(vis_dir) / f"{split}_{image_ids[b]}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    draw_detections(dataset.load_image(position + b), detections,
+                                    dataset.class_names, threshold=0.3).save(path)
         position += len(batch.targets)
     metrics = coco_metrics(dataset, results)
     metrics.update(split=split, prompt=prompt, shots=shots, num_images=len(dataset),
@@ -378,9 +393,7 @@ def main(argv=None) -> dict:
     checkpoint = load_checkpoint(args.ckpt)
     overrides = {"kernel": args.kernel} if args.kernel else {}
     model = model_from_checkpoint(checkpoint, **overrides)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     data = args.data or checkpoint["args"]["data"]
     novel = args.novel or checkpoint["args"].get("novel")
     if args.save_prototypes:

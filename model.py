@@ -10,7 +10,7 @@ Read top to bottom:
     VisualPromptEncoder, contrastive_logits     one embedding per exemplar box (2.2), L_contra (2.4)
     EnhancerLayer                               image <-> prompt fusion (METHOD 2.6)
     DecoderLayer, Decoder                       cross-modality decoder, box refinement (2.8)
-    build_denoising_queries, denoising_loss     contrastive denoising queries (2.10)
+    build_denoising_queries                     contrastive denoising queries (2.10)
     DINOR1                                      encode, query selection (2.7), heads (2.9)
     HungarianMatcher, SetCriterion              METHOD (1) and the SFT losses
     postprocess, model_from_checkpoint          top-k (query, prompt) pairs to boxes; loading
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import FrozenBatchNorm2d, box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from kernels import ms_deform_attn
 
@@ -118,9 +118,10 @@ class Encoded:
     exemplars: Tensor | None   # (N, d) every exemplar's embedding (with instructions only)
     memory: Tensor             # (B, S, d) enhanced image tokens
     enhanced: Tensor           # (B, K, d) enhanced prompts
-    output: Tensor             # (B, S, d) the memory after the encoder output layer
+    proposal_features: Tensor  # (B, S, d) the memory after the encoder output layer, read
+                               # by the encoder's class and box heads
     token_logits: Tensor       # (B, S, K) every token against every prompt
-    scores: Tensor             # (B, S) s_n = max_k of token_logits (METHOD 2.7)
+    objectness_logits: Tensor  # (B, S) s_n = max_k of token_logits (METHOD 2.7)
 
 
 @dataclass
@@ -238,7 +239,7 @@ class TinyConvNet(nn.Module):
 def make_backbone(name: str, pretrained: bool) -> tuple[nn.Module, list[int], bool]:
     """A torchvision feature extractor returning strides 8, 16, 32.
 
-    Returns (extractor, channels per level, channels_last) where channels_last is True for
+    Returns (extractor, channels per level, outputs_nhwc) where outputs_nhwc is True for
     Swin, whose stages produce (B, H, W, C).
     """
     from torchvision import models
@@ -248,19 +249,22 @@ def make_backbone(name: str, pretrained: bool) -> tuple[nn.Module, list[int], bo
         if pretrained:
             raise ValueError("the tiny backbone has no pretrained weights; drop "
                              "--pretrained-backbone or use --model swin_t / r50")
-        network, nodes, channels_last = TinyConvNet(), ["stage2", "stage3", "stage4"], False
+        network, nodes, outputs_nhwc = TinyConvNet(), ["stage2", "stage3", "stage4"], False
         channels = network.channels
     elif name == "swin_t":
         network = models.swin_t(weights="IMAGENET1K_V1" if pretrained else None)
-        nodes, channels, channels_last = ["features.3", "features.5", "features.7"], \
+        nodes, channels, outputs_nhwc = ["features.3", "features.5", "features.7"], \
             [192, 384, 768], True
     elif name == "r50":
-        network = models.resnet50(weights="IMAGENET1K_V2" if pretrained else None)
-        nodes, channels, channels_last = ["layer2", "layer3", "layer4"], [512, 1024, 2048], False
+        # BatchNorm frozen, as in DETR: at 2 images per GPU batch statistics are noise. With
+        # ImageNet weights it keeps their statistics; from scratch it is the identity.
+        network = models.resnet50(weights="IMAGENET1K_V2" if pretrained else None,
+                                  norm_layer=FrozenBatchNorm2d)
+        nodes, channels, outputs_nhwc = ["layer2", "layer3", "layer4"], [512, 1024, 2048], False
     else:
         raise ValueError(f"unknown backbone {name!r}; choose tiny, swin_t or r50")
     extractor = create_feature_extractor(network, {node: str(i) for i, node in enumerate(nodes)})
-    return extractor, channels, channels_last
+    return extractor, channels, outputs_nhwc
 
 
 class Backbone(nn.Module):
@@ -272,7 +276,7 @@ class Backbone(nn.Module):
     def __init__(self, config: DetectorConfig):
         super().__init__()
         d, num_levels = config.hidden_dim, config.num_levels
-        self.body, channels, self.channels_last = make_backbone(config.backbone,
+        self.body, channels, self.outputs_nhwc = make_backbone(config.backbone,
                                                                 config.pretrained_backbone)
         self.num_stages = min(num_levels, len(channels))
         groups = min(32, d // 4)
@@ -288,7 +292,7 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor, mask: Tensor) -> ImageFeatures:
         """images (B, 3, H, W) normalised; mask (B, H, W) True = padding."""
         stages = list(self.body(images).values())[-self.num_stages:]
-        if self.channels_last:
+        if self.outputs_nhwc:
             stages = [rearrange(s, "b h w c -> b c h w") for s in stages]
         maps = [proj(s) for proj, s in zip(self.projections, stages)]
         previous = stages[-1]
@@ -676,14 +680,17 @@ class DenoisingQueries(NamedTuple):
 
 
 def build_denoising_queries(targets: list["Target"], prompts: Tensor, num_matching: int,
-                            config: DetectorConfig) -> DenoisingQueries | None:
+                            config: DetectorConfig, generator: torch.Generator | None = None
+                            ) -> DenoisingQueries | None:
     """Contrastive denoising queries for a batch; None when there is nothing to denoise.
 
     targets: per image `boxes` (M, 4) cxcywh and `labels` (M,) prompt indices; prompts
     (B, K, d). Each group holds a positive (box corners moved by < lambda * half size) and a
     negative (between lambda and 2 lambda) copy of every ground truth; with probability
     `dn_label_noise` a query gets a wrong prompt (label noise). Groups see neither each
-    other nor are seen by the `num_matching` matching queries.
+    other nor are seen by the `num_matching` matching queries. The noise is drawn on the
+    CPU from `generator` (None: torch's global RNG), so a seed gives the same queries on
+    any device.
     """
     device = prompts.device
     batch, num_prompts = prompts.shape[:2]
@@ -696,11 +703,13 @@ def build_denoising_queries(targets: list["Target"], prompts: Tensor, num_matchi
     labels, valid = labels[:, None, None].expand(shape), valid[:, None, None].expand(shape)
     boxes = boxes[:, None, None].expand(*shape, 4)
     positive = torch.tensor([True, False], device=device)[None, None, :, None].expand(shape)
-    flip = torch.rand(shape, device=device) < config.dn_label_noise
-    noisy_labels = torch.where(flip, torch.randint(0, num_prompts, shape, device=device), labels)
+    flip = torch.rand(shape, generator=generator).to(device) < config.dn_label_noise
+    wrong = torch.randint(0, num_prompts, shape, generator=generator).to(device)
+    noisy_labels = torch.where(flip, wrong, labels)
     half_size = torch.cat([boxes[..., 2:]] * 2, -1) / 2          # (w, h, w, h) / 2
-    magnitude = torch.rand(*shape, 4, device=device) + (~positive)[..., None].float()
-    sign = torch.randint(0, 2, (*shape, 4), device=device) * 2.0 - 1.0
+    magnitude = (torch.rand(*shape, 4, generator=generator).to(device)
+                 + (~positive)[..., None].float())
+    sign = torch.randint(0, 2, (*shape, 4), generator=generator).to(device) * 2.0 - 1.0
     corners = box_convert(boxes, "cxcywh", "xyxy")
     corners = (corners + sign * magnitude * half_size * config.dn_box_noise).clamp(0, 1)
     batch_index = torch.arange(batch, device=device)[:, None, None, None]
@@ -716,20 +725,6 @@ def build_denoising_queries(targets: list["Target"], prompts: Tensor, num_matchi
         targets=DenoisingTargets(labels=labels.flatten(1), boxes=boxes.flatten(1, 3),
                                  positive=positive.flatten(1), valid=valid.flatten(1),
                                  num_groups=groups))
-
-
-def denoising_loss(criterion: "SetCriterion", logits: Tensor, boxes: Tensor,
-                   dn: DenoisingTargets, prompt_mask: Tensor, num_boxes: float) -> Tensor:
-    """DN queries know their targets (no matching): positives recover class and box,
-    negatives must predict no class. logits (B, N, K), boxes (B, N, 4); the focal and box
-    losses are the criterion's, normalised per group."""
-    normaliser = num_boxes * dn.num_groups
-    positive = dn.positive & dn.valid
-    target_classes = torch.zeros_like(logits)
-    target_classes[positive] = F.one_hot(dn.labels[positive], logits.shape[-1]).to(logits.dtype)
-    keep = (dn.valid[..., None] & ~prompt_mask[:, None, :]).float()
-    loss = criterion.class_weight * criterion.focal(logits, target_classes, keep, normaliser)
-    return loss + criterion.box_losses(boxes[positive], dn.boxes[positive], normaliser)
 
 
 # ----------------------------------------------------------------------------- the detector
@@ -797,21 +792,25 @@ class DINOR1(nn.Module):
                      prompt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """METHOD 2.7: s_n = max_k (I'_n . v'_k) / sqrt(d) + bias for every token.
 
-        Returns output memory (B, S, d), token logits (B, S, K) and scores (B, S); padding
-        tokens score -1e4 so they are never selected ahead of image tokens.
+        Returns the proposal features (B, S, d), token logits (B, S, K) and objectness logits
+        s_n (B, S); padding tokens score -1e4 so they are never selected ahead of image
+        tokens.
         """
-        output = self.encoder_output(memory).masked_fill(features.padding_mask[..., None], 0)
-        logits = self.encoder_class_head(output, prompts, prompt_mask)
+        proposal_features = self.encoder_output(memory).masked_fill(
+            features.padding_mask[..., None], 0)
+        logits = self.encoder_class_head(proposal_features, prompts, prompt_mask)
         if logits.shape[-1] > 0:
-            scores = logits.max(-1).values
+            objectness_logits = logits.max(-1).values
         else:
-            scores = self.encoder_class_head.bias.expand(logits.shape[:2])
-        return output, logits, scores.float().masked_fill(features.padding_mask, -1e4)
+            objectness_logits = self.encoder_class_head.bias.expand(logits.shape[:2])
+        return proposal_features, logits, objectness_logits.float().masked_fill(
+            features.padding_mask, -1e4)
 
-    def select_queries(self, scores: Tensor) -> Selection:
-        """The top N_q tokens by score, in descending order (METHOD 2.7)."""
-        objectness, indices = scores.topk(min(self.config.num_queries, scores.shape[1]), dim=1)
-        return Selection(indices=indices, objectness_logits=objectness)
+    def select_queries(self, objectness_logits: Tensor) -> Selection:
+        """The top N_q tokens by objectness logit s_n, in descending order (METHOD 2.7)."""
+        selected, indices = objectness_logits.topk(
+            min(self.config.num_queries, objectness_logits.shape[1]), dim=1)
+        return Selection(indices=indices, objectness_logits=selected)
 
     # -- the two passes ------------------------------------------------------------------
 
@@ -819,7 +818,7 @@ class DINOR1(nn.Module):
                prompt_mask: Tensor | None = None,
                instructions: "VisualInstructions | None" = None) -> Encoded:
         """Backbone, prompts, feature enhancer and token scores: all that comes before the
-        decoder, shared by `forward` and `objectness`. Prompts come either ready-made
+        decoder, shared by `forward` and `objectness_logits`. Prompts come either ready-made
         (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g. generic prototypes or text) or
         as `instructions` (training: exemplar boxes of this batch, one per class becomes the
         prompt of every image)."""
@@ -833,30 +832,32 @@ class DINOR1(nn.Module):
         if prompt_mask is None:
             prompt_mask = torch.zeros(prompts.shape[:2], dtype=torch.bool, device=prompts.device)
         memory, enhanced = self.enhance(features, prompts, prompt_mask)
-        output, token_logits, scores = self.score_tokens(features, memory, enhanced, prompt_mask)
-        return Encoded(features, prompts, prompt_mask, exemplars, memory, enhanced, output,
-                       token_logits, scores)
+        proposal_features, token_logits, objectness_logits = self.score_tokens(
+            features, memory, enhanced, prompt_mask)
+        return Encoded(features, prompts, prompt_mask, exemplars, memory, enhanced,
+                       proposal_features, token_logits, objectness_logits)
 
-    def objectness(self, images: Tensor, mask: Tensor, indices: Tensor,
-                   prompts: Tensor | None = None, prompt_mask: Tensor | None = None,
-                   instructions: "VisualInstructions | None" = None) -> Tensor:
+    def objectness_logits(self, images: Tensor, mask: Tensor, indices: Tensor,
+                          prompts: Tensor | None = None, prompt_mask: Tensor | None = None,
+                          instructions: "VisualInstructions | None" = None) -> Tensor:
         """The light path for the GRQO reference model (no decoder): the objectness logits
-        (B, Q) of the given token indices (B, Q), e.g. the ones the policy selected."""
-        return self.encode(images, mask, prompts, prompt_mask, instructions).scores.gather(
-            1, indices)
+        s (B, Q) of the given token indices (B, Q), e.g. the ones the policy selected."""
+        encoded = self.encode(images, mask, prompts, prompt_mask, instructions)
+        return encoded.objectness_logits.gather(1, indices)
 
     def forward(self, images: Tensor, mask: Tensor, prompts: Tensor | None = None,
                 prompt_mask: Tensor | None = None,
                 instructions: "VisualInstructions | None" = None,
-                dn_targets: list["Target"] | None = None) -> DetectorOutput:
+                dn_targets: list["Target"] | None = None,
+                generator: torch.Generator | None = None) -> DetectorOutput:
         """images (B, 3, H, W) normalised, mask (B, H, W) True = padding; prompts as in
         `encode` (instructions also yield the contrastive logits). `dn_targets` (training
-        only) adds denoising queries."""
+        only) adds denoising queries, their noise drawn from `generator`."""
         encoded = self.encode(images, mask, prompts, prompt_mask, instructions)
         features, prompt_mask = encoded.features, encoded.prompt_mask
-        selection = self.select_queries(encoded.scores)
+        selection = self.select_queries(encoded.objectness_logits)
         anchors = gather_tokens(token_anchors(features), selection.indices)
-        encoder_boxes = (self.encoder_box_head(gather_tokens(encoded.output, selection.indices))
+        encoder_boxes = (self.encoder_box_head(gather_tokens(encoded.proposal_features, selection.indices))
                          .float() + anchors).sigmoid()
         # "Mixed" query selection: learned content, positions from the selected proposals.
         queries = self.query_content.weight.expand(images.shape[0], -1, -1)
@@ -864,7 +865,7 @@ class DINOR1(nn.Module):
         reference, attn_mask, denoising = encoder_boxes.detach(), None, None
         if self.training and dn_targets is not None:
             denoising = build_denoising_queries(dn_targets, encoded.prompts, queries.shape[1],
-                                                self.config)
+                                                self.config, generator)
         if denoising is not None:
             queries = torch.cat([self.dn_content(denoising.prompts).to(queries.dtype), queries], 1)
             reference = torch.cat([denoising.reference, reference], 1)
@@ -1021,6 +1022,20 @@ class SetCriterion:
         loss = self.class_weight * self.focal(logits, target_classes, keep, num_boxes)
         return loss + self.box_losses(torch.cat(matched_boxes), torch.cat(gt_boxes), num_boxes)
 
+    def denoising_loss(self, logits: Tensor, boxes: Tensor, dn: DenoisingTargets,
+                       prompt_mask: Tensor, num_boxes: float) -> Tensor:
+        """DN queries know their targets (no matching): positives recover class and box,
+        negatives must predict no class. logits (B, N, K), boxes (B, N, 4) cxcywh; the focal
+        and box losses of the matched sets, normalised per group."""
+        normaliser = num_boxes * dn.num_groups
+        positive = dn.positive & dn.valid
+        target_classes = torch.zeros_like(logits)
+        target_classes[positive] = F.one_hot(dn.labels[positive],
+                                             logits.shape[-1]).to(logits.dtype)
+        keep = (dn.valid[..., None] & ~prompt_mask[:, None, :]).float()
+        loss = self.class_weight * self.focal(logits, target_classes, keep, normaliser)
+        return loss + self.box_losses(boxes[positive], dn.boxes[positive], normaliser)
+
     def contrastive_loss(self, logits: Tensor) -> Tensor:
         """Symmetric InfoNCE between class-mean visual and text embeddings (METHOD 2.4)."""
         classes = torch.arange(logits.shape[0], device=logits.device)
@@ -1037,7 +1052,7 @@ class SetCriterion:
                                           mask, num_boxes)}
         if output.dn_targets is not None:
             terms["denoising"] = sum(
-                denoising_loss(self, logits, boxes, output.dn_targets, mask, num_boxes)
+                self.denoising_loss(logits, boxes, output.dn_targets, mask, num_boxes)
                 for logits, boxes in zip(output.dn_logits, output.dn_boxes))
         if output.contrastive_logits is not None and output.contrastive_logits.shape[0] > 0:
             terms["contrastive"] = self.contrastive_weight * self.contrastive_loss(
@@ -1078,6 +1093,16 @@ def postprocess(logits: Tensor, boxes: Tensor, original_sizes: Tensor,
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+def resolve_device(name: str) -> torch.device:
+    """--device auto|cpu|cuda -> a device: auto is CUDA where torch sees one, else the CPU.
+    SystemExit when CUDA is asked for and absent."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
 
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint without executing pickled code (weights_only=True)."""

@@ -34,20 +34,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.ops import nms
-from torchvision.transforms.functional import (InterpolationMode, pil_to_tensor, resize,
-                                               to_pil_image)
-from torchvision.utils import draw_bounding_boxes
+from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
 from data import Batch, DataError, collate, make_sample, make_transforms, read_rgb_image
-from evaluate import detect
-from model import DINOR1, load_checkpoint, model_from_checkpoint
+from evaluate import coco_results, detect, draw_detections
+from model import DINOR1, Detections, load_checkpoint, model_from_checkpoint, resolve_device
 
 PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-# Box colours, one per prompt: light, for black label text, and unlike the saturated red,
-# green, blue and yellow of the shapes data, so that a box's colour never reads as a class.
-COLOURS = ["white", "magenta", "cyan", "orange", "pink", "violet", "lightgrey", "tan"]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -60,7 +54,7 @@ class Exemplar:
     name:      the prompt's name; exemplars that share a name are averaged into one prompt.
     image:     the picture the box is on: a file, a PIL image or a (3, H, W) tensor (as
                in predict); None = the picture being searched (an interactive prompt).
-    embedding: (d,) once encoded (see encode_exemplars); None = encode when needed.
+    embedding: (d,) once encoded (see encode_other_pictures); None = encode when needed.
     """
     box: tuple[float, float, float, float]
     name: str
@@ -82,7 +76,7 @@ class Prompts:
                        torch.cat(parts) if parts else None)
 
 
-def text_prompts(model: DINOR1, names: list[str]) -> Prompts:
+def prompts_from_text(model: DINOR1, names: list[str]) -> Prompts:
     """Class names through the model's text encoder (METHOD 2.3)."""
     with torch.no_grad():
         return Prompts(names=list(names), embeddings=model.encode_text(list(names)))
@@ -155,7 +149,7 @@ def encode_on_picture(model: DINOR1, batch: Batch) -> Tensor:
     return model.encode_exemplars(batch.images, batch.mask, image_index, boxes)
 
 
-def encode_exemplars(model: DINOR1, prompts: Prompts) -> Prompts:
+def encode_other_pictures(model: DINOR1, prompts: Prompts) -> Prompts:
     """Encode, once, the exemplars that sit on other pictures (each picture read once), so
     that searching many pictures does not encode them again. Interactive exemplars (image
     None) stay as they are: they are encoded on each picture searched."""
@@ -208,6 +202,10 @@ class Prediction:
     labels: Tensor     # (N,) long, the prompt each box answers: an index into names
     names: list[str]   # K, the prompts' names
 
+    @property
+    def detections(self) -> Detections:
+        return Detections(self.boxes, self.scores, self.labels)
+
 
 @torch.no_grad()
 def predict(model: DINOR1, image: str | Path | Image.Image | Tensor, prompts: Prompts,
@@ -227,14 +225,14 @@ def predict(model: DINOR1, image: str | Path | Image.Image | Tensor, prompts: Pr
     for box in interactive:
         check_box(box, picture, "the picture")
     batch = prepare(model, picture, interactive)
-    vectors, names = prompt_set(model, encode_exemplars(model, prompts), batch)
+    vectors, names = prompt_set(model, encode_other_pictures(model, prompts), batch)
     found = detect(model, batch, vectors, list(range(len(names))), chunk_size, top_k)[0]
     keep = found.scores >= threshold
     return Prediction(found.boxes[keep].cpu(), found.scores[keep].cpu(),
                       found.labels[keep].cpu(), names)
 
 
-def load_model(path: str | Path, device: str = "cpu") -> DINOR1:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> DINOR1:
     """The detector of a checkpoint, in eval mode. SystemExit naming the file when it is
     missing or unreadable, or when its text encoder cannot be built here."""
     checkpoint = load_checkpoint(str(path))
@@ -246,39 +244,6 @@ def load_model(path: str | Path, device: str = "cpu") -> DINOR1:
         raise SystemExit(f"the text encoder {name!r} of checkpoint {path} is unavailable "
                          f"here: {reason}") from error
     return model.eval().to(device)
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def draw_prediction(picture: Image.Image, found: Prediction, min_side: int = 512,
-                    overlap: float = 0.5) -> Image.Image:
-    """The picture with its boxes, names and scores, one colour per prompt. Small pictures
-    are enlarged (pixels kept square) so that the labels can be read. Where boxes overlap
-    by more than `overlap` (IoU), only the best-scoring one is drawn: the same object
-    found by several queries or prompts; detections.json keeps them all."""
-    image = pil_to_tensor(picture)
-    zoom = max(1.0, min_side / min(image.shape[-2:]))
-    image = resize(image, [round(image.shape[-2] * zoom), round(image.shape[-1] * zoom)],
-                   InterpolationMode.NEAREST)
-    keep = nms(found.boxes, found.scores, iou_threshold=overlap)
-    if len(keep):
-        prompts, scores = found.labels[keep].tolist(), found.scores[keep].tolist()
-        labels = [f"{found.names[p]} {s:.2f}" for p, s in zip(prompts, scores)]
-        colours = [COLOURS[p % len(COLOURS)] for p in prompts]     # one colour per prompt
-        image = draw_bounding_boxes(image, found.boxes[keep] * zoom, labels=labels,
-                                    colors=colours, width=2, fill_labels=True)
-    return to_pil_image(image)
-
-
-def coco_results(file_name: str, found: Prediction) -> list[dict]:
-    """COCO-style result dicts: bbox [x, y, w, h] in the picture's pixels, plus the name."""
-    results = []
-    for (x0, y0, x1, y1), score, label in zip(found.boxes.tolist(), found.scores.tolist(),
-                                              found.labels.tolist()):
-        results.append({"file_name": file_name,
-                        "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
-                        "score": round(score, 5), "name": found.names[label]})
-    return results
 
 
 # ----------------------------------------------------------------------------- command line
@@ -346,10 +311,10 @@ def build_prompts(args, model: DINOR1) -> Prompts:
     """Prompts from the command line; the exemplars on other pictures encoded once."""
     prompts = Prompts(command_line_exemplars(args.box, args.exemplar))
     if args.text:
-        prompts = prompts + text_prompts(model, args.text)
+        prompts = prompts + prompts_from_text(model, args.text)
     for path in args.classes:
         prompts = prompts + load_prototypes(path, model)
-    return encode_exemplars(model, prompts)
+    return encode_other_pictures(model, prompts)
 
 
 def main(argv=None) -> list[dict]:
@@ -378,8 +343,7 @@ def main(argv=None) -> list[dict]:
     except ValueError as error:
         raise SystemExit(str(error)) from error
     pictures = list_pictures(args.image)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.ckpt, device)
+    model = load_model(args.ckpt, resolve_device(args.device))
     try:
         prompts = build_prompts(args, model)
     except (ValueError, DataError) as error:
@@ -405,8 +369,9 @@ def run(model: DINOR1, prompts: Prompts, pictures: list[Path], out: Path, thresh
                 tqdm.write(message, file=sys.stderr)
             failed.append((picture_path, message))
             continue
-        draw_prediction(picture, found).save(out / png_name)
-        results += coco_results(str(picture_path), found)
+        draw_detections(picture, found.detections, found.names).save(out / png_name)
+        results += coco_results(found.detections, {"file_name": str(picture_path)}, "name",
+                                found.names)
     (out / "detections.json").write_text(json.dumps(results, indent=1))
     if len(failed) < len(pictures):
         print(f"{len(pictures) - len(failed)} pictures, {len(results)} detections: "

@@ -30,7 +30,7 @@ class GRQOObjective(SFTObjective):
         self.settings = dict(alpha=args.alpha, beta=args.beta, mute_fraction=args.mute_fraction,
                              form=args.grqo_form)
         # The rewards' cost, METHOD (2)-(3), may differ from the one the matching uses.
-        self.reward_matcher = HungarianMatcher(class_cost=args.reward_cost or args.match_cost)
+        self.reward_matcher = HungarianMatcher(class_cost=args.reward_cost)
         self.reference: DINOR1 | None = None
 
     def start_epoch(self, model: DINOR1, epoch: int) -> None:
@@ -47,14 +47,14 @@ class GRQOObjective(SFTObjective):
             self.reference = frozen_copy(model)
             self.reference.load_state_dict(state["reference"])
 
-    def __call__(self, network, batch, instructions, targets, num_boxes):
+    def __call__(self, network, batch, instructions, targets, num_boxes, generator=None):
         if self.reference is None:
-            return super().__call__(network, batch, instructions, targets, num_boxes)
+            return super().__call__(network, batch, instructions, targets, num_boxes, generator)
         output = network(batch.images, batch.mask, instructions=instructions,
-                         dn_targets=targets)
+                         dn_targets=targets, generator=generator)
         terms = self.criterion(output, targets, num_boxes)
         with torch.no_grad():
-            reference_logits = self.reference.objectness(
+            reference_logits = self.reference.objectness_logits(
                 batch.images, batch.mask, output.selection.indices, instructions=instructions)
         costs, gt_mask = [], None
         for logits, boxes in zip(output.logits, output.boxes):     # one cost per decoder layer
@@ -77,8 +77,9 @@ def frozen_copy(model: DINOR1) -> DINOR1:
 
 def make_grqo_parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--sft-epochs", type=int, default=1,
-                        help="SFT epochs before GRQO starts (the '1' of '1+5')")
+    parser.add_argument("--sft-epochs", type=int, default=None,
+                        help="SFT epochs before GRQO starts (the '1' of '1+5'; default 1, or "
+                             "0 with --init, whose run may have been the SFT stage)")
     parser.add_argument("--grqo-epochs", type=int, default=None,
                         help="GRQO epochs (default: the preset's epochs minus --sft-epochs)")
     parser.add_argument("--alpha", type=float, default=0.01, help="advantage weight, METHOD (6)")
@@ -96,7 +97,8 @@ def make_grqo_parser():
     return parser
 
 
-def main(argv=None):
+def parse_grqo_args(argv=None):
+    """The command line with every default filled in, as config.json records it."""
     parser = make_grqo_parser()
     args = parser.parse_args(argv)
     if args.epochs is not None:
@@ -104,12 +106,17 @@ def main(argv=None):
                      "drop --epochs")
     args = finish_args(args, "grqo")          # fills epochs with the preset's (equal compute)
     if args.reward_cost is None:
-        args.reward_cost = args.match_cost    # recorded in config.json as used
-    if args.init:
-        args.sft_epochs = 0                   # the SFT stage happened in the --init run
+        args.reward_cost = args.match_cost
+    if args.sft_epochs is None:
+        args.sft_epochs = 0 if args.init else 1
     if args.grqo_epochs is None:
         args.grqo_epochs = max(args.epochs - args.sft_epochs, 0)
     args.epochs = args.sft_epochs + args.grqo_epochs
+    return args
+
+
+def main(argv=None):
+    args = parse_grqo_args(argv)
     return train(args, GRQOObjective(args))
 
 

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from data import (Batch, DataError, ReplaceUnreadable, VisualInstructions, build_dataset,
                   collate, resolve_data_root, sample_prompts, split_files)
 from model import (PRESETS, DINOR1, HungarianMatcher, SetCriterion,
-                   checkpoint_config_differences, load_checkpoint)
+                   checkpoint_config_differences, load_checkpoint, resolve_device)
 
 # Training defaults per model preset (any of them can be overridden on the command line).
 TRAIN_DEFAULTS = {
@@ -126,7 +126,7 @@ class Run:
     total_steps: float               # math.inf without --max-steps
     out: Path
     log: IO | None                   # log.jsonl, open in the main process only
-    autocast: torch.autocast
+    amp: bool                        # bf16 autocast (CUDA only)
     step: int = 0                    # optimiser steps taken so far
 
     @property
@@ -162,8 +162,7 @@ def set_up(args, objective: "SFTObjective") -> tuple[Run, int, int]:
               steps_per_epoch=steps_per_epoch,
               total_steps=min(args.epochs * steps_per_epoch, args.max_steps or math.inf),
               out=out, log=open(out / "log.jsonl", "a") if rank == 0 else None,
-              autocast=torch.autocast("cuda", dtype=torch.bfloat16,
-                                      enabled=args.amp == "bf16" and device.type == "cuda"),
+              amp=args.amp == "bf16" and device.type == "cuda",
               step=step)
     return run, epoch, first_batch
 
@@ -171,19 +170,15 @@ def set_up(args, objective: "SFTObjective") -> tuple[Run, int, int]:
 def setup_distributed(device_name: str) -> tuple[torch.device, int, int]:
     """Single process by default; under torchrun, one process per GPU (nccl) or CPU (gloo).
     Returns (device, rank, world_size)."""
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
+    device = resolve_device(device_name)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = torch.device(device_name)
     if world_size > 1:
-        if device_name == "cuda":
+        if device.type == "cuda":
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl" if device_name == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, rank, world_size
 
 
@@ -284,60 +279,114 @@ class SFTObjective:
         pass
 
     def __call__(self, network, batch: Batch, instructions: VisualInstructions, targets: list,
-                 num_boxes: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 num_boxes: float, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the loss to minimise and named terms for logging. `network` is the
-        detector, or its DDP wrapper under torchrun."""
+        detector, or its DDP wrapper under torchrun; `generator` draws the denoising noise."""
         output = network(batch.images, batch.mask, instructions=instructions,
-                         dn_targets=targets)
+                         dn_targets=targets, generator=generator)
         terms = self.criterion(output, targets, num_boxes)
         return terms["sft"], terms
 
 
 # ----------------------------------------------------------------------------- the loop
 
-def train_one_epoch(run: Run, epoch: int, first_batch: int) -> None:
-    """One pass over this process's shard of the train split, from batch `first_batch`
-    (not 0 when resuming mid-epoch); checkpoints at its end."""
-    args, model = run.args, run.model
+class EpochEnd(NamedTuple):
+    """Where `train_one_epoch` stopped."""
+    step: int                # optimiser steps taken in the run so far
+    next_batch: int          # the batch index to continue from
+    faults: "EpochFaults"
+
+
+def train_one_epoch(network: torch.nn.Module, objective: SFTObjective,
+                    optimizer: torch.optim.Optimizer, scheduler, batches, device: torch.device,
+                    epoch: int, *, seed: int, rank: int, class_names: list[str],
+                    clip_grad: float, amp: bool = False, step: int = 0,
+                    skip_nonfinite: bool = False, after_step=None) -> EpochEnd:
+    """One pass over `batches`, an iterable of (batch index, Batch), with `network` in
+    training mode. Every random draw of a step (the visual instructions, the denoising
+    noise) comes from generators seeded from (seed, epoch, batch index, rank), so a step is
+    the same whether the run was resumed or not. `step` counts the optimiser steps taken
+    before; `after_step(step, batch_index, terms, seconds)` is called after each one and
+    ends the epoch early by returning True. `amp`: bf16 autocast on CUDA."""
+    faults = EpochFaults()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    next_batch = None
+    for batch_index, batch in batches:
+        next_batch = batch_index + 1
+        started = time.perf_counter()
+        batch = batch.to(device)
+        instructions, targets = sample_prompts(
+            batch, class_names, step_generator(seed, epoch, batch_index, rank, 1))
+        has_prompts, num_boxes = agree_before_step(len(instructions.class_names) > 0,
+                                                   targets, device)
+        if not has_prompts:
+            faults.without_boxes += 1       # no box, no prompt: nothing to learn from
+            continue
+        with autocast:
+            loss, terms = objective(network, batch, instructions, targets, num_boxes,
+                                    step_generator(seed, epoch, batch_index, rank))
+        if not finite_in_every_process(loss, device):
+            message = f"non-finite loss at step {step + 1}: " + ", ".join(
+                f"{name}={value.item():.4g}" for name, value in terms.items())
+            if not skip_nonfinite:
+                raise FloatingPointError(message)
+            faults.skipped += 1
+            if rank == 0:
+                print(f"{message}: step skipped")
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), clip_grad)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if after_step is not None and after_step(step, batch_index, terms,
+                                                 time.perf_counter() - started):
+            break
+    return EpochEnd(step, next_batch, faults)
+
+
+def run_epoch(run: Run, epoch: int, first_batch: int) -> None:
+    """train_one_epoch over this process's shard of the train split, from batch
+    `first_batch` (not 0 when resuming mid-epoch), with a progress bar, logging, --max-steps
+    and --save-every; checkpoints at its end."""
+    args = run.args
     run.sampler.set_epoch(epoch)
     run.samples.epoch = epoch
     if first_batch == 0:
-        run.objective.start_epoch(model, epoch)
-    model.train()
-    faults = EpochFaults(replaced_before=run.samples.num_replaced)
+        run.objective.start_epoch(run.model, epoch)
+    run.model.train()
+    replaced_before = run.samples.num_replaced
     bar = tqdm(make_loader(run, first_batch), desc=f"epoch {epoch}", initial=first_batch,
                total=run.steps_per_epoch, disable=not run.is_main, dynamic_ncols=True)
-    batch_index = first_batch
-    for batch_index, batch in enumerate(bar, start=first_batch):
-        started = time.perf_counter()
-        torch.manual_seed(mix_seed(args.seed, epoch, batch_index, run.rank))    # DN noise
-        batch = batch.to(run.device)
-        instructions, targets = sample_prompts(
-            batch, run.class_names, mix_generator(args.seed, epoch, batch_index, run.rank))
-        if not true_in_every_process(len(instructions.class_names) > 0, run.device):
-            faults.without_boxes += 1       # no box, no prompt: nothing to learn from
-            continue
-        num_boxes = boxes_per_process(targets, run.device)
-        with run.autocast:
-            loss, terms = run.objective(run.network, batch, instructions, targets, num_boxes)
-        if not finite_in_every_process(loss, terms, run, faults):
-            continue
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.step += 1
-        if run.step % args.log_every == 0 or run.step == run.total_steps:
-            log_step(run, bar, epoch, terms, time.perf_counter() - started)
-        if run.step >= run.total_steps:
-            break                           # the checkpoint below saves this step
-        if args.save_every and run.step % args.save_every == 0 \
+
+    def after_step(step: int, batch_index: int, terms: dict, seconds: float) -> bool:
+        run.step = step
+        if step % args.log_every == 0 or step == run.total_steps:
+            log_step(run, bar, epoch, terms, seconds)
+        if step >= run.total_steps:
+            return True                     # the checkpoint below saves this step
+        if args.save_every and step % args.save_every == 0 \
                 and batch_index + 1 < run.steps_per_epoch:
             save_run(run, epoch, batch_index + 1)
-    faults.report(run, epoch)
-    finished = batch_index + 1 >= run.steps_per_epoch
-    save_run(run, epoch + 1 if finished else epoch, 0 if finished else batch_index + 1)
+        return False
+
+    try:
+        end = train_one_epoch(
+            run.network, run.objective, run.optimizer, run.scheduler,
+            enumerate(bar, start=first_batch), run.device, epoch, seed=args.seed,
+            rank=run.rank, class_names=run.class_names, clip_grad=args.clip_grad,
+            amp=run.amp, step=run.step, skip_nonfinite=args.skip_nonfinite,
+            after_step=after_step)
+    except FloatingPointError as error:
+        raise FloatingPointError(f"{error}; stopped, {run.out / 'last.pt'} is left as it was "
+                                 f"(--skip-nonfinite skips such steps instead)") from None
+    run.step = end.step
+    end.faults.report(run.is_main, epoch, run.samples.num_replaced - replaced_before)
+    next_batch = first_batch if end.next_batch is None else end.next_batch
+    finished = next_batch >= run.steps_per_epoch
+    save_run(run, epoch + 1 if finished else epoch, 0 if finished else next_batch)
 
 
 def train(args, objective: SFTObjective) -> DINOR1:
@@ -347,7 +396,7 @@ def train(args, objective: SFTObjective) -> DINOR1:
     for epoch in range(start_epoch, args.epochs):
         if run.step >= run.total_steps:
             break
-        train_one_epoch(run, epoch, first_batch)
+        run_epoch(run, epoch, first_batch)
         first_batch = 0
     if run.log:
         run.log.close()
@@ -381,23 +430,25 @@ def resident_memory_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- reproducible data
-# Every random draw of a step is seeded from (seed, epoch, sample or batch index, rank):
-# a sample's augmentation (SeededSamples), the visual instructions (mix_generator) and the
-# denoising noise (torch's global RNG, seeded at the top of each step). So `--resume`
-# continues exactly, with any number of DataLoader workers, and no RNG state needs saving.
+# Every random draw of a step comes from a generator seeded from (seed, epoch, batch or
+# sample, rank) and passed to what draws: a sample's augmentation (SeededSamples), the
+# visual instructions and the denoising noise (step_generator). No code relies on torch's
+# global RNG, so `--resume` continues exactly, with any number of DataLoader workers, and no
+# RNG state needs saving.
 
 def mix_seed(*values: int) -> int:
     """One seed from several integers (a tuple of ints hashes the same in every process)."""
     return hash(tuple(values)) % (2 ** 62)
 
 
-def mix_generator(*values: int) -> torch.Generator:
-    """A generator for one step's visual instructions, seeded from (seed, epoch, batch, rank)."""
-    return torch.Generator().manual_seed(mix_seed(*values, 1))
+def step_generator(*values: int) -> torch.Generator:
+    """A CPU generator seeded from several integers: (seed, epoch, batch, rank) for a step's
+    denoising noise, with a trailing 1 for its visual instructions."""
+    return torch.Generator().manual_seed(mix_seed(*values))
 
 
 class SeededSamples(Dataset):
-    """Seeds torch's RNG from (seed, epoch, index) before each sample's augmentation, so a
+    """Gives each sample's augmentation a generator seeded from (seed, epoch, index), so a
     sample's crop and flip do not depend on workers, order or an interruption."""
 
     def __init__(self, dataset: ReplaceUnreadable, seed: int):
@@ -411,8 +462,7 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        torch.manual_seed(mix_seed(self.seed, self.epoch, index))
-        return self.dataset[index]
+        return self.dataset.sample(index, step_generator(self.seed, self.epoch, index))
 
 
 def make_loader(run: Run, skip_batches: int) -> DataLoader:
@@ -470,15 +520,14 @@ def compatible_checkpoint(path: str, model: DINOR1, args) -> dict:
 
 @dataclass
 class EpochFaults:
-    """What an epoch skipped or replaced, reported at its end (main process)."""
-    replaced_before: int                 # the dataset's count of replaced samples at the start
+    """What an epoch skipped, reported at its end (main process)."""
     skipped: int = 0                     # steps skipped for a non-finite loss
     without_boxes: int = 0               # batches skipped for having no box
 
-    def report(self, run: Run, epoch: int) -> None:
-        if not run.is_main:
+    def report(self, is_main: bool, epoch: int, replaced: int) -> None:
+        """Print what was skipped, and `replaced`: the unreadable images replaced."""
+        if not is_main:
             return
-        replaced = run.samples.num_replaced - self.replaced_before
         if replaced:
             print(f"epoch {epoch}: {replaced} unreadable images were replaced by others "
                   f"(in this process; see the warnings above)")
@@ -489,40 +538,28 @@ class EpochFaults:
                   f"(under DDP: in any one process)")
 
 
-def true_in_every_process(condition: bool, device: torch.device) -> bool:
-    """`condition` and-ed over the processes, so that they all skip a step together."""
-    value = torch.tensor([float(condition)], device=device)
+def agree_before_step(has_prompts: bool, targets: list, device: torch.device
+                      ) -> tuple[bool, float]:
+    """One all-reduce before the forward: (whether every process has prompts, so that they
+    all skip a step together; the loss normaliser, ground-truth boxes per process averaged
+    over processes, >= 1)."""
+    values = torch.tensor([float(has_prompts), float(sum(len(t.labels) for t in targets))],
+                          dtype=torch.float64, device=device)
+    world_size = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+        world_size = dist.get_world_size()
+    return bool(values[0].item() == world_size), max(values[1].item() / world_size, 1.0)
+
+
+def finite_in_every_process(loss: torch.Tensor, device: torch.device) -> bool:
+    """One all-reduce after the forward: True when the loss is finite in every process (a
+    NaN or Inf in any one must stop or skip the step in all of them, else DDP's gradient
+    all-reduce would wait forever for the ones that skipped)."""
+    value = torch.tensor([float(torch.isfinite(loss.detach()))], device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
-
-
-def boxes_per_process(targets: list, device: torch.device) -> float:
-    """The loss normaliser: ground-truth boxes per process, averaged over processes, >= 1."""
-    count = torch.tensor([float(sum(len(t.labels) for t in targets))], dtype=torch.float64,
-                         device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-        count /= dist.get_world_size()
-    return max(count.item(), 1.0)
-
-
-def finite_in_every_process(loss: torch.Tensor, terms: dict, run: Run,
-                            faults: EpochFaults) -> bool:
-    """True when the step may be taken. A NaN or Inf loss in any process stops the run,
-    naming the step and every term; with --skip-nonfinite every process skips the step
-    together, and it is counted."""
-    if true_in_every_process(bool(torch.isfinite(loss.detach())), run.device):
-        return True
-    values = ", ".join(f"{name}={value.item():.4g}" for name, value in terms.items())
-    message = f"non-finite loss at step {run.step + 1}: {values}"
-    if not run.args.skip_nonfinite:
-        raise FloatingPointError(f"{message}; stopped, {run.out / 'last.pt'} is left as it "
-                                 f"was (--skip-nonfinite skips such steps instead)")
-    faults.skipped += 1
-    if run.is_main:
-        print(f"{message}: step skipped")
-    return False
 
 
 def truncate_log(log_file: Path, step: int) -> None:

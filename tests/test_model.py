@@ -9,7 +9,7 @@ from scipy.optimize import linear_sum_assignment
 
 from data import Target, VisualInstructions, collate
 from model import (DetectorOutput, HungarianMatcher, SetCriterion, build_denoising_queries,
-                   build_model, denoising_loss, postprocess)
+                   build_model, postprocess)
 
 
 def make_target(boxes, labels, size=(96, 128)):
@@ -60,7 +60,7 @@ def test_tiny_forward_shapes(tiny):
     # Padding slots (image 1 has 1 of 3) get no loss; negatives get no box loss.
     logits = out.dn_logits[-1].detach().requires_grad_()
     boxes = out.dn_boxes[-1].detach().requires_grad_()
-    denoising_loss(SetCriterion(), logits, boxes, dn, out.prompt_mask, 4.0).backward()
+    SetCriterion().denoising_loss(logits, boxes, dn, out.prompt_mask, 4.0).backward()
     assert (logits.grad[~dn.valid] == 0).all() and (logits.grad[dn.valid] != 0).any()
     assert (boxes.grad[~(dn.positive & dn.valid)] == 0).all()
     # DN groups see neither each other nor are seen by the matching queries.
@@ -132,10 +132,10 @@ def test_light_objectness_path_equals_full_forward(tiny):
     tiny.eval()
     with torch.no_grad():
         out = tiny(batch.images, batch.mask, instructions=instructions)
-        light = tiny.objectness(batch.images, batch.mask, out.selection.indices,
+        light = tiny.objectness_logits(batch.images, batch.mask, out.selection.indices,
                                 instructions=instructions)
         shuffled = out.selection.indices.flip(1)
-        light_shuffled = tiny.objectness(batch.images, batch.mask, shuffled,
+        light_shuffled = tiny.objectness_logits(batch.images, batch.mask, shuffled,
                                          instructions=instructions)
     torch.testing.assert_close(light, out.selection.objectness_logits)
     torch.testing.assert_close(light_shuffled, out.selection.objectness_logits.flip(1))
@@ -327,3 +327,18 @@ def test_tiny_learns_a_fixed_batch():
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
+
+
+def test_r50_batchnorm_is_frozen():
+    """As in DETR: at 2 images per GPU batch statistics are noise, so the ResNet-50's
+    BatchNorm layers hold fixed statistics and have nothing to train."""
+    from torchvision.ops import FrozenBatchNorm2d
+    body = build_model("r50", num_queries=10).backbone.body.train()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in body.modules()) == 53
+    before = {name: value.clone() for name, value in body.state_dict().items()}
+    body(torch.randn(2, 3, 64, 64))
+    for name, value in body.state_dict().items():
+        assert torch.equal(value, before[name]), name          # no running statistics
+    trainable = {name.rsplit(".", 1)[0] for name, p in body.named_parameters()}
+    assert all(isinstance(body.get_submodule(name), torch.nn.Conv2d) for name in trainable)

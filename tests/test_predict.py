@@ -158,7 +158,8 @@ def test_ground_truth_boxes_agree_with_interactive_evaluation(shapes, checkpoint
     results = predict.main(["--ckpt", str(checkpoint), "--image", str(path), "--threshold", "0",
                             "--top-k", "300", "--out", str(tmp_path / "out"), *boxes])
     assert results == json.loads((tmp_path / "out" / "detections.json").read_text())
-    assert results == predict.coco_results(str(path), found)
+    assert results == evaluate.coco_results(found.detections, {"file_name": str(path)}, "name",
+                                            found.names)
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -211,8 +211,8 @@ class PoisonedObjective(train_sft.SFTObjective):
         self.poisoned_call, self.value, self.calls = poisoned_call, value, 0
         self.poisoned_terms = None
 
-    def __call__(self, model, batch, instructions, targets, num_boxes):
-        loss, terms = super().__call__(model, batch, instructions, targets, num_boxes)
+    def __call__(self, model, batch, instructions, targets, num_boxes, generator=None):
+        loss, terms = super().__call__(model, batch, instructions, targets, num_boxes, generator)
         self.calls += 1
         if self.calls == self.poisoned_call:
             terms = {**terms, "decoder": terms["decoder"] + self.value}
@@ -299,7 +299,7 @@ def test_visual_instructions_depend_only_on_seed_epoch_batch_and_rank():
     names = [f"class {index}" for index in range(6)]
 
     def selected(rank: int, seed: int = 0, epoch: int = 1, batch_index: int = 2) -> list[int]:
-        generator = train_sft.mix_generator(seed, epoch, batch_index, rank)
+        generator = train_sft.step_generator(seed, epoch, batch_index, rank, 1)
         instructions, _ = data.sample_prompts(batch, names, generator)
         assert instructions.class_names == ["class 1", "class 3", "class 5"]
         return instructions.selected.tolist()

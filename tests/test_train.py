@@ -65,7 +65,9 @@ def test_evaluation_oracle_gives_ap_one(shapes):
         boxes[:, 2:] += boxes[:, :2]
         labels = torch.tensor([dataset.category_index[a["category_id"]] for a in annotations])
         detections.append(Detections(boxes, torch.ones(len(labels)), labels))
-    results = evaluate.to_coco_results(detections, dataset.image_ids, dataset.category_ids)
+    results = [result for found, image_id in zip(detections, dataset.image_ids)
+               for result in evaluate.coco_results(found, {"image_id": image_id}, "category_id",
+                                                   dataset.category_ids)]
     metrics = evaluate.coco_metrics(dataset, results)
     assert metrics["AP"] == pytest.approx(1.0)
     assert metrics["AP50"] == pytest.approx(1.0)
@@ -158,7 +160,7 @@ def test_ddp_on_cpu_keeps_identical_weights(shapes, tmp_path):
 
 
 def test_grqo_reference_fixed_within_an_epoch_refreshed_at_the_next(shapes):
-    args = train_grqo.make_grqo_parser().parse_args(["--sft-epochs", "1"])
+    args = train_grqo.parse_grqo_args(["--sft-epochs", "1"])
     objective = train_grqo.GRQOObjective(args)
     model = build_model("tiny", kernel="torch")
     objective.start_epoch(model, 0)                      # an SFT epoch: no reference yet
@@ -188,7 +190,7 @@ def test_grqo_objective_adds_its_term_with_the_reward_cost(shapes, monkeypatch):
     instructions, targets = sample_prompts(batch, dataset.class_names,
                                            torch.Generator().manual_seed(0))
     argv = ["--sft-epochs", "0", "--reward-cost", "binary_focal", "--alpha", "1"]
-    objective = train_grqo.GRQOObjective(train_grqo.make_grqo_parser().parse_args(argv))
+    objective = train_grqo.GRQOObjective(train_grqo.parse_grqo_args(list(argv)))
     objective.start_epoch(model, 0)
     calls = []
     reward_cost = HungarianMatcher.pairwise_cost
@@ -206,7 +208,7 @@ def test_grqo_objective_adds_its_term_with_the_reward_cost(shapes, monkeypatch):
 
 def test_match_and_reward_costs_are_chosen_separately():
     def costs(*argv):
-        objective = train_grqo.GRQOObjective(train_grqo.make_grqo_parser().parse_args(argv))
+        objective = train_grqo.GRQOObjective(train_grqo.parse_grqo_args(list(argv)))
         return objective.criterion.matcher.class_cost, objective.reward_matcher.class_cost
     assert costs() == ("focal", "focal")                              # unchanged by default
     assert costs("--match-cost", "binary_focal") == ("binary_focal", "binary_focal")
@@ -249,3 +251,39 @@ def test_a_few_grqo_steps_have_finite_losses(shapes, tmp_path, extra):
         for key in ("sft", "grqo", "grqo_kl", "grqo_reward"):
             assert key in line and line[key] == line[key] and abs(line[key]) < 1e6
     assert lines[0]["grqo_kl"] == pytest.approx(0.0, abs=1e-6)   # reference = policy at step 1
+
+
+def test_the_grqo_term_acts_on_the_update(shapes, tmp_path):
+    """From the same weights, batches and noise, two GRQO steps end elsewhere than two SFT
+    steps, and only through the GRQO term: with alpha = beta = 0 they end on SFT's weights,
+    bit for bit."""
+    common = ["--data", str(shapes), "--batch-size", "2", "--max-steps", "2", "--no-eval",
+              "--seed", "3", "--log-every", "1"]
+    sft = train_sft.main([*common, "--out", str(tmp_path / "sft"), "--epochs", "1"])
+
+    def grqo(name, *extra):
+        return train_grqo.main([*common, "--out", str(tmp_path / name), "--sft-epochs", "0",
+                                "--grqo-epochs", "1", *extra])
+
+    silent = grqo("silent", "--alpha", "0", "--beta", "0")
+    assert_same_weights(sft.state_dict(), silent.state_dict())
+    acting = grqo("acting")
+    lines = [json.loads(line) for line in (tmp_path / "acting" / "log.jsonl").read_text().splitlines()]
+    assert all(line["grqo"] != 0 for line in lines)
+    assert lines[1]["grqo_kl"] > 0                # the policy has moved from its reference
+    moved = [name for name, value in acting.state_dict().items()
+             if not torch.equal(value, sft.state_dict()[name])]
+    assert len(moved) > 0.5 * len(sft.state_dict())
+
+
+def test_sft_epochs_under_init_default_to_zero_and_an_explicit_value_is_kept():
+    assert train_grqo.parse_grqo_args([]).sft_epochs == 1
+    assert train_grqo.parse_grqo_args([]).epochs == 12
+    assert train_grqo.parse_grqo_args(["--init", "p.pt"]).sft_epochs == 0
+    assert train_grqo.parse_grqo_args(["--init", "p.pt"]).grqo_epochs == 12
+    resumed = train_grqo.parse_grqo_args(["--init", "p.pt", "--sft-epochs", "1",
+                                          "--grqo-epochs", "5"])
+    assert (resumed.sft_epochs, resumed.grqo_epochs, resumed.epochs) == (1, 5, 6)
+    assert train_grqo.parse_grqo_args([]).reward_cost == "focal"
+    assert train_grqo.parse_grqo_args(["--match-cost", "binary_focal"]).reward_cost == \
+        "binary_focal"
