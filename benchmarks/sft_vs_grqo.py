@@ -5,29 +5,35 @@
     python benchmarks/sft_vs_grqo.py --variants sft grqo grqo_no_kl grqo_no_mute grqo_pg
     python benchmarks/sft_vs_grqo.py --setting detached_binary_0.1 --epochs 6 --seeds 0 1 2 3 4 \
         --out benchmarks/results/sft_vs_grqo_val     # a setting chosen on dev, against its SFT
+    python benchmarks/sft_vs_grqo.py --setting detached_binary_0.1 --epochs 6 --seeds 0 1 2 3 4 \
+        --out benchmarks/results/sft_vs_grqo_val --summary   # the tables, from what is recorded
 
 On `shapes` with the `tiny` preset: SFT for E epochs against GRQO for 1 + (E - 1) epochs,
 same data, same steps, same seeds; each evaluated with generic prompts. `--setting` takes a
 setting of benchmarks/grqo_sweep.py (chosen there, on dev) and its SFT baseline (the same
-matching cost). Prints and writes a table of mean +- std over seeds of AP, AP50, AP_base,
-AP_novel, and the median seconds per training step (GRQO: its GRQO epochs only) with the
-ratio to SFT; and the paired differences, each variant minus the first (SFT) seed by seed.
-A finished run is read back, and a run cut off continues from its last.pt.
+matching cost). Prints a table of mean +- std over seeds of AP, AP50, AP_base, AP_novel, and
+the median seconds per training step (GRQO: its GRQO epochs only) with the ratio to SFT; and
+the paired differences, each variant minus the first (SFT) seed by seed.
+
+The runs go through benchmarks/runner.py, as the sweep's do: `--out` is the study's summary
+folder (default benchmarks/results/sft_vs_grqo_<split>_<E>ep; summary.json with every run's
+row, the command and the commit, and summary.md with the tables), and the raw runs go to
+runs/<name of OUT>/ (git-ignored; `--runs` to choose). A finished run, in its folder or only
+in the summary, is read back and not rerun; a run cut off continues from its last.pt; a run
+that fails is recorded with the line it stopped with, and the tables wait for it.
 
 Runs go two at a time, each limited to one CPU thread, so that paired runs share the
 machine under the same conditions ("side by side"); with a GPU, use --jobs 1.
 """
 
 import argparse
-import json
-import os
+import functools
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import grqo_sweep
+import runner
 
 # name -> (script, extra arguments)
 VARIANTS = {
@@ -37,86 +43,36 @@ VARIANTS = {
     "grqo_no_mute": ("train_grqo.py", ["--mute-fraction", "0"]),
     "grqo_pg": ("train_grqo.py", ["--grqo-form", "pg"]),
 }
+# Every run this benchmark can compare: its variants and the sweep's settings.
+SETTINGS = {**VARIANTS, **grqo_sweep.SETTINGS}
 METRICS = ["AP", "AP50", "AP_base", "AP_novel", "AP50_base", "AP50_novel"]
+NOT_FINISHED = "Not finished:"      # how the tables start while runs they need are not done
 
 
-def command(variant: str, seed: int, args) -> list[str]:
-    script, extra = VARIANTS[variant]
-    schedule = (["--epochs", str(args.epochs)] if script == "train_sft.py"
-                else ["--sft-epochs", "1", "--grqo-epochs", str(args.epochs - 1)])
-    folder = run_folder(args, variant, seed)
-    resume = ["--resume", str(folder / "last.pt")] if (folder / "last.pt").exists() else []
-    return [sys.executable, str(ROOT / script), "--data", args.data, "--model", "tiny",
-            "--seed", str(seed), "--eval-split", args.split, "--device", args.device,
-            "--out", str(folder), *schedule, *extra, *args.extra, *resume]
+def unfinished(rows: dict[tuple[str, int], dict], variants: list[str],
+               seeds: list[int]) -> list[str]:
+    """"variant seed K: status" for each run the comparison needs that is not done (a run
+    `rows` lacks was not run)."""
+    statuses = {(variant, seed): rows.get((variant, seed), {"status": "not run"})["status"]
+                for seed in seeds for variant in variants}
+    return [f"{variant} seed {seed}: {status}"
+            for (variant, seed), status in statuses.items() if status != "done"]
 
 
-def use_sweep_setting(setting: str) -> list[str]:
-    """Adds a grqo_sweep.py setting and its SFT baseline to VARIANTS; returns their names,
-    baseline first."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import grqo_sweep
-    if setting not in grqo_sweep.SETTINGS:
-        raise SystemExit(f"unknown setting {setting!r}; grqo_sweep.py has: "
-                         + ", ".join(grqo_sweep.SETTINGS))
-    reference = grqo_sweep.baseline(setting)
-    VARIANTS.update({name: grqo_sweep.SETTINGS[name] for name in (reference, setting)})
-    return [reference, setting]
-
-
-def run_folder(args, variant: str, seed: int) -> Path:
-    return Path(args.out) / f"{variant}_seed{seed}"
-
-
-def run_all(jobs: list[tuple[str, int]], args) -> None:
-    """Run the jobs `args.jobs` at a time; skip those already finished (metrics.json)."""
-    pending = [job for job in jobs if not (run_folder(args, *job) / "metrics.json").exists()]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    running = []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            variant, seed = pending.pop(0)
-            folder = run_folder(args, variant, seed)
-            folder.mkdir(parents=True, exist_ok=True)
-            log = open(folder / "stdout.txt", "w")
-            print(f"start {variant} seed {seed}", flush=True)
-            running.append((variant, seed, log, subprocess.Popen(
-                command(variant, seed, args), stdout=log, stderr=subprocess.STDOUT,
-                cwd=ROOT, env=environment)))
-        time.sleep(2)
-        for item in list(running):
-            variant, seed, log, process = item
-            if process.poll() is not None:
-                log.close()
-                running.remove(item)
-                if process.returncode != 0:
-                    raise SystemExit(f"{variant} seed {seed} failed; see "
-                                     f"{run_folder(args, variant, seed) / 'stdout.txt'}")
-                print(f"done  {variant} seed {seed}", flush=True)
-
-
-def median_step_seconds(folder: Path, grqo_only: bool) -> float:
-    lines = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    if grqo_only:
-        lines = [line for line in lines if "grqo" in line]
-    return statistics.median(line["step_seconds"] for line in lines)
-
-
-def summarise(args) -> dict:
+def summarise(rows: dict[tuple[str, int], dict], variants: list[str], seeds: list[int]
+              ) -> dict:
+    """variant -> metric -> (mean, std, [per seed]) in AP points, and step_seconds: the median
+    over seeds of each run's median step, from the finished runs' rows."""
     summary = {}
-    for variant in args.variants:
-        per_seed = [json.loads((run_folder(args, variant, seed) / "metrics.json").read_text())
-                    for seed in args.seeds]
+    for variant in variants:
+        per_seed = [rows[(variant, seed)] for seed in seeds]
         row = {}
         for name in METRICS:       # a metric COCOeval could not compute (None) is left out
-            by_seed = [None if m[name] is None else 100 * m[name] for m in per_seed]
+            by_seed = [None if run[name] is None else 100 * run[name] for run in per_seed]
             values = [value for value in by_seed if value is not None]
             row[name] = (statistics.mean(values) if values else float("nan"),
                          statistics.stdev(values) if len(values) > 1 else 0.0, by_seed)
-        grqo = VARIANTS[variant][0] == "train_grqo.py"
-        steps = [median_step_seconds(run_folder(args, variant, seed), grqo)
-                 for seed in args.seeds]
-        row["step_seconds"] = statistics.median(steps)
+        row["step_seconds"] = statistics.median(run["step_seconds"] for run in per_seed)
         summary[variant] = row
     return summary
 
@@ -136,6 +92,7 @@ def paired_differences(summary: dict) -> dict[str, dict[str, list[float]]]:
 
 
 def format_paired(summary: dict) -> str:
+    """The table of paired_differences: mean ± std over seeds, and AP_novel seed by seed."""
     def cell(values):
         if not values:
             return "-"
@@ -153,53 +110,66 @@ def format_paired(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def format_summary(summary: dict, args) -> str:
+def format_summary(summary: dict, study: runner.Study, seeds: list[int]) -> str:
+    """The table of each variant's metrics and step time (x the first SFT variant's), then
+    the paired differences."""
     header = ["variant"] + METRICS + ["s/step", "x SFT"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    sft = [variant for variant in summary if VARIANTS[variant][0] == "train_sft.py"]
+    sft = [variant for variant in summary if SETTINGS[variant][0] == "train_sft.py"]
     base = summary[sft[0]]["step_seconds"] if sft else None      # "x SFT": the first SFT
     for variant, row in summary.items():
         cells = [variant] + [f"{row[n][0]:.1f} ± {row[n][1]:.1f}" for n in METRICS]
         cells += [f"{row['step_seconds']:.3f}",
                   f"{row['step_seconds'] / base:.2f}" if base else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    return (f"split {args.split}, seeds {args.seeds}, {args.epochs} epochs "
-            f"(GRQO 1 + {args.epochs - 1}); AP in points, mean ± std over seeds\n\n"
+    return (f"split {study.split}, seeds {seeds}, {study.epochs} epochs "
+            f"(GRQO 1 + {study.epochs - 1}); AP in points, mean ± std over seeds\n\n"
             + "\n".join(lines) + "\n\n" + format_paired(summary))
 
 
+def comparison_tables(study: runner.Study, variants: list[str], seeds: list[int],
+                      rows: list[dict]) -> str:
+    """The tables of the comparison once every run it needs is done; until then, the
+    runs that are not."""
+    by_run = {(row["setting"], row["seed"]): row for row in rows}
+    waiting = unfinished(by_run, variants, seeds)
+    if waiting:
+        return "\n".join([NOT_FINISHED, *waiting])
+    return format_summary(summarise(by_run, variants, seeds), study, seeds)
+
+
 def main(argv=None):
+    """Runs what the comparison still needs (not with --summary), prints its tables, and
+    writes OUT/summary.json and OUT/summary.md; exits 1 while a run it needs is not done."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="shapes")
-    parser.add_argument("--split", default="val", help="dev for tuning, val for reporting")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=12, help="E: SFT E, GRQO 1 + (E - 1)")
-    parser.add_argument("--variants", nargs="+", default=["sft", "grqo"], choices=list(VARIANTS),
+    parser.add_argument("--variants", nargs="+", default=["sft", "grqo"], choices=list(SETTINGS),
                         help="the first is the baseline of the paired differences")
-    parser.add_argument("--setting", help="a grqo_sweep.py setting against its SFT baseline "
-                                          "(replaces --variants)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="default runs/benchmark_<split>_<epochs>ep (finished "
-                                      "runs in it are read back, so never mix splits)")
+    parser.add_argument("--setting", choices=list(grqo_sweep.SETTINGS),
+                        help="a grqo_sweep.py setting against its SFT baseline (replaces "
+                             "--variants)")
+    runner.add_arguments(parser, out=None, split="val", epochs=12, device="auto")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further arguments for every training run")
     args = parser.parse_args(argv)
+    variants = args.variants
     if args.setting:
-        args.variants = use_sweep_setting(args.setting)
-    args.out = args.out or f"runs/benchmark_{args.split}_{args.epochs}ep"
+        variants = [grqo_sweep.baseline(grqo_sweep.SETTINGS[args.setting][1]), args.setting]
+    args.out = args.out or f"benchmarks/results/sft_vs_grqo_{args.split}_{args.epochs}ep"
+    study = runner.study_from_arguments(args, SETTINGS, __file__, argv)
+    jobs = [(variant, seed) for seed in args.seeds for variant in variants]
+    render = functools.partial(comparison_tables, study, variants, args.seeds)
     started = time.time()
-    run_all([(variant, seed) for seed in args.seeds for variant in args.variants], args)
-    summary = summarise(args)
-    table = format_summary(summary, args)
-    print(table)
-    print(f"wall time {time.time() - started:.0f} s")
-    name = f"summary_{args.split}_{'_'.join(args.variants)}"
-    Path(args.out, f"{name}.md").write_text(table + "\n")
-    Path(args.out, f"{name}.json").write_text(json.dumps(
-        {"args": vars(args), "summary": summary}, indent=2))
-    return summary
+    if args.summary:
+        tables = render(runner.collect(study, set(jobs)))
+    else:
+        runner.run_all(study, jobs, args.jobs, args.threads, render)
+        tables = runner.report(study, set(jobs), render)
+    print(tables)
+    if tables.startswith(NOT_FINISHED):
+        sys.exit(1)
+    if not args.summary:
+        print(f"wall time {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

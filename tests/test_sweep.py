@@ -1,7 +1,11 @@
-"""benchmarks/grqo_sweep.py and sft_vs_grqo.py: what they read back, still run and report."""
+"""benchmarks/runner.py, grqo_sweep.py and sft_vs_grqo.py: what they read back, still run and
+report, from run folders and from a study's committed summary."""
 
 import argparse
+import copy
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,18 +14,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import grqo_sweep  # noqa: E402
+import runner  # noqa: E402
+import sft_vs_grqo  # noqa: E402
 
 
-def args_for(out: Path):
-    return argparse.Namespace(
-        settings=["sft_binary", "pull_binary_1", "pg_focal_10"], seeds=[0], data="shapes",
-        split="dev", epochs=6, jobs=2, threads=1, gradient_batches=4, out=str(out))
+def sweep_study(tmp_path: Path) -> runner.Study:
+    return runner.Study(grqo_sweep.SETTINGS, tmp_path / "results", tmp_path / "runs", "dev", 6,
+                        gradient_batches=4, command="python benchmarks/grqo_sweep.py")
 
 
-def write_run(folder: Path, rewards_by_epoch: dict | None, ap: float):
+def write_run(folder: Path, rewards_by_epoch: dict | None, ap: float, **metrics):
+    """A finished run's files as the training scripts write them: config.json, log.jsonl
+    (reward None: an SFT step) and metrics.json (AP_novel None unless given)."""
     folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"args": {"out": str(folder)}}))
     (folder / "metrics.json").write_text(json.dumps(
-        {"AP": ap, "AP_base": ap, "AP_novel": None, "duplicates": 0.25}))
+        {"AP": ap, "AP_base": ap, "AP_novel": None, "duplicates": 0.25,
+         "per_class": {"red circle": ap}, **metrics}))
     lines = []
     for epoch, rewards in (rewards_by_epoch or {0: [None]}).items():
         for reward in rewards:
@@ -32,147 +41,231 @@ def write_run(folder: Path, rewards_by_epoch: dict | None, ap: float):
     (folder / "log.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def write_diverged(folder: Path, reason: str):
+    folder.mkdir(parents=True)
+    (folder / "diverged.txt").write_text(reason + "\n")
+
+
 def test_finished_runs_are_read_back_and_the_rest_scheduled(tmp_path):
-    args = args_for(tmp_path)
-    write_run(tmp_path / "sft_binary_seed0", None, 0.2)
-    write_run(tmp_path / "pull_binary_1_seed0", {0: [None], 1: [-5.0], 5: [-3.0, -2.0]}, 0.1)
-    (tmp_path / "pg_focal_10_seed0").mkdir()
-    (tmp_path / "pg_focal_10_seed0" / "diverged.txt").write_text("non-finite loss at step 7\n")
-    assert grqo_sweep.next_step(args, "sft_binary", 0) is None            # finished
-    command = grqo_sweep.next_step(args, "pull_binary_1", 0)             # needs its gradients
+    study = sweep_study(tmp_path)
+    write_run(study.runs / "sft_binary_seed0", None, 0.2)
+    write_run(study.runs / "pull_binary_1_seed0", {0: [None], 1: [-5.0], 5: [-3.0, -2.0]}, 0.1)
+    (study.runs / "pull_binary_1_seed0" / "last.pt").write_bytes(b"")
+    write_diverged(study.runs / "pg_focal_10_seed0", "non-finite loss at step 7")
+    assert runner.next_step(study, "sft_binary", 0) is None              # finished
+    command = runner.next_step(study, "pull_binary_1", 0)               # needs its gradients
     assert Path(command[1]).name == "grqo_gradients.py"
-    assert grqo_sweep.next_step(args, "pg_focal_10", 0) is None          # diverged: not rerun
-    (tmp_path / "pull_binary_1_seed0" / "last.pt").write_bytes(b"")
-    (tmp_path / "pull_binary_1_seed0" / "metrics.json").unlink()        # cut off mid-run
-    command = grqo_sweep.next_step(args, "pull_binary_1", 0)
+    assert runner.next_step(study, "pg_focal_10", 0) is None            # diverged: not rerun
+    (study.runs / "pull_binary_1_seed0" / "metrics.json").unlink()     # cut off mid-run
+    command = runner.next_step(study, "pull_binary_1", 0)
     assert command[command.index("--resume") + 1].endswith("pull_binary_1_seed0/last.pt")
     assert command[command.index("--alpha") + 1] == "1"
     assert command[command.index("--grqo-form") + 1] == "advantage_pull"
 
 
 def test_summary_reports_last_epoch_reward_and_divergence(tmp_path):
-    args = args_for(tmp_path)
-    write_run(tmp_path / "pull_binary_1_seed0", {0: [None], 1: [-5.0], 5: [-3.0, -2.0]}, 0.1)
-    (tmp_path / "pull_binary_1_seed0" / "gradients.json").write_text(
+    study = sweep_study(tmp_path)
+    write_run(study.runs / "pull_binary_1_seed0", {0: [None], 1: [-5.0], 5: [-3.0, -2.0]}, 0.1)
+    (study.runs / "pull_binary_1_seed0" / "gradients.json").write_text(
         json.dumps({"medians": {"ratio": 0.125}}))
-    (tmp_path / "pg_focal_10_seed0").mkdir()
-    (tmp_path / "pg_focal_10_seed0" / "diverged.txt").write_text("non-finite loss at step 7\n")
-    rows = {row["setting"]: row for row in grqo_sweep.collect(args)}
+    write_diverged(study.runs / "pg_focal_10_seed0", "non-finite loss at step 7")
+    asked = {("sft_binary", 0)}
+    rows = {row["setting"]: row for row in runner.collect(study, asked)}
     assert rows["pull_binary_1"]["reward"] == -2.5                       # epoch 5 only
     assert rows["pull_binary_1"]["gradient_ratio"] == 0.125
+    assert "per_class" not in rows["pull_binary_1"]
     assert rows["pg_focal_10"]["status"] == "diverged: non-finite loss at step 7"
     assert rows["sft_binary"]["status"] == "not run"
-    table = grqo_sweep.write_summary(args)
+    table = runner.report(study, asked, lambda rows: grqo_sweep.summary_tables(study, rows))
     assert "| pull_binary_1 | 0 | 10.0 | 10.0 | - | 25.0 | -2.50 | 0.1250 |" in table
-    assert json.loads((tmp_path / "summary.json").read_text())[1]["AP"] == 0.1
+    summary = json.loads((study.results / "summary.json").read_text())
+    assert [row["setting"] for row in summary["runs"]] == ["pull_binary_1", "pg_focal_10"]
+    assert summary["runs"][0]["AP"] == 0.1 and summary["runs"][0]["step_seconds"] == 0.5
+    assert (study.results / "summary.md").read_text() == table + "\n"
 
 
 def test_summary_keeps_other_runs_and_pairs_each_setting_with_its_baseline(tmp_path):
-    args = args_for(tmp_path)
-    args.settings, args.seeds = ["pull_binary_1"], [1]                # a sweep of one more seed
+    study = sweep_study(tmp_path)
     for seed, (grqo_ap, sft_ap) in enumerate([(0.20, 0.18), (0.15, 0.19)]):
-        write_run(tmp_path / f"pull_binary_1_seed{seed}", {1: [-3.0]}, grqo_ap)
-        write_run(tmp_path / f"sft_binary_seed{seed}", None, sft_ap)
-    write_run(tmp_path / "sft_focal_seed0", None, 0.5)              # not pull's baseline
-    write_run(tmp_path / "detached_mixed_0.1_seed0", {1: [-3.0]}, 0.45)
-    rows = grqo_sweep.collect(args)
+        write_run(study.runs / f"pull_binary_1_seed{seed}", {1: [-3.0]}, grqo_ap)
+        write_run(study.runs / f"sft_binary_seed{seed}", None, sft_ap)
+    write_run(study.runs / "sft_focal_seed0", None, 0.5)              # not pull's baseline
+    write_run(study.runs / "detached_mixed_0.1_seed0", {1: [-3.0]}, 0.45)
+    rows = runner.collect(study, {("pull_binary_1", 1)})              # a sweep of one more seed
     assert [(row["setting"], row["seed"]) for row in rows] == [
         ("sft_focal", 0), ("sft_binary", 0), ("pull_binary_1", 0), ("detached_mixed_0.1", 0),
         ("sft_binary", 1), ("pull_binary_1", 1)]
     differences = grqo_sweep.paired_differences(rows)
     assert differences["pull_binary_1"]["AP"] == pytest.approx([2.0, -4.0])
     assert differences["detached_mixed_0.1"]["AP"] == pytest.approx([-5.0])  # vs sft_focal
-    table = grqo_sweep.write_summary(args)
-    assert "| pull_binary_1 | sft_binary | 2 | -1.0 +- 4.2 | -1.0 +- 4.2 | - |" in table
-    (tmp_path / "pg_focal_1_seed3").mkdir()                     # cut off after 20 steps
-    (tmp_path / "pg_focal_1_seed3" / "log.jsonl").write_text('{"step": 20, "epoch": 0}\n')
-    args.settings = ["pg_focal_10"]                              # asked for, never run
-    assert [row["status"] for row in grqo_sweep.collect(args)
-            if row["setting"] == "pg_focal_10"] == ["not run"]
-    args.summary = True                                          # runs on disk only
-    rows = grqo_sweep.collect(args)
+    assert "| pull_binary_1 | sft_binary | 2 | -1.0 +- 4.2 | -1.0 +- 4.2 | - |" \
+        in grqo_sweep.summary_tables(study, rows)
+    (study.runs / "pg_focal_1_seed3").mkdir()                   # cut off after 20 steps
+    (study.runs / "pg_focal_1_seed3" / "log.jsonl").write_text('{"step": 20, "epoch": 0}\n')
+    assert [row["status"] for row in runner.collect(study, {("pg_focal_10", 0)})
+            if row["setting"] == "pg_focal_10"] == ["not run"]  # asked for, never run
+    rows = runner.collect(study, set())                          # runs on disk only
     assert len(rows) == 7 and not any(row["status"] == "not run" for row in rows)
     assert rows[-1]["status"] == "unfinished (logged to step 20)"
 
 
-def test_ablations_of_the_best_setting_compare_with_the_matching_sft_run():
-    assert grqo_sweep.baseline("detached_binary_0.1_beta0") == "sft_binary"
-    assert grqo_sweep.baseline("detached_mixed_0.1") == "sft_focal"
+def test_settings_tables_are_built_once_and_ablations_compare_with_the_matching_sft():
+    assert grqo_sweep.baseline(grqo_sweep.SETTINGS["detached_binary_0.1_beta0"][1]) \
+        == "sft_binary"
+    assert grqo_sweep.baseline(grqo_sweep.SETTINGS["detached_mixed_0.1"][1]) == "sft_focal"
     release = grqo_sweep.SETTINGS["detached_binary_0.1_release"][1]
     assert release[release.index("--contrastive-weight") + 1] == "100"
-    assert grqo_sweep.baseline("detached_binary_0.1_release") == "sft_binary_release"
-    grqo_sweep.SETTINGS["half_release"] = ("train_grqo.py", ["--contrastive-weight", "100"])
-    try:
-        assert grqo_sweep.baseline("half_release") == "sft_focal"   # not the release's SFT
-    finally:
-        del grqo_sweep.SETTINGS["half_release"]
+    assert grqo_sweep.baseline(release) == "sft_binary_release"
+    assert grqo_sweep.baseline(["--contrastive-weight", "100"]) == "sft_focal"  # half: not it
     assert grqo_sweep.SETTINGS["sft_binary_release"] == (
         "train_sft.py", ["--match-cost", "binary_focal", *grqo_sweep.RELEASE])
+    coarse = copy.deepcopy(grqo_sweep.COARSE_SETTINGS)
+    ablations = grqo_sweep.ablations("pull_binary_1", grqo_sweep.COARSE_SETTINGS)
+    assert grqo_sweep.COARSE_SETTINGS == coarse                  # returned, nothing changed
+    assert ablations["pull_binary_1_beta0"][1][-2:] == ["--beta", "0"]
+    assert "pull_binary_1_beta0" not in grqo_sweep.SETTINGS
 
 
-def test_final_comparison_pairs_a_sweep_setting_with_its_baseline_seed_by_seed(tmp_path,
-                                                                              monkeypatch):
-    import sft_vs_grqo
-    monkeypatch.setattr(sft_vs_grqo, "VARIANTS", dict(sft_vs_grqo.VARIANTS))
-    variants = sft_vs_grqo.use_sweep_setting("detached_binary_0.1")
-    assert variants == ["sft_binary", "detached_binary_0.1"]
-    args = argparse.Namespace(variants=variants, seeds=[0, 1, 2], out=str(tmp_path), epochs=6,
-                              data="shapes", split="val", device="cpu", extra=[])
+def test_out_names_the_summary_folder_and_the_runs_go_to_runs_of_the_same_name(tmp_path):
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser, out="benchmarks/results/grqo_sweep_dev", split="dev",
+                         epochs=6, device="cpu")
+    study = runner.study_from_arguments(parser.parse_args([]), grqo_sweep.SETTINGS,
+                                        "grqo_sweep.py", [])
+    assert study.results == Path("benchmarks/results/grqo_sweep_dev").resolve()
+    assert study.runs == ROOT / "runs" / "grqo_sweep_dev"
+    study = runner.study_from_arguments(
+        parser.parse_args(["--out", str(tmp_path / "x"), "--runs", str(tmp_path / "y")]),
+        grqo_sweep.SETTINGS, "grqo_sweep.py", ["--summary"])
+    assert (study.results, study.runs) == (tmp_path / "x", tmp_path / "y")
+    assert study.command == "python benchmarks/grqo_sweep.py --summary"
+
+
+def test_a_study_is_read_back_from_its_summary_once_its_run_folders_are_deleted(tmp_path,
+                                                                             capsys):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    write_run(runs / "sft_binary_seed0", None, 0.2, AP_novel=0.3)
+    write_run(runs / "pull_binary_1_seed0", {0: [None], 5: [-3.0, -2.0]}, 0.1)
+    (runs / "pull_binary_1_seed0" / "gradients.json").write_text(
+        json.dumps({"medians": {"ratio": 0.125}}))
+    write_diverged(runs / "pg_focal_10_seed0", "non-finite loss at step 7")
+    argv = ["--settings", "sft_binary", "pull_binary_1", "pg_focal_10", "--out", str(results),
+            "--runs", str(runs), "--data", str(tmp_path / "none")]  # a rerun would fail fast
+    grqo_sweep.main(argv)                               # nothing to run: reads back, writes
+    from_folders = capsys.readouterr().out
+    assert "start" not in from_folders and "| pull_binary_1 | 0 | 10.0 |" in from_folders
+    summary = json.loads((results / "summary.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert summary["command"] == "python benchmarks/grqo_sweep.py " + " ".join(argv)
+    assert summary["commit"] == (head or None)
+    assert [row["status"] for row in summary["runs"]] == [
+        "done", "done", "diverged: non-finite loss at step 7"]
+    assert summary["runs"][1]["reward"] == -2.5
+    assert summary["runs"][1]["gradient_ratio"] == 0.125
+    shutil.rmtree(runs)
+    grqo_sweep.main(argv + ["--summary"])
+    assert capsys.readouterr().out == from_folders      # the same tables from the summary
+    grqo_sweep.main(argv)                               # and nothing is rerun
+    assert capsys.readouterr().out == from_folders
+    assert not runs.exists()
+    assert json.loads((results / "summary.json").read_text())["runs"] == summary["runs"]
+
+
+def test_final_comparison_pairs_a_sweep_setting_with_its_baseline_seed_by_seed(tmp_path):
+    study = runner.Study(sft_vs_grqo.SETTINGS, tmp_path / "results", tmp_path / "runs", "val",
+                         6, device="cpu", extra=["--workers", "0"])
+    variants, seeds = ["sft_binary", "detached_binary_0.1"], [0, 1, 2]
     novel = {"sft_binary": [None, 0.10, 0.20], "detached_binary_0.1": [0.30, 0.15, 0.19]}
     for variant, values in novel.items():
         for seed, value in enumerate(values):
-            folder = tmp_path / f"{variant}_seed{seed}"
-            write_run(folder, {1: [-3.0]} if variant != "sft_binary" else None, 0.2)
-            metrics = json.loads((folder / "metrics.json").read_text())
-            metrics.update(AP50=0.3, AP50_base=0.3, AP50_novel=0.3, AP_novel=value)
-            (folder / "metrics.json").write_text(json.dumps(metrics))
-    summary = sft_vs_grqo.summarise(args)
+            write_run(study.runs / f"{variant}_seed{seed}",
+                      {1: [-3.0]} if variant != "sft_binary" else None, 0.2, AP50=0.3,
+                      AP50_base=0.3, AP50_novel=0.3, AP_novel=value)
+    rows = runner.collect(study, set())
+    summary = sft_vs_grqo.summarise({(row["setting"], row["seed"]): row for row in rows},
+                                    variants, seeds)
     differences = sft_vs_grqo.paired_differences(summary)
     # seed 0 has no SFT AP_novel, so it leaves the pairs: +5 and -1, never 30 - 10
     assert differences["detached_binary_0.1"]["AP_novel"] == pytest.approx([5.0, -1.0])
     assert "| detached_binary_0.1 | +0.0 ± 0.0 | +0.0 ± 0.0 | +2.0 ± 4.2 | [+5.0, -1.0] |" \
-        in sft_vs_grqo.format_summary(summary, args)
-    (tmp_path / "sft_binary_seed1" / "last.pt").write_bytes(b"")          # cut off: resumes
-    command = sft_vs_grqo.command("sft_binary", 1, args)
+        in sft_vs_grqo.comparison_tables(study, variants, seeds, rows)
+    assert sft_vs_grqo.comparison_tables(study, variants, [0, 3], rows).splitlines() == [
+        sft_vs_grqo.NOT_FINISHED, "sft_binary seed 3: not run",
+        "detached_binary_0.1 seed 3: not run"]
+    (study.runs / "sft_binary_seed1" / "metrics.json").unlink()           # cut off: resumes
+    (study.runs / "sft_binary_seed1" / "last.pt").write_bytes(b"")
+    command = runner.next_step(study, "sft_binary", 1)
     assert command[command.index("--match-cost") + 1] == "binary_focal"
-    assert command[-2:] == ["--resume", str(tmp_path / "sft_binary_seed1" / "last.pt")]
+    assert command[-4:] == ["--workers", "0", "--resume",
+                            str(study.runs / "sft_binary_seed1" / "last.pt")]
 
 
-def test_figure_plots_one_seed_of_form_and_cost_against_alpha_without_ablations(tmp_path):
-    args = args_for(tmp_path)
-    for setting, seed, ap in [("pull_binary_1", 0, 0.10), ("pull_binary_1", 1, 0.20),
-                              ("pull_binary_0.1", 0, 0.30), ("detached_binary_0.1_beta0", 0, 0.5),
-                              ("detached_mixed_0.1", 0, 0.5), ("sft_binary", 0, 0.4)]:
-        write_run(tmp_path / f"{setting}_seed{seed}", {1: [-3.0]}, ap)
-    rows = grqo_sweep.collect(args)
-    series = grqo_sweep.alpha_series(rows, "AP")
-    assert series == {"advantage_pull, binary_focal": [(0.1, pytest.approx(30.0)),
-                                                       (1.0, pytest.approx(10.0))]}
-    assert grqo_sweep.alpha_series(rows, "AP", seed=1) == {
-        "advantage_pull, binary_focal": [(1.0, pytest.approx(20.0))]}
-    from PIL import Image
-    picture = tmp_path / "figure.png"
-    grqo_sweep.draw_figure(rows, picture, "AP")
-    colours = {colour for _, colour in Image.open(picture).getcolors(1 << 20)}
-    assert (0x1f, 0x77, 0xb4) in colours                   # the one series, in its colour
-    for row in rows:                            # all zero, one alpha: still a picture
-        row["AP"] = 0.0
-    grqo_sweep.draw_figure(rows, picture, "AP", seed=1)
-    assert Image.open(picture).size == (720, 440)
-    grqo_sweep.draw_figure(rows, picture, "AP", seed=7)          # nothing to draw
-    assert not picture.exists()
-
-
-def test_a_run_another_live_sweep_holds_is_skipped_and_a_stale_marker_is_not(tmp_path):
-    import subprocess
-    args = args_for(tmp_path)
-    folder = tmp_path / "pull_binary_1_seed0"
-    folder.mkdir()
+def test_sft_vs_grqo_runs_its_comparison_through_the_shared_runner(tmp_path, capsys):
+    """Read back from the committed summary, skip what another process holds, record a
+    failure and go on, keep the summary: the sweep's runner, not a copy."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    tables = copy.deepcopy((grqo_sweep.SETTINGS, sft_vs_grqo.SETTINGS))
+    for variant in ["sft_binary", "detached_binary_0.1"]:
+        write_run(runs / f"{variant}_seed0", {1: [-3.0]}, 0.2, AP50=0.3, AP50_base=0.3,
+                  AP50_novel=0.3, AP_novel=0.2)
+    argv = ["--setting", "detached_binary_0.1", "--epochs", "6", "--out", str(results),
+            "--runs", str(runs), "--device", "cpu"]
+    failing = ["--extra", "--no-such-flag"]            # whatever starts, stops at once
+    sft_vs_grqo.main(argv + ["--seeds", "0"] + failing)
+    assert "| detached_binary_0.1 | +0.0 ± 0.0 |" in capsys.readouterr().out
+    shutil.rmtree(runs)                                      # now only in summary.json
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (folder / "running").write_text(str(other.pid))
-        assert grqo_sweep.next_step(args, "pull_binary_1", 0) is None      # held: skipped
+        (runs / "detached_binary_0.1_seed1").mkdir(parents=True)
+        (runs / "detached_binary_0.1_seed1" / "running").write_text(str(other.pid))
+        with pytest.raises(SystemExit):
+            sft_vs_grqo.main(argv + ["--seeds", "0", "1"] + failing)
     finally:
         other.kill()
         other.wait()
-    assert Path(grqo_sweep.next_step(args, "pull_binary_1", 0)[1]).name == "train_grqo.py"
+    printed = capsys.readouterr().out
+    assert f"skip  detached_binary_0.1 seed 1: process {other.pid} is running it" in printed
+    assert printed.count("start ") == 1                     # sft_binary seed 1 only
+    assert sorted(path.name for path in runs.iterdir()) == [
+        "detached_binary_0.1_seed1", "sft_binary_seed1"]
+    failure = "diverged: train_sft.py: error: unrecognized arguments: --no-such-flag"
+    assert f"sft_binary seed 1: {failure}" in printed
+    statuses = {(row["setting"], row["seed"]): row["status"]
+                for row in json.loads((results / "summary.json").read_text())["runs"]}
+    assert statuses == {("sft_binary", 0): "done", ("detached_binary_0.1", 0): "done",
+                        ("sft_binary", 1): failure}
+    assert (grqo_sweep.SETTINGS, sft_vs_grqo.SETTINGS) == tables    # no table was changed
+
+
+def test_alpha_table_shows_one_seed_of_form_and_cost_against_alpha_without_ablations(
+        tmp_path):
+    study = sweep_study(tmp_path)
+    for setting, seed, ap in [("pull_binary_1", 0, 0.10), ("pull_binary_1", 1, 0.20),
+                              ("pull_binary_0.1", 0, 0.30), ("detached_binary_0.1_beta0", 0, 0.5),
+                              ("detached_mixed_0.1", 0, 0.5), ("sft_binary", 0, 0.4),
+                              ("pg_focal_10", 0, 0.05)]:
+        write_run(study.runs / f"{setting}_seed{seed}", {1: [-3.0]}, ap)
+    rows = runner.collect(study, set())
+    assert grqo_sweep.alpha_series(rows, "AP", seed=0) == {
+        "advantage_pull, binary_focal": {0.1: pytest.approx(30.0), 1.0: pytest.approx(10.0)},
+        "pg, focal": {10.0: pytest.approx(5.0)}}
+    assert grqo_sweep.alpha_table(rows, "AP", seed=0)[2:] == [
+        "| form, cost | alpha 0.1 | alpha 1 | alpha 10 |", "|---|---:|---:|---:|",
+        "| advantage_pull, binary_focal | 30.0 | 10.0 | - |", "| pg, focal | - | - | 5.0 |"]
+    assert "(SFT: sft_binary 40.0)" in grqo_sweep.alpha_table(rows, "AP", seed=0)[0]
+    assert grqo_sweep.alpha_table(rows, "AP", seed=7) == []          # nothing to show
+
+
+def test_a_run_another_live_process_holds_is_skipped_and_a_stale_marker_is_not(tmp_path):
+    study = sweep_study(tmp_path)
+    folder = study.runs / "pull_binary_1_seed0"
+    folder.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / "running").write_text(str(other.pid))
+        assert runner.next_step(study, "pull_binary_1", 0) is None      # held: skipped
+    finally:
+        other.kill()
+        other.wait()
+    assert Path(runner.next_step(study, "pull_binary_1", 0)[1]).name == "train_grqo.py"
