@@ -197,6 +197,25 @@ def test_training_transforms_keep_boxes_consistent(shapes_root):
         assert len(target.boxes) == len(target.labels)
 
 
+def test_augmentation_draws_from_the_generator_alone(shapes_root):
+    """A training sample's flip, crop and scales come from the generator it is given: the
+    same seed gives the same sample whatever torch's global RNG holds, through
+    ReplaceUnreadable as well; another seed gives other samples."""
+    dataset = data.build_dataset(str(shapes_root), "train", train=True, image_size=256,
+                                 max_size=341)
+
+    def sample(seed, global_seed, source=dataset):
+        torch.manual_seed(global_seed)                  # the global RNG in another state
+        return source.sample(0, torch.Generator().manual_seed(seed))
+    first = sample(1, global_seed=0)
+    for again in [sample(1, global_seed) for global_seed in range(1, 6)] + \
+            [sample(1, 6, source=data.ReplaceUnreadable(dataset))]:
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1].boxes, first[1].boxes)
+    others = [sample(seed, global_seed=0) for seed in range(2, 8)]
+    assert any(image.shape != first[0].shape or not torch.equal(image, first[0])
+               for image, _ in others)
+
+
 def test_eval_resize_keeps_normalised_boxes(shapes_root):
     plain = data.CocoDetection(shapes_root, "val")
     resized = data.CocoDetection(shapes_root, "val", data.make_transforms(False, 96, 128))

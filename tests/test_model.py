@@ -116,29 +116,41 @@ def test_image_without_ground_truth_does_not_crash(tiny):
 def test_denoising_queries_do_not_leak_into_matching_queries(tiny):
     batch, instructions, targets = tiny_batch()
     tiny.train()
-    torch.manual_seed(1)
-    first = tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
-    torch.manual_seed(2)                     # other DN noise: other DN queries
-    second = tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+
+    def forward(seed):
+        return tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets,
+                    generator=torch.Generator().manual_seed(seed))
+    first, second = forward(1), forward(2)           # other DN noise: other DN queries
     assert not torch.allclose(first.dn_boxes, second.dn_boxes)
+    torch.manual_seed(3)                             # the noise comes from the generator alone
+    torch.testing.assert_close(forward(1).dn_boxes, first.dn_boxes, rtol=0, atol=0)
     torch.testing.assert_close(first.logits, second.logits)
     torch.testing.assert_close(first.boxes, second.boxes)
     without = tiny(batch.images, batch.mask, instructions=instructions)
     torch.testing.assert_close(first.logits, without.logits, atol=1e-5, rtol=1e-5)
 
 
-def test_light_objectness_path_equals_full_forward(tiny):
+def test_objectness_is_the_max_prompt_logit_and_selection_takes_its_top_tokens(tiny):
+    """METHOD 2.7 worked out from the encoder's parts: s_n = max_k (I'_n . v'_k) / sqrt(d)
+    + bias over the proposal features I' and the enhanced prompts v'; the selection is the
+    top N_q tokens by s, in descending order; the light path (the GRQO reference's) gives s
+    at any given tokens."""
     batch, instructions, _ = tiny_batch()
     tiny.eval()
     with torch.no_grad():
+        encoded = tiny.encode(batch.images, batch.mask, instructions=instructions)
         out = tiny(batch.images, batch.mask, instructions=instructions)
-        light = tiny.objectness_logits(batch.images, batch.mask, out.selection.indices,
-                                instructions=instructions)
         shuffled = out.selection.indices.flip(1)
-        light_shuffled = tiny.objectness_logits(batch.images, batch.mask, shuffled,
-                                         instructions=instructions)
-    torch.testing.assert_close(light, out.selection.objectness_logits)
-    torch.testing.assert_close(light_shuffled, out.selection.objectness_logits.flip(1))
+        light = tiny.objectness_logits(batch.images, batch.mask, shuffled,
+                                       instructions=instructions)
+    d = tiny.config.hidden_dim
+    by_hand = torch.einsum("bsd,bkd->bsk", encoded.proposal_features, encoded.enhanced)
+    by_hand = (by_hand / d ** 0.5 + tiny.encoder_class_head.bias).max(-1).values
+    by_hand = by_hand.masked_fill(encoded.features.padding_mask, -1e4)
+    expected, indices = by_hand.topk(tiny.config.num_queries, dim=1)
+    torch.testing.assert_close(out.selection.objectness_logits, expected)
+    assert torch.equal(out.selection.indices, indices)
+    torch.testing.assert_close(light, by_hand.gather(1, shuffled))
 
 
 # ----------------------------------------------------------------------------- matcher

@@ -4,6 +4,7 @@ command lines), each with the message the user sees. Data-side cases that tests/
 already covers (invalid JSON, missing or corrupt images, bad boxes, unknown categories,
 image modes, non-ASCII names when loading) are not repeated here."""
 
+import itertools
 import json
 import os
 import pickle
@@ -16,15 +17,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import data
 import evaluate
+import train_grqo
 import train_sft
 from conftest import run_args
-from data import Batch, Target, build_dataset
+from data import Batch, Target, build_dataset, collate
 from model import PRESETS, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,13 +322,31 @@ def test_visual_instructions_depend_only_on_seed_epoch_batch_and_rank():
                                                 for rank in range(4)])
 
 
-def test_resident_memory_stops_growing_after_the_first_epoch(shapes, tmp_path):
-    out = tmp_path / "run"
-    train_sft.main(run_args(shapes, out, "--epochs", "3", "--log-every", "1"))
-    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    end_of_epoch = {line["epoch"]: line["rss_mb"] for line in lines}
-    assert sorted(end_of_epoch) == [0, 1, 2] and end_of_epoch[0] > 0
-    assert end_of_epoch[2] - end_of_epoch[0] < 50, end_of_epoch
+def test_resident_memory_does_not_grow_step_after_step(shapes):
+    """60 GRQO steps of the training loop on real batches: after the first 20, resident
+    memory grows by less than 0.5 MB a step (a leak of 1 MB a step, say a loss kept for
+    logging with its graph, measures about 1.07 here; none measures about 0)."""
+    torch.manual_seed(0)
+    model = build_model("tiny", kernel="torch").train()
+    dataset = build_dataset(str(shapes), "train", train=False, image_size=128, max_size=171)
+    batches = [collate([dataset[index], dataset[index + 1]]) for index in range(0, 8, 2)]
+    objective = train_grqo.GRQOObjective(train_grqo.parse_grqo_args(["--sft-epochs", "0"]))
+    objective.start_epoch(model, 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    resident = []
+
+    def measure(step, batch_index, terms, seconds):
+        resident.append(train_sft.resident_memory_mb())
+        return False
+
+    train_sft.train_one_epoch(
+        model, objective, optimizer, scheduler, enumerate(itertools.islice(
+            itertools.cycle(batches), 60)), torch.device("cpu"), 0, seed=0, rank=0,
+        class_names=dataset.class_names, clip_grad=0.1, after_step=measure)
+    assert len(resident) == 60 and resident[0] > 0
+    slope = np.polyfit(np.arange(20, 60), resident[20:], 1)[0]
+    assert slope < 0.5, f"{slope:.2f} MB a step: {[round(value) for value in resident]}"
 
 
 # ----------------------------------------------------------------------------- bad input
