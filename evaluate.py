@@ -373,7 +373,8 @@ def save_prototypes(model: DINOR1, data: str, path: Path, shots: int | None, see
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by training")
-    parser.add_argument("--data", help="shapes | coco | PATH (default: the training data)")
+    parser.add_argument("--data", help="shapes | shapes:DOMAIN | coco | PATH (default: the "
+                                           "training data)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--prompt", default="generic", choices=["generic", "text", "interactive"])
     parser.add_argument("--shots", type=int, help="exemplars per class (default: all)")

@@ -51,7 +51,8 @@ def fraction(text: str) -> float:
 def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", default="shapes", help="shapes | coco | a COCO-format folder")
+    parser.add_argument("--data", default="shapes",
+                        help="shapes | shapes:DOMAIN | coco | a COCO-format folder")
     parser.add_argument("--model", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--epochs", type=int, help="default: per preset (tiny 12)")
     parser.add_argument("--batch-size", type=int, help="per process; default per preset")

@@ -511,3 +511,60 @@ def test_coco_object_is_pycocotools(shapes_root):
     dataset = data.CocoDetection(shapes_root, "dev")
     assert isinstance(dataset.coco, COCO)
     assert dataset.image_ids == sorted(dataset.coco.getImgIds())
+
+
+# ----------------------------------------------------------------------------- domains
+
+DEFAULT_WORDS = set(data.SHAPE_NAMES) | set(data.COLOUR_NAMES)
+
+
+def small(domain: data.Domain) -> data.Domain:
+    """The same domain with few pictures per split, for speed."""
+    return replace(domain, train_images=4 if domain.train_images else 0,
+                   support_dev_val_images=(6, 2, 4))
+
+
+def test_list_domains_prints_five_or_more_names(capsys):
+    data.main(["shapes", "--list-domains"])
+    names = capsys.readouterr().out.split()
+    assert names == list(data.DOMAINS) and len(names) >= 5
+
+
+@pytest.mark.parametrize("name", list(data.DOMAINS))
+def test_a_domain_is_a_coco_folder_of_unseen_words_read_as_shapes_name(name, tmp_path,
+                                                                        monkeypatch):
+    """Generated on first use of --data shapes:NAME, deterministic, loadable with
+    pycocotools; every class name has a word the default data never uses."""
+    monkeypatch.setattr(data, "DOMAINS_ROOT", tmp_path / "domains")
+    monkeypatch.setitem(data.DOMAINS, name, small(data.DOMAINS[name]))
+    root = data.resolve_data_root(f"shapes:{name}")
+    assert root == tmp_path / "domains" / name
+    domain = data.DOMAINS[name]
+    for split in domain.split_sizes():
+        dataset = data.CocoDetection(root, split)
+        assert len(dataset) == domain.split_sizes()[split]
+        assert all(set(n.split()) - DEFAULT_WORDS for n in dataset.class_names), dataset.class_names
+        dataset[0]                                                     # the image loads
+    if domain.train_images:
+        train = data.CocoDetection(root, "train")
+        assert {train.class_names[k] for k in train.instance_labels.tolist()}.isdisjoint(
+            domain.novel)
+        assert [train.class_names[k] for k in train.novel_classes] == list(domain.novel)
+    again = data.ensure_domain(name, tmp_path / "again")
+    for split in domain.split_sizes():
+        first = (root / "annotations" / f"instances_{split}.json").read_bytes()
+        assert first == (again / "annotations" / f"instances_{split}.json").read_bytes()
+        assert (root / split / "000001.png").read_bytes() == (again / split / "000001.png").read_bytes()
+
+
+@pytest.mark.parametrize("name", list(data.DOMAINS))
+def test_a_domain_support_split_has_ten_shots_of_every_class(name, tmp_path):
+    coco = data._generate_split(tmp_path, "support", 0, 128, 60, data.DOMAINS[name])
+    counts = np.bincount([a["category_id"] for a in coco["annotations"]],
+                         minlength=len(coco["categories"]) + 1)[1:]
+    assert counts.min() >= 10, dict(zip(data.DOMAINS[name].classes, counts.tolist()))
+
+
+def test_an_unknown_domain_is_named_with_the_list(tmp_path):
+    with pytest.raises(data.DataError, match="unknown shapes domain 'nope'; the domains are outlines"):
+        data.resolve_data_root("shapes:nope")
