@@ -27,6 +27,7 @@ class GRQOObjective(SFTObjective):
     def __init__(self, args):
         super().__init__(args.match_cost, args.contrastive_weight)
         self.sft_epochs = args.sft_epochs
+        self.anchored = args.reference == "anchored"
         self.settings = dict(alpha=args.alpha, beta=args.beta, mute_fraction=args.mute_fraction,
                              form=args.grqo_form)
         # The rewards' cost, METHOD (2)-(3), may differ from the one the matching uses.
@@ -34,8 +35,9 @@ class GRQOObjective(SFTObjective):
         self.reference: DINOR1 | None = None
 
     def start_epoch(self, model: DINOR1, epoch: int) -> None:
-        """Algorithm 1, line 3: M_ref <- a frozen copy of M, at every GRQO epoch."""
-        if epoch >= self.sft_epochs:
+        """Algorithm 1, line 3: M_ref <- a frozen copy of M, at every GRQO epoch; anchored,
+        only at the first (a resumed run keeps the one its checkpoint holds)."""
+        if epoch >= self.sft_epochs and not (self.anchored and self.reference is not None):
             self.reference = frozen_copy(model)
 
     def state_dict(self) -> dict:
@@ -91,6 +93,10 @@ def make_grqo_parser():
                         help="paper: differentiable cost; pg: -A.detach() * log O; "
                              "detached_stats: the group's mean and std detached; "
                              "advantage_pull: -max(A, 0).detach() * r (see grqo.py)")
+    parser.add_argument("--reference", default="refreshed", choices=["refreshed", "anchored"],
+                        help="refreshed: the reference is the model at the start of every "
+                             "GRQO epoch (Algorithm 1); anchored: the model at the start of "
+                             "the first GRQO epoch, held (a guard against drift)")
     parser.add_argument("--reward-cost", default=None, choices=HungarianMatcher.CLASS_COSTS,
                         help="class part of the cost behind the GRQO rewards "
                              "(default: the same as --match-cost)")

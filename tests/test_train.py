@@ -178,6 +178,25 @@ def test_grqo_reference_fixed_within_an_epoch_refreshed_at_the_next(shapes):
     assert_same_weights(objective.reference.state_dict(), model.state_dict())
 
 
+def test_an_anchored_reference_is_held_from_the_first_grqo_epoch_and_through_a_resume():
+    objective = train_grqo.GRQOObjective(train_grqo.parse_grqo_args(
+        ["--sft-epochs", "1", "--reference", "anchored"]))
+    model = build_model("tiny", kernel="torch")
+    objective.start_epoch(model, 0)
+    assert objective.reference is None                   # SFT first
+    objective.start_epoch(model, 1)
+    anchor = {k: v.clone() for k, v in objective.reference.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+    objective.start_epoch(model, 2)
+    assert_same_weights(anchor, objective.reference.state_dict())
+    resumed = train_grqo.GRQOObjective(train_grqo.parse_grqo_args(["--reference", "anchored"]))
+    resumed.load_state_dict(objective.state_dict(), model)
+    resumed.start_epoch(model, 3)
+    assert_same_weights(anchor, resumed.reference.state_dict())
+
+
 def test_grqo_objective_adds_its_term_with_the_reward_cost(shapes, monkeypatch):
     """The GRQO loss reaches the optimiser (L_all = L_SFT + L_contra + L_GRQO) and its
     rewards come from the --reward-cost matcher, one cost per decoder layer."""
