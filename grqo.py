@@ -121,7 +121,9 @@ def objectness_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
     exactly 0 where the logits are equal, >= 0 everywhere.
     """
     log_ratio = F.logsigmoid(ref_logits.float()) - F.logsigmoid(logits.float())
-    return torch.exp(log_ratio) - log_ratio - 1
+    # expm1 keeps small values accurate (exp(x) - 1 - x rounds to -6e-8 near x = 0 in
+    # float32); the clamp keeps the last rounding from going below 0.
+    return (torch.expm1(log_ratio) - log_ratio).clamp(min=0)
 
 
 def mute_mask(num_queries: int, mute_fraction: float, device=None) -> Tensor:
