@@ -22,8 +22,11 @@ Conventions used everywhere in this file:
   class logits are (B, Q, K): query q against prompt k.
 """
 
+import json
 import math
 import re
+import string
+import unicodedata
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -59,7 +62,7 @@ class DetectorConfig:
     num_dn_queries: int = 40            # contrastive denoising queries (METHOD 2.10)
     dn_label_noise: float = 0.25        # probability of a wrong prompt on a DN query
     dn_box_noise: float = 1.0           # lambda of DINO's box noise
-    text_encoder: str = "bytes"         # "bytes" or a local Hugging Face BERT name
+    text_encoder: str = "bytes"         # "bytes" or a local BERT folder (see load_bert)
     text_layers: int = 2
     image_size: int = 128               # short side at evaluation
     max_size: int = 171                 # long side cap
@@ -422,30 +425,340 @@ class ByteTextEncoder(nn.Module):
         return self.out((x * keep).sum(1) / keep.sum(1))
 
 
-class BertTextEncoder(nn.Module):
-    """A Hugging Face BERT from local files (optional; `--text-encoder bert-base-uncased`)."""
+# BERT, the text encoder of Grounding DINO: the project's own WordPiece tokenizer and encoder,
+# loading Hugging Face's bert-base-uncased files (config.json, weights, vocab.txt) by their
+# names. `transformers` is only the tests' oracle: nothing here imports it.
 
-    def __init__(self, name: str, dim: int):
+CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+              (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def clean_character(char: str) -> str:
+    """Whitespace becomes a space; control characters (\\x00 included) and U+FFFD go; as in
+    Hugging Face's BasicTokenizer._clean_text, where tab and newlines count as whitespace."""
+    if char in " \t\n\r" or unicodedata.category(char) == "Zs":
+        return " "
+    if char == "\ufffd" or unicodedata.category(char).startswith("C"):
+        return ""
+    return char
+
+
+def is_cjk(char: str) -> bool:
+    """A CJK ideograph, by Hugging Face's BasicTokenizer._is_chinese_char (no kana, no hangul)."""
+    return any(low <= ord(char) <= high for low, high in CJK_RANGES)
+
+
+def is_punctuation(char: str) -> bool:
+    """Every ASCII symbol ("$", "+", "^" are Unicode symbols, not punctuation) and Unicode's
+    P* categories, as in Hugging Face's BERT tokenizers."""
+    return char in string.punctuation or unicodedata.category(char).startswith("P")
+
+
+def split_punctuation(word: str) -> list[str]:
+    """Each punctuation character becomes a word: "dog,bird!" -> ["dog", ",", "bird", "!"]."""
+    pieces = []
+    for char in word:
+        if not pieces or is_punctuation(char) or is_punctuation(pieces[-1][-1]):
+            pieces.append(char)
+        else:
+            pieces[-1] += char
+    return pieces
+
+
+class WordPieceTokenizer:
+    """BERT's uncased tokenizer, as Hugging Face's BertTokenizer(do_lower_case=True) computes
+    it: basic tokenisation (`words`), then greedy longest-match-first WordPiece with "##"
+    continuations (`word_pieces`). For captions and class names: a literal "[SEP]" in the text
+    is tokenised as text, not recognised as the special token."""
+    special_tokens = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
+    max_word_chars = 100    # a longer word is one [UNK], as in Hugging Face's WordpieceTokenizer
+
+    def __init__(self, tokens: list[str]):
+        """`tokens[i]` is the token of id i; a repeated token keeps its last id, as in Hugging
+        Face's load_vocab."""
+        self.ids = {token: index for index, token in enumerate(tokens)}
+        missing = [token for token in self.special_tokens if token not in self.ids]
+        if missing:
+            raise ValueError(f"the vocabulary has no {missing[0]} token")
+        self.cls_id, self.sep_id, self.pad_id, self.unk_id = map(self.ids.get, self.special_tokens)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "WordPieceTokenizer":
+        """Hugging Face's vocab.txt: the token of id i on line i."""
+        return cls(Path(path).read_text(encoding="utf-8").removesuffix("\n").split("\n"))
+
+    def words(self, text: str) -> list[str]:
+        """Basic tokenisation: "Café  猫,dog" -> ["cafe", "猫", ",", "dog"]. As in Hugging Face's
+        BasicTokenizer: clean, space out CJK characters, split at whitespace, lower-case, strip
+        accents (NFD, then drop the combining marks, category Mn), split punctuation."""
+        text = "".join(map(clean_character, text))
+        text = "".join(f" {char} " if is_cjk(char) else char for char in text)
+        words = []
+        for word in text.split():
+            word = unicodedata.normalize("NFD", word.lower())
+            words += split_punctuation("".join(c for c in word if unicodedata.category(c) != "Mn"))
+        return words
+
+    def word_pieces(self, word: str) -> list[int]:
+        """One word -> its ids: "unaffable" -> [un, ##aff, ##able]; one [UNK] when some part of
+        it matches nothing or it is longer than `max_word_chars`."""
+        if len(word) > self.max_word_chars:
+            return [self.unk_id]
+        pieces, start = [], 0
+        while start < len(word):
+            prefix = "##" if start else ""
+            end = next((end for end in range(len(word), start, -1)
+                        if prefix + word[start:end] in self.ids), None)
+            if end is None:
+                return [self.unk_id]
+            pieces.append(self.ids[prefix + word[start:end]])
+            start = end
+        return pieces
+
+    def encode(self, text: str) -> list[int]:
+        """[CLS] word pieces [SEP]."""
+        pieces = [index for word in self.words(text) for index in self.word_pieces(word)]
+        return [self.cls_id, *pieces, self.sep_id]
+
+    def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """B texts -> input_ids (B, T) padded with [PAD], attention_mask (B, T) long, 1 = a token
+        (Hugging Face's polarity, the opposite of this file's padding masks)."""
+        encoded = [self.encode(text) for text in texts]
+        length = max(map(len, encoded), default=2)
+        input_ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(texts), length, dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids, attention_mask
+
+
+@dataclass
+class BertConfig:
+    """The sizes of a BERT; the defaults are bert-base-uncased's."""
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0       # its word embedding gets no gradient, as in Hugging Face's
+
+    # our field -> its key in Hugging Face's config.json
+    json_keys = dict(vocab_size="vocab_size", hidden_size="hidden_size",
+                     num_layers="num_hidden_layers", num_heads="num_attention_heads",
+                     intermediate_size="intermediate_size", max_positions="max_position_embeddings",
+                     type_vocab_size="type_vocab_size", layer_norm_eps="layer_norm_eps",
+                     pad_token_id="pad_token_id")
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_heads {self.num_heads}")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "BertConfig":
+        """Hugging Face's config.json; an absent key keeps its default, as in their BertConfig.
+        ValueError for a variant that `Bert` does not compute (another activation, relative
+        positions), rather than silently computing something else."""
+        settings = json.loads(Path(path).read_text())
+        for key, supported in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
+            if settings.get(key, supported) != supported:
+                raise ValueError(f"{path}: {key} {settings[key]!r} is not supported, "
+                                 f"only {supported!r}")
+        return cls(**{field: settings[key] for field, key in cls.json_keys.items()
+                      if key in settings})
+
+
+class BertEmbeddings(nn.Module):
+    """Word + token type + position embeddings, then LayerNorm, as in Hugging Face's
+    BertEmbeddings. Every token is of type 0: one caption, as Grounding DINO passes it."""
+
+    def __init__(self, config: BertConfig):
         super().__init__()
-        try:
-            from transformers import AutoModel, AutoTokenizer
-        except ImportError as error:
-            raise ImportError("--text-encoder %s needs the transformers package "
-                              "(pip install transformers); the default 'bytes' encoder "
-                              "needs nothing" % name) from error
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-            self.bert = AutoModel.from_pretrained(name, local_files_only=True)
-        except OSError as error:
-            raise OSError(f"no local copy of {name!r}; download it once with "
-                          f"transformers (from_pretrained) before training") from error
+        d = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_positions, d)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)    # Hugging Face's name
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """input_ids (B, T), position_ids (B|1, T) -> (B, T, hidden)."""
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+        return self.LayerNorm(x + self.position_embeddings(position_ids))
+
+
+class BertResidual(nn.Module):
+    """LayerNorm(dense(x) + residual): BERT's post-LN sublayer ending, as in Hugging Face's
+    BertSelfOutput and BertOutput."""
+
+    def __init__(self, in_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(in_dim, dim)
+        self.LayerNorm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        """x (B, T, in_dim), residual (B, T, dim) -> (B, T, dim)."""
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertLayer(nn.Module):
+    """Self-attention, then a GELU FFN, each closed by a BertResidual, as in Hugging Face's
+    BertLayer. Modules are nested under Hugging Face's names (attention.self.query, ...)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.num_heads = config.num_heads
+        self.attention = nn.ModuleDict({
+            "self": nn.ModuleDict({name: nn.Linear(d, d) for name in ("query", "key", "value")}),
+            "output": BertResidual(d, d, eps)})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(d, config.intermediate_size)})
+        self.output = BertResidual(config.intermediate_size, d, eps)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x (B, T, hidden), bias (B, 1, 1|T, T) added to the attention scores -> (B, T, hidden)."""
+        query, key, value = (rearrange(self.attention["self"][name](x), "b t (h c) -> b h t c",
+                                       h=self.num_heads) for name in ("query", "key", "value"))
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        x = self.attention["output"](rearrange(attended, "b h t c -> b t (h c)"), x)
+        return self.output(F.gelu(self.intermediate["dense"](x)), x)
+
+
+def attention_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """attention_mask (B, T) per key or (B, T, T) per query and key, 1 = attend -> an additive
+    bias (B, 1, 1|T, T): 0 or the dtype's minimum, as in Hugging Face's BertModel before 5.0
+    (get_extended_attention_mask). Not -inf: in float32, a row with nothing to attend gets
+    uniform weights rather than NaN."""
+    if attention_mask.dim() not in (2, 3):
+        raise ValueError(f"attention_mask must be (B, T) or (B, T, T), "
+                         f"got {tuple(attention_mask.shape)}")
+    keep = attention_mask[:, None, None] if attention_mask.dim() == 2 else attention_mask[:, None]
+    return (1.0 - keep.to(dtype)) * torch.finfo(dtype).min
+
+
+class Bert(nn.Module):
+    """BERT's encoder: what Hugging Face's BertModel returns as last_hidden_state (in eval mode;
+    there is no dropout here), under its parameter names, so its weights load as they are."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(
+            BertLayer(config) for _ in range(config.num_layers))})
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        """input_ids (B, T) -> token states (B, T, hidden).
+
+        attention_mask: (B, T) padding, or (B, T, T) per query and key (Grounding DINO's
+        sub-sentence mask); 1 = attend; None attends everywhere.
+        position_ids: (B, T), by default 0..T-1 (Grounding DINO restarts them per phrase)."""
+        length = input_ids.shape[1]
+        if length > self.config.max_positions:
+            raise ValueError(f"{length} tokens, more than BERT's "
+                             f"{self.config.max_positions} positions")
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device)[None]
+        x = self.embeddings(input_ids, position_ids)
+        bias = None if attention_mask is None else attention_bias(attention_mask, x.dtype)
+        for layer in self.encoder["layer"]:
+            x = layer(x, bias)
+        return x
+
+
+# Checkpoint names that are not part of Bert: the pooler and the pre-training heads (Grounding
+# DINO uses only the token states) and the position_ids buffer that older transformers saved.
+# Hugging Face's BertModel.from_pretrained leaves them out too, and warns.
+BERT_UNUSED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
+
+
+def load_bert_weights(bert: Bert, state: dict[str, Tensor]) -> list[str]:
+    """Load a Hugging Face BERT state dict into `bert`, strictly. Returns the checkpoint names
+    that were left out by design (BERT_UNUSED_PREFIXES). ValueError naming the first missing
+    or unexpected key otherwise.
+
+    Checkpoints of BertModel load as they are; bert-base-uncased's is a BertForPreTraining,
+    with the encoder under "bert." and TensorFlow's LayerNorm names gamma and beta, which are
+    renamed here as Hugging Face's from_pretrained renames them."""
+    weights, unused = {}, []
+    for name, tensor in state.items():
+        key = (name.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
+               .replace("LayerNorm.beta", "LayerNorm.bias"))
+        if key.startswith(BERT_UNUSED_PREFIXES):
+            unused.append(name)
+        else:
+            weights[key] = tensor
+    expected = bert.state_dict().keys()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    if missing or unexpected:
+        details = [f"{len(keys)} {kind}, the first {keys[0]!r}"
+                   for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise ValueError("BERT weights do not match the model: " + "; ".join(details))
+    bert.load_state_dict(weights, strict=True)
+    return unused
+
+
+def required_file(folder: Path, name: str) -> Path:
+    """folder/name, or FileNotFoundError naming the path a BERT folder must have."""
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a BERT folder holds config.json, "
+                                f"model.safetensors (or pytorch_model.bin) and vocab.txt")
+    return path
+
+
+def read_bert_state(folder: Path) -> dict[str, Tensor]:
+    """The weights of a Hugging Face folder: model.safetensors, else pytorch_model.bin."""
+    pickle_path = folder / "pytorch_model.bin"
+    if pickle_path.is_file() and not (folder / "model.safetensors").is_file():
+        return torch.load(pickle_path, map_location="cpu", weights_only=True)
+    path = required_file(folder, "model.safetensors")
+    try:
+        from safetensors.torch import load_file
+    except ImportError as error:
+        raise ImportError(f"reading {path} needs the safetensors package "
+                          f"(pip install safetensors)") from error
+    return load_file(path)
+
+
+class LoadedBert(NamedTuple):
+    tokenizer: WordPieceTokenizer
+    bert: Bert
+    unused_weights: list[str]   # checkpoint names left out by design (BERT_UNUSED_PREFIXES)
+
+
+def load_bert(folder: str | Path) -> LoadedBert:
+    """A local Hugging Face BERT folder (config.json, model.safetensors or pytorch_model.bin,
+    vocab.txt) -> its tokenizer, its encoder with the weights, and the names left out."""
+    folder = Path(folder)
+    config = BertConfig.from_json(required_file(folder, "config.json"))
+    tokenizer = WordPieceTokenizer.from_file(required_file(folder, "vocab.txt"))
+    bert = Bert(config)
+    unused = load_bert_weights(bert, read_bert_state(folder))
+    return LoadedBert(tokenizer, bert, unused)
+
+
+class BertTextEncoder(nn.Module):
+    """BERT from a local folder (`--text-encoder path/to/bert-base-uncased`, see load_bert).
+    One embedding per name: the mean of its token states ([CLS] and [SEP] included), then a
+    Linear to d."""
+
+    def __init__(self, folder: str, dim: int):
+        super().__init__()
+        self.tokenizer, self.bert, _ = load_bert(folder)      # the pooler is not used
         self.out = nn.Linear(self.bert.config.hidden_size, dim)
 
     def forward(self, names: list[str]) -> Tensor:
+        """K names -> (K, d)."""
         device = self.out.weight.device
-        tokens = self.tokenizer(names, padding=True, return_tensors="pt").to(device)
-        states = self.bert(**tokens).last_hidden_state
-        keep = tokens["attention_mask"][..., None].float()
+        input_ids, attention_mask = (t.to(device) for t in self.tokenizer(names))
+        states = self.bert(input_ids, attention_mask)
+        keep = attention_mask[..., None].float()
         return self.out((states * keep).sum(1) / keep.sum(1))
 
 
