@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import threading
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -126,6 +127,16 @@ class VisualInstructions:
     image_index: torch.Tensor
     labels: torch.Tensor
     selected: torch.Tensor
+    class_names: list[str]
+
+
+@dataclass
+class TextPrompts:
+    """The text prompts of a training batch: the names of the classes present (positives)
+    and of other classes (negatives), in a random order, as Grounding DINO's fine-tuning
+    builds its captions; here each name is one prompt (one embedding per name). The
+    targets' labels index this list."""
+
     class_names: list[str]
 
 
@@ -639,6 +650,27 @@ def sample_prompts(batch: Batch, class_names: list[str],
         labels=prompt_labels.to(device), selected=selected.to(device),
         class_names=[class_names[c] for c in classes.tolist()])
     return instructions, targets
+
+
+def sample_text_prompts(batch: Batch, class_names: list[str], candidates: list[int],
+                        generator: torch.Generator, max_prompts: int = 80
+                        ) -> tuple[TextPrompts, list[Target]]:
+    """The text prompts of a training batch: every class present, and negatives drawn
+    from `candidates` (class indices; training passes the base classes, so that a novel
+    name is never a negative) up to `max_prompts` names in all (80, COCO's class count),
+    shuffled. Returns the prompts and the targets with the prompt indices as labels (M,)
+    long, on the device of the batch's targets. generator: a CPU torch.Generator."""
+    present = sorted(set(torch.cat([t.labels.cpu() for t in batch.targets]
+                                   + [torch.zeros(0, dtype=torch.long)]).tolist()))
+    others = [c for c in candidates if c not in present]
+    drawn = torch.randperm(len(others), generator=generator)[:max(max_prompts - len(present), 0)]
+    chosen = present + [others[i] for i in drawn.tolist()]
+    order = [chosen[i] for i in torch.randperm(len(chosen), generator=generator).tolist()]
+    position = {class_index: k for k, class_index in enumerate(order)}
+    targets = [replace(t, labels=torch.tensor([position[c] for c in t.labels.tolist()],
+                                              dtype=torch.long, device=t.labels.device))
+               for t in batch.targets]
+    return TextPrompts([class_names[c] for c in order]), targets
 
 
 def instance_image_index(targets: list[Target]) -> torch.Tensor:
@@ -1186,8 +1218,8 @@ def _generate_split(
         else categories
     )
     stream = [seed, list(SPLIT_CLASSES).index(split)]             # one stream per split
-    if domain is not None:
-        stream.append(list(DOMAINS.values()).index(domain) + 1)   # and per domain
+    if domain is not None:                 # and per domain, by its name: order-independent
+        stream.append(zlib.crc32(domain_name(domain).encode()))
     rng = np.random.default_rng(stream)
     object_counts = rng.integers(style.objects[0], style.objects[1] + 1, num_images)
     deck = iter(_class_deck(rng, allowed, int(object_counts.sum())))
@@ -1320,6 +1352,11 @@ DOMAINS = {
 }
 
 
+def domain_name(domain: Domain) -> str:
+    """The name DOMAINS gives a domain."""
+    return next(name for name, known in DOMAINS.items() if known == domain)
+
+
 def domain_named(name: str) -> Domain:
     """DOMAINS[name]; DataError listing the domains for another name."""
     if name not in DOMAINS:
@@ -1335,7 +1372,7 @@ def ensure_domain(name: str, root=None, seed: int = 0, image_size: int = 128) ->
     root = Path(root) if root is not None else DOMAINS_ROOT / name
     marker = root / "COMPLETE"
     text = json.dumps({"version": SHAPES_VERSION, "seed": seed, "image_size": image_size,
-                       "domain": asdict(domain)}, sort_keys=True) + "\n"
+                       "name": name, "domain": asdict(domain)}, sort_keys=True) + "\n"
     if marker.is_file() and marker.read_text(encoding="utf-8") == text:
         return root
     marker.unlink(missing_ok=True)

@@ -1129,19 +1129,23 @@ class DINOR1(nn.Module):
 
     def encode(self, images: Tensor, mask: Tensor, prompts: Tensor | None = None,
                prompt_mask: Tensor | None = None,
-               instructions: "VisualInstructions | None" = None) -> Encoded:
+               instructions: "VisualInstructions | None" = None,
+               class_names: list[str] | None = None) -> Encoded:
         """Backbone, prompts, feature enhancer and token scores: all that comes before the
-        decoder, shared by `forward` and `objectness_logits`. Prompts come either ready-made
-        (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g. generic prototypes or text) or
-        as `instructions` (training: exemplar boxes of this batch, one per class becomes the
-        prompt of every image)."""
-        if (prompts is None) == (instructions is None):
-            raise ValueError("give the detector either prompts (B, K, d) or visual "
-                             "instructions, exactly one of them")
+        decoder, shared by `forward` and `objectness_logits`. Prompts come ready-made
+        (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g. generic prototypes), as
+        `instructions` (training: exemplar boxes of this batch, one per class becomes the
+        prompt of every image) or as K `class_names` through the text encoder, shown to
+        every image; exactly one of the three."""
+        if sum(given is not None for given in (prompts, instructions, class_names)) != 1:
+            raise ValueError("give the detector prompts (B, K, d), visual instructions or "
+                             "class names, exactly one of them")
         features = self.backbone(images, mask)
         exemplars = None
         if instructions is not None:
             prompts, exemplars = self.instruction_prompts(features, instructions)
+        if class_names is not None:
+            prompts = self.encode_text(class_names)[None].expand(images.shape[0], -1, -1)
         if prompt_mask is None:
             prompt_mask = torch.zeros(prompts.shape[:2], dtype=torch.bool, device=prompts.device)
         memory, enhanced = self.enhance(features, prompts, prompt_mask)
@@ -1152,26 +1156,28 @@ class DINOR1(nn.Module):
 
     def objectness_logits(self, images: Tensor, mask: Tensor, indices: Tensor,
                           prompts: Tensor | None = None, prompt_mask: Tensor | None = None,
-                          instructions: "VisualInstructions | None" = None) -> Tensor:
+                          instructions: "VisualInstructions | None" = None,
+                          class_names: list[str] | None = None) -> Tensor:
         """The light path for the GRQO reference model (no decoder): the objectness logits
         s (B, Q) of the given token indices (B, Q), e.g. the ones the policy selected."""
-        encoded = self.encode(images, mask, prompts, prompt_mask, instructions)
+        encoded = self.encode(images, mask, prompts, prompt_mask, instructions, class_names)
         return encoded.objectness_logits.gather(1, indices)
 
     def forward(self, images: Tensor, mask: Tensor, prompts: Tensor | None = None,
                 prompt_mask: Tensor | None = None,
                 instructions: "VisualInstructions | None" = None,
                 dn_targets: list["Target"] | None = None,
-                generator: torch.Generator | None = None) -> DetectorOutput:
+                generator: torch.Generator | None = None,
+                class_names: list[str] | None = None) -> DetectorOutput:
         """images (B, 3, H, W) normalised, mask (B, H, W) True = padding; prompts as in
         `encode` (instructions also yield the contrastive logits). `dn_targets` (training
         only) adds denoising queries, their noise drawn from `generator`."""
-        encoded = self.encode(images, mask, prompts, prompt_mask, instructions)
+        encoded = self.encode(images, mask, prompts, prompt_mask, instructions, class_names)
         features, prompt_mask = encoded.features, encoded.prompt_mask
         selection = self.select_queries(encoded.objectness_logits)
         anchors = gather_tokens(token_anchors(features), selection.indices)
-        encoder_boxes = (self.encoder_box_head(gather_tokens(encoded.proposal_features, selection.indices))
-                         .float() + anchors).sigmoid()
+        proposals = gather_tokens(encoded.proposal_features, selection.indices)
+        encoder_boxes = (self.encoder_box_head(proposals).float() + anchors).sigmoid()
         # "Mixed" query selection: learned content, positions from the selected proposals.
         queries = self.query_content.weight.expand(images.shape[0], -1, -1)
         queries = queries[:, :encoder_boxes.shape[1]]

@@ -6,8 +6,9 @@
 
 The loop, data, checkpoints and evaluation are train_sft.py's; this file adds the GRQO
 objective: L_all = L_SFT + L_contra + L_GRQO (METHOD (6)), with a reference model that is
-a frozen copy of the detector taken at the start of every GRQO epoch (Algorithm 1, line 3).
-The reference scores the *same* images, with the *same* sampled visual instructions, at
+a frozen copy of the detector taken at the start of every GRQO epoch (Algorithm 1, line 3;
+`--reference anchored` takes it at the first GRQO epoch only). The reference scores the
+*same* images, with the *same* sampled prompts (visual instructions or class names), at
 the *same* selected tokens as the policy, using the light objectness path (no decoder, no
 gradient, eval mode).
 """
@@ -18,7 +19,8 @@ import torch
 
 from grqo import FORMS, grqo_loss
 from model import DINOR1, HungarianMatcher
-from train_sft import SFTObjective, finish_args, fraction, make_parser, train
+from train_sft import (SFTObjective, finish_args, fraction, make_parser, prompt_arguments,
+                       train)
 
 
 class GRQOObjective(SFTObjective):
@@ -49,15 +51,15 @@ class GRQOObjective(SFTObjective):
             self.reference = frozen_copy(model)
             self.reference.load_state_dict(state["reference"])
 
-    def __call__(self, network, batch, instructions, targets, num_boxes, generator=None):
+    def __call__(self, network, batch, prompts, targets, num_boxes, generator=None):
         if self.reference is None:
-            return super().__call__(network, batch, instructions, targets, num_boxes, generator)
-        output = network(batch.images, batch.mask, instructions=instructions,
+            return super().__call__(network, batch, prompts, targets, num_boxes, generator)
+        output = network(batch.images, batch.mask, **prompt_arguments(prompts),
                          dn_targets=targets, generator=generator)
         terms = self.criterion(output, targets, num_boxes)
         with torch.no_grad():
             reference_logits = self.reference.objectness_logits(
-                batch.images, batch.mask, output.selection.indices, instructions=instructions)
+                batch.images, batch.mask, output.selection.indices, **prompt_arguments(prompts))
         costs, gt_mask = [], None
         for logits, boxes in zip(output.logits, output.boxes):     # one cost per decoder layer
             cost, gt_mask = self.reward_matcher.pairwise_cost(logits, boxes, targets,

@@ -25,8 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from data import (Batch, DataError, ReplaceUnreadable, VisualInstructions, build_dataset,
-                  collate, resolve_data_root, sample_prompts, split_files)
+from data import (Batch, DataError, ReplaceUnreadable, TextPrompts, VisualInstructions,
+                  build_dataset, collate, resolve_data_root, sample_prompts,
+                  sample_text_prompts, split_files)
 from model import (PRESETS, DINOR1, HungarianMatcher, SetCriterion,
                    checkpoint_config_differences, load_checkpoint, resolve_device)
 
@@ -91,6 +92,10 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--dn-label-noise", type=fraction, default=None,
                         help="share of DN queries given a wrong prompt (default: per preset, "
                              "0.25; the release uses 0.5)")
+    parser.add_argument("--prompts", default="visual", choices=["visual", "text", "both"],
+                        help="what a step prompts with: visual instructions (METHOD 2.5), "
+                             "class names (the batch's and other base classes, as Grounding "
+                             "DINO fine-tunes), or either at random, one per step")
     parser.add_argument("--eval-split", default="val", help="split evaluated at the end")
     parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     return parser
@@ -122,7 +127,7 @@ class Run:
     objective: "SFTObjective"
     samples: "SeededSamples"
     sampler: DistributedSampler
-    class_names: list[str]
+    prompt_sampler: "PromptSampler"
     steps_per_epoch: int
     total_steps: float               # math.inf without --max-steps
     out: Path
@@ -155,11 +160,16 @@ def set_up(args, objective: "SFTObjective") -> tuple[Run, int, int]:
             indent=2))
     network = model
     if world_size > 1:
+        # Text steps leave the visual prompt encoder without gradient, and it must not
+        # hold DDP's reduction up.
         network = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=args.prompts != "visual")
     run = Run(args=args, device=device, rank=rank, world_size=world_size, model=model,
               network=network, optimizer=optimizer, scheduler=scheduler, objective=objective,
-              samples=samples, sampler=sampler, class_names=dataset.class_names,
+              samples=samples, sampler=sampler,
+              prompt_sampler=PromptSampler(args.prompts, dataset.class_names,
+                                           dataset.base_classes),
               steps_per_epoch=steps_per_epoch,
               total_steps=min(args.epochs * steps_per_epoch, args.max_steps or math.inf),
               out=out, log=open(out / "log.jsonl", "a") if rank == 0 else None,
@@ -221,14 +231,15 @@ def training_data(args, model: DINOR1, rank: int, world_size: int):
 
 
 def make_optimizer(model: DINOR1, args) -> torch.optim.AdamW:
-    """AdamW; the backbone at 0.1x the learning rate; no weight decay on norms, biases and
-    embeddings (METHOD.md section 2, paper-scale settings)."""
+    """AdamW; the backbone (and a pretrained BERT text encoder, as Grounding DINO fine-tunes
+    it) at 0.1x the learning rate; no weight decay on norms, biases and embeddings
+    (METHOD.md section 2, paper-scale settings)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     groups: dict[tuple[bool, bool], list] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        in_backbone = name.startswith("backbone.body.")
+        in_backbone = name.startswith(("backbone.body.", "text_encoder.bert."))
         no_decay = (parameter.ndim < 2 or id(parameter) in embeddings
                     or "embed" in name.rsplit(".", 1)[-1])
         groups.setdefault((in_backbone, no_decay), []).append(parameter)
@@ -279,15 +290,41 @@ class SFTObjective:
     def load_state_dict(self, state: dict, model: DINOR1) -> None:
         pass
 
-    def __call__(self, network, batch: Batch, instructions: VisualInstructions, targets: list,
-                 num_boxes: float, generator: torch.Generator | None = None
+    def __call__(self, network, batch: Batch, prompts: "VisualInstructions | TextPrompts",
+                 targets: list, num_boxes: float, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the loss to minimise and named terms for logging. `network` is the
         detector, or its DDP wrapper under torchrun; `generator` draws the denoising noise."""
-        output = network(batch.images, batch.mask, instructions=instructions,
+        output = network(batch.images, batch.mask, **prompt_arguments(prompts),
                          dn_targets=targets, generator=generator)
         terms = self.criterion(output, targets, num_boxes)
         return terms["sft"], terms
+
+
+def prompt_arguments(prompts: "VisualInstructions | TextPrompts") -> dict:
+    """How the detector takes a step's prompts: visual instructions, or class names."""
+    if isinstance(prompts, TextPrompts):
+        return {"class_names": prompts.class_names}
+    return {"instructions": prompts}
+
+
+class PromptSampler:
+    """What a training step prompts with (--prompts): visual instructions (METHOD 2.5),
+    text prompts (the batch's classes and negatives from the base classes), or "both":
+    either, by a coin flip per step, the same in every process. Called with a batch, the
+    step's generator and the coin's; returns (prompts, targets with prompt indices as
+    labels)."""
+
+    def __init__(self, mode: str, class_names: list[str], base_classes: list[int]):
+        self.mode, self.class_names, self.base_classes = mode, class_names, base_classes
+
+    def __call__(self, batch: Batch, generator: torch.Generator, coin: torch.Generator):
+        mode = self.mode
+        if mode == "both":
+            mode = "visual" if torch.rand((), generator=coin).item() < 0.5 else "text"
+        if mode == "visual":
+            return sample_prompts(batch, self.class_names, generator)
+        return sample_text_prompts(batch, self.class_names, self.base_classes, generator)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -301,15 +338,16 @@ class EpochEnd(NamedTuple):
 
 def train_one_epoch(network: torch.nn.Module, objective: SFTObjective,
                     optimizer: torch.optim.Optimizer, scheduler, batches, device: torch.device,
-                    epoch: int, *, seed: int, rank: int, class_names: list[str],
+                    epoch: int, *, seed: int, rank: int, prompt_sampler: PromptSampler,
                     clip_grad: float, amp: bool = False, step: int = 0,
                     skip_nonfinite: bool = False, after_step=None) -> EpochEnd:
     """One pass over `batches`, an iterable of (batch index, Batch), with `network` in
-    training mode. Every random draw of a step (the visual instructions, the denoising
-    noise) comes from generators seeded from (seed, epoch, batch index, rank), so a step is
-    the same whether the run was resumed or not. `step` counts the optimiser steps taken
-    before; `after_step(step, batch_index, terms, seconds)` is called after each one and
-    ends the epoch early by returning True. `amp`: bf16 autocast on CUDA."""
+    training mode, prompted as `prompt_sampler` samples. Every random draw of a step (the
+    prompts, the denoising noise) comes from generators seeded from (seed, epoch, batch
+    index, rank), so a step is the same whether the run was resumed or not. `step` counts
+    the optimiser steps taken before; `after_step(step, batch_index, terms, seconds)` is
+    called after each one and ends the epoch early by returning True. `amp`: bf16 autocast
+    on CUDA."""
     faults = EpochFaults()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     next_batch = None
@@ -317,15 +355,16 @@ def train_one_epoch(network: torch.nn.Module, objective: SFTObjective,
         next_batch = batch_index + 1
         started = time.perf_counter()
         batch = batch.to(device)
-        instructions, targets = sample_prompts(
-            batch, class_names, step_generator(seed, epoch, batch_index, rank, 1))
-        has_prompts, num_boxes = agree_before_step(len(instructions.class_names) > 0,
-                                                   targets, device)
-        if not has_prompts:
-            faults.without_boxes += 1       # no box, no prompt: nothing to learn from
+        step_prompts, targets = prompt_sampler(
+            batch, step_generator(seed, epoch, batch_index, rank, 1),
+            step_generator(seed, epoch, batch_index, 2))          # the coin: no rank
+        has_boxes, num_boxes = agree_before_step(any(len(t.labels) for t in targets),
+                                                 targets, device)
+        if not has_boxes:
+            faults.without_boxes += 1       # no box: no visual prompt, nothing to recover
             continue
         with autocast:
-            loss, terms = objective(network, batch, instructions, targets, num_boxes,
+            loss, terms = objective(network, batch, step_prompts, targets, num_boxes,
                                     step_generator(seed, epoch, batch_index, rank))
         if not finite_in_every_process(loss, device):
             message = f"non-finite loss at step {step + 1}: " + ", ".join(
@@ -377,7 +416,7 @@ def run_epoch(run: Run, epoch: int, first_batch: int) -> None:
         end = train_one_epoch(
             run.network, run.objective, run.optimizer, run.scheduler,
             enumerate(bar, start=first_batch), run.device, epoch, seed=args.seed,
-            rank=run.rank, class_names=run.class_names, clip_grad=args.clip_grad,
+            rank=run.rank, prompt_sampler=run.prompt_sampler, clip_grad=args.clip_grad,
             amp=run.amp, step=run.step, skip_nonfinite=args.skip_nonfinite,
             after_step=after_step)
     except FloatingPointError as error:
@@ -444,7 +483,8 @@ def mix_seed(*values: int) -> int:
 
 def step_generator(*values: int) -> torch.Generator:
     """A CPU generator seeded from several integers: (seed, epoch, batch, rank) for a step's
-    denoising noise, with a trailing 1 for its visual instructions."""
+    denoising noise, with a trailing 1 for its prompts; (seed, epoch, batch, 2) for the
+    coin of --prompts both, the same in every process."""
     return torch.Generator().manual_seed(mix_seed(*values))
 
 
@@ -539,12 +579,12 @@ class EpochFaults:
                   f"(under DDP: in any one process)")
 
 
-def agree_before_step(has_prompts: bool, targets: list, device: torch.device
+def agree_before_step(has_boxes: bool, targets: list, device: torch.device
                       ) -> tuple[bool, float]:
-    """One all-reduce before the forward: (whether every process has prompts, so that they
+    """One all-reduce before the forward: (whether every process has boxes, so that they
     all skip a step together; the loss normaliser, ground-truth boxes per process averaged
     over processes, >= 1)."""
-    values = torch.tensor([float(has_prompts), float(sum(len(t.labels) for t in targets))],
+    values = torch.tensor([float(has_boxes), float(sum(len(t.labels) for t in targets))],
                           dtype=torch.float64, device=device)
     world_size = 1
     if dist.is_available() and dist.is_initialized():

@@ -144,7 +144,7 @@ def profile_training_steps(kernel: str, device: str, height: int, width: int, st
                            warmup: int, amp: bool, rows: int = 10) -> dict:
     """Where a swin_t training step's time goes: the median wall time of each phase (the
     device synchronised at each phase's end, no profiler), then torch.profiler over `steps`
-    steps: GPU kernel time and kernel launches a step, the top operations by self device time
+    steps: GPU kernel time and device operations a step, the top operations by self device time
     and by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(0)
@@ -172,15 +172,16 @@ def profile_training_steps(kernel: str, device: str, height: int, width: int, st
         for _ in range(steps):
             training_step(model, criterion, optimizer, batch, instructions, targets, autocast)
         synchronize()
-    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not e.name.startswith(("Optimizer.", "ProfilerStep"))]
+    device_events = [e for e in profiler.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA
+                     and not e.name.startswith(("Optimizer.", "ProfilerStep"))]
     events = profiler.key_averages()
     device_key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     return {"kernel": kernel, "image": f"{height}x{width}", "batch": 2, "bf16": amp,
             "steps": steps,
             "phase_median_s": {p: statistics.median(t) for p, t in phase_times.items()},
-            "gpu_kernel_ms_per_step": sum(e.device_time for e in kernels) / 1e3 / steps,
-            "kernel_launches_per_step": len(kernels) / steps,
+            "gpu_kernel_ms_per_step": sum(e.device_time for e in device_events) / 1e3 / steps,
+            "device_operations_per_step": len(device_events) / steps,
             "by_device_time": events.table(sort_by=device_key, row_limit=rows),
             "by_cpu_time": events.table(sort_by="self_cpu_time_total", row_limit=rows)}
 
@@ -300,7 +301,7 @@ def main(argv=None):
             total = sum(row["phase_median_s"].values())
             print(f"== {row['kernel']}: a step {total * 1e3:.1f} ms (sum of phase medians), GPU "
                   f"kernels {row['gpu_kernel_ms_per_step']:.1f} ms a step, "
-                  f"{row['kernel_launches_per_step']:.0f} kernels a step")
+                  f"{row['device_operations_per_step']:.0f} device operations a step")
             for name, seconds in row["phase_median_s"].items():
                 print(f"   phase {name:22s} {seconds * 1e3:8.1f} ms")
             print(row["by_device_time"])

@@ -147,6 +147,8 @@ def read_log(folder: Path) -> list[dict]:
 
 def last_epoch_reward(lines: list[dict]) -> float | None:
     """The mean GRQO reward over the last epoch logged; None for SFT."""
+    if not lines:
+        return None
     last = max(line["epoch"] for line in lines)
     rewards = [line["grqo_reward"] for line in lines
                if line["epoch"] == last and "grqo_reward" in line]
@@ -269,8 +271,10 @@ def launch(study: Study, job: tuple[str, int], command: list[str], environment: 
 
 
 def finish(study: Study, job: tuple[str, int], log, process) -> bool:
-    """Closes a step that ended and removes the `running` marker; a training that failed is
-    recorded in diverged.txt with the line it stopped with. True when the step succeeded."""
+    """Closes a step that ended and removes the `running` marker; a training stopped by a
+    non-finite loss is recorded in diverged.txt with the line it stopped with and never
+    rerun; any other failure (killed, out of memory, a bad flag) is printed, and the run
+    continues from its last.pt on the next invocation. True when the step succeeded."""
     log.close()
     folder = run_folder(study, *job)
     (folder / "running").unlink(missing_ok=True)
@@ -278,9 +282,12 @@ def finish(study: Study, job: tuple[str, int], log, process) -> bool:
         print(f"done  {job[0]} seed {job[1]}", flush=True)
         return True
     reason = failure_reason(Path(log.name))
-    if Path(log.name).name == "stdout.txt":
+    if Path(log.name).name == "stdout.txt" and "non-finite loss" in reason:
         (folder / "diverged.txt").write_text(reason + "\n")
-    print(f"stop  {job[0]} seed {job[1]}: {reason}", flush=True)
+        print(f"stop  {job[0]} seed {job[1]}: diverged: {reason}", flush=True)
+    else:
+        print(f"stop  {job[0]} seed {job[1]}: failed, resumes on the next invocation: "
+              f"{reason}", flush=True)
     return False
 
 

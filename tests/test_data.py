@@ -568,3 +568,28 @@ def test_a_domain_support_split_has_ten_shots_of_every_class(name, tmp_path):
 def test_an_unknown_domain_is_named_with_the_list(tmp_path):
     with pytest.raises(data.DataError, match="unknown shapes domain 'nope'; the domains are outlines"):
         data.resolve_data_root("shapes:nope")
+
+
+def test_text_prompts_hold_the_batch_classes_and_base_negatives_only(shapes_root):
+    """Grounding DINO's fine-tuning captions: every class of the batch, then negatives drawn
+    from the candidates (the base classes: a novel name is never trained), shuffled, capped;
+    the targets' labels index the names."""
+    dataset = data.CocoDetection(shapes_root, "train", data.make_transforms(False, 64, 85))
+    batch = data.collate([dataset[0], dataset[1]])
+    present = {dataset.class_names[k] for t in batch.targets for k in t.labels.tolist()}
+    novel = {dataset.class_names[k] for k in dataset.novel_classes}
+
+    def sample(seed, max_prompts=80):
+        return data.sample_text_prompts(batch, dataset.class_names, dataset.base_classes,
+                                        torch.Generator().manual_seed(seed), max_prompts)
+    prompts, targets = sample(0)
+    assert set(prompts.class_names) == {dataset.class_names[k] for k in dataset.base_classes}
+    assert present <= set(prompts.class_names) and not novel & set(prompts.class_names)
+    for original, relabelled in zip(batch.targets, targets):
+        assert [prompts.class_names[k] for k in relabelled.labels.tolist()] == \
+            [dataset.class_names[k] for k in original.labels.tolist()]
+        assert torch.equal(relabelled.boxes, original.boxes)
+    capped, _ = sample(0, max_prompts=len(present) + 2)
+    assert len(capped.class_names) == len(present) + 2 and present <= set(capped.class_names)
+    assert sample(0)[0].class_names == prompts.class_names           # the generator decides
+    assert any(sample(seed)[0].class_names != prompts.class_names for seed in range(1, 5))

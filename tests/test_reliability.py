@@ -343,7 +343,9 @@ def test_resident_memory_does_not_grow_step_after_step(shapes):
     train_sft.train_one_epoch(
         model, objective, optimizer, scheduler, enumerate(itertools.islice(
             itertools.cycle(batches), 60)), torch.device("cpu"), 0, seed=0, rank=0,
-        class_names=dataset.class_names, clip_grad=0.1, after_step=measure)
+        prompt_sampler=train_sft.PromptSampler("visual", dataset.class_names,
+                                               dataset.base_classes),
+        clip_grad=0.1, after_step=measure)
     assert len(resident) == 60 and resident[0] > 0
     slope = np.polyfit(np.arange(20, 60), resident[20:], 1)[0]
     assert slope < 0.5, f"{slope:.2f} MB a step: {[round(value) for value in resident]}"

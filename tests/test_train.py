@@ -3,6 +3,7 @@ shapes dataset written to disk: checkpoints, exact resume, DDP on CPU, the COCOe
 and GRQO's reference model."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -138,7 +139,10 @@ def test_chunked_prompts_map_each_chunk_to_its_classes(shapes):
 
 
 def test_ddp_on_cpu_keeps_identical_weights(shapes, tmp_path):
-    for script, extra in (("train_sft", []), ("train_grqo", ["--sft-epochs", "1", "--grqo-epochs", "1"])):
+    # GRQO prompts with text (its steps leave the visual prompt encoder without gradient:
+    # DDP must not wait for it).
+    grqo = ["--sft-epochs", "1", "--grqo-epochs", "1", "--prompts", "text"]
+    for script, extra in (("train_sft", []), ("train_grqo", grqo)):
         out = tmp_path / script
         program = (f"import sys, torch, torch.distributed as dist; sys.path.insert(0, {str(ROOT)!r}); "
                    f"import {script} as s; model = s.main(sys.argv[1:]); "
@@ -306,3 +310,31 @@ def test_sft_epochs_under_init_default_to_zero_and_an_explicit_value_is_kept():
     assert train_grqo.parse_grqo_args([]).reward_cost == "focal"
     assert train_grqo.parse_grqo_args(["--match-cost", "binary_focal"]).reward_cost == \
         "binary_focal"
+
+
+@pytest.mark.parametrize("script, mode", [(train_sft, "text"), (train_grqo, "text"),
+                                          (train_grqo, "both")])
+def test_training_with_text_prompts_learns_through_the_text_encoder(shapes, tmp_path, script,
+                                                                    mode):
+    """--prompts text: class names are the prompts (no exemplar, so no contrastive term); the
+    text encoder is trained, the visual prompt encoder is not; GRQO's reference scores the
+    same names. "both" draws visual or text per step."""
+    schedule = ["--epochs", "1"] if script is train_sft else ["--sft-epochs", "0",
+                                                               "--grqo-epochs", "1"]
+    torch.manual_seed(3)                 # the run's initial weights (set_up seeds the same)
+    start = build_model("tiny", kernel="torch").state_dict()
+    trained = script.main(["--data", str(shapes), "--out", str(tmp_path / "run"),
+                           "--batch-size", "2", "--max-steps", "4", "--no-eval", "--seed", "3",
+                           "--log-every", "1", "--prompts", mode, *schedule])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(math.isfinite(line["sft"]) for line in lines)
+    with_contrast = sum("contrastive" in line for line in lines)
+    moved = {name.split(".")[0] for name, value in trained.state_dict().items()
+             if not torch.equal(value, start[name])}
+    assert "text_encoder" in moved
+    if mode == "text":
+        assert with_contrast == 0 and "prompt_encoder" not in moved
+    else:
+        assert 0 < with_contrast < 4 and "prompt_encoder" in moved
+    if script is train_grqo:       # the reference scores the same prompts: no KL at step 1
+        assert lines[0]["grqo_kl"] == pytest.approx(0.0, abs=1e-6)
