@@ -1247,6 +1247,16 @@ class HungarianMatcher:
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.class_cost = class_cost
 
+    def layer_costs(self, output: "DetectorOutput", targets: list
+                    ) -> tuple[list[Tensor], Tensor]:
+        """`pairwise_cost` of every decoder layer's predictions (METHOD (2), one per layer):
+        ([(B, Q, M)] * layers, gt_mask (B, M) True = a real ground truth)."""
+        costs, gt_mask = [], None
+        for logits, boxes in zip(output.logits, output.boxes):
+            cost, gt_mask = self.pairwise_cost(logits, boxes, targets, output.prompt_mask)
+            costs.append(cost)
+        return costs, gt_mask
+
     def pairwise_cost(self, logits: Tensor, boxes: Tensor, targets: list,
                       prompt_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The full cost matrices, differentiable (GRQO builds its rewards from them).

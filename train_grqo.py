@@ -60,11 +60,7 @@ class GRQOObjective(SFTObjective):
         with torch.no_grad():
             reference_logits = self.reference.objectness_logits(
                 batch.images, batch.mask, output.selection.indices, **prompt_arguments(prompts))
-        costs, gt_mask = [], None
-        for logits, boxes in zip(output.logits, output.boxes):     # one cost per decoder layer
-            cost, gt_mask = self.reward_matcher.pairwise_cost(logits, boxes, targets,
-                                                              output.prompt_mask)
-            costs.append(cost)
+        costs, gt_mask = self.reward_matcher.layer_costs(output, targets)
         loss_grqo, stats = grqo_loss(costs, output.selection.objectness_logits,
                                      reference_logits, gt_mask=gt_mask, **self.settings)
         terms["grqo"] = loss_grqo

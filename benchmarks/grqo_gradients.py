@@ -57,18 +57,16 @@ def main(argv=None):
     criterion = SetCriterion(HungarianMatcher(class_cost=match_cost),
                              contrastive_weight=trained.get("contrastive_weight", 1.0))
     rows = []
-    for index in range(args.batches):
-        torch.manual_seed(index)
-        batch = collate([dataset[index * args.batch_size + j] for j in range(args.batch_size)])
+    for index in range(args.batches):          # every draw from generators seeded by index
+        batch = collate([dataset.sample(index * args.batch_size + j,
+                                        torch.Generator().manual_seed(index * args.batch_size + j))
+                         for j in range(args.batch_size)])
         instructions, targets = sample_prompts(batch, dataset.class_names,
                                                torch.Generator().manual_seed(index))
-        output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+        output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets,
+                       generator=torch.Generator().manual_seed(index))
         sft = criterion(output, targets, float(sum(len(t.labels) for t in targets)))["sft"]
-        costs, gt_mask = [], None
-        for logits, boxes in zip(output.logits, output.boxes):
-            cost, gt_mask = reward_matcher.pairwise_cost(logits, boxes, targets,
-                                                         output.prompt_mask)
-            costs.append(cost)
+        costs, gt_mask = reward_matcher.layer_costs(output, targets)
         objectness = output.selection.objectness_logits
         policy, _ = grqo_loss(costs, objectness, objectness.detach(), alpha=alpha, beta=0.0,
                               mute_fraction=mute_fraction, form=form, gt_mask=gt_mask)
