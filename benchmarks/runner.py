@@ -20,8 +20,9 @@ rev-parse HEAD` then, and one row per run that started: setting, seed, status ("
 number and word of its metrics.json (per-class AP left out), reward (the mean over the last
 epoch), step_seconds (the median; for GRQO runs, over their GRQO steps), gradient_ratio (GRQO
 runs of the sweep: |grad advantage term| / |grad supervised|, benchmarks/grqo_gradients.py),
-and the command and commit that first launched it (its launch.json). summary.md holds the
-tables the benchmark prints.
+evaluations (a study's further evaluate.py runs on the trained model, each a name -> its
+metrics), and the command and commit that first launched it (its launch.json). summary.md
+holds the tables the benchmark prints.
 
 A run is read from its folder when the folder holds a finished or diverged run, else from
 summary.json: a run recorded only in the summary (its folder deleted) is reported and never
@@ -58,6 +59,9 @@ class Study:
     extra: list[str] = field(default_factory=list)   # further arguments of every run
     gradient_batches: int = 0      # > 0: measure each GRQO run's gradient ratio after training
     command: str = ""              # the invocation, recorded in summary.json and launch.json
+    # Further evaluations of every finished run: name -> evaluate.py's arguments (beside
+    # --ckpt and --out), written to the run's evaluation_NAME.json.
+    evaluations: dict[str, list[str]] = field(default_factory=dict)
 
 
 def add_arguments(parser, out: str | None, split: str, epochs: int, device: str) -> None:
@@ -126,6 +130,13 @@ def gradient_command(study: Study, setting: str, seed: int) -> list[str]:
             "--json", str(folder / "gradients.json")]
 
 
+def evaluate_command(study: Study, setting: str, seed: int, name: str) -> list[str]:
+    """evaluate.py on a run's last.pt, as study.evaluations[name] says."""
+    folder = run_folder(study, setting, seed)
+    return [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(folder / "last.pt"),
+            "--out", str(folder / f"evaluation_{name}.json"), *study.evaluations[name]]
+
+
 def held_by_another(folder: Path) -> int | None:
     """The id of another live process that is running this folder's run (its `running`
     marker), else None: two benchmarks on one study never train the same run twice."""
@@ -178,6 +189,12 @@ def folder_row(folder: Path) -> dict:
         if (folder / "gradients.json").exists():
             medians = json.loads((folder / "gradients.json").read_text())["medians"]
             row["gradient_ratio"] = medians["ratio"]
+        evaluations = {path.stem.removeprefix("evaluation_"): {
+            name: value for name, value in json.loads(path.read_text()).items()
+            if not isinstance(value, (dict, list))}
+            for path in sorted(folder.glob("evaluation_*.json"))}
+        if evaluations:
+            row["evaluations"] = evaluations
     if (folder / "launch.json").exists():
         row.update(json.loads((folder / "launch.json").read_text()))
     return row
@@ -249,6 +266,9 @@ def next_step(study: Study, setting: str, seed: int) -> list[str] | None:
     if (study.gradient_batches and is_grqo(study, setting)
             and row.get("gradient_ratio") is None and (folder / "last.pt").exists()):
         return gradient_command(study, setting, seed)
+    missing = [name for name in study.evaluations if name not in row.get("evaluations", {})]
+    if missing and (folder / "last.pt").exists():
+        return evaluate_command(study, setting, seed, missing[0])
     return None
 
 
@@ -263,8 +283,8 @@ def launch(study: Study, job: tuple[str, int], command: list[str], environment: 
         (folder / "launch.json").write_text(json.dumps(
             {"command": study.command, "commit": git_commit()}) + "\n")
     script = Path(command[1]).name
-    log = open(folder / ("gradients.txt" if script == "grqo_gradients.py" else "stdout.txt"),
-               "w")
+    logs = {"grqo_gradients.py": "gradients.txt", "evaluate.py": "evaluate.txt"}
+    log = open(folder / logs.get(script, "stdout.txt"), "w")
     print(f"start {job[0]} seed {job[1]}: {script}", flush=True)
     return job, log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                       env=environment)

@@ -269,3 +269,81 @@ def test_a_run_another_live_process_holds_is_skipped_and_a_stale_marker_is_not(t
         other.kill()
         other.wait()
     assert Path(runner.next_step(study, "pull_binary_1", 0)[1]).name == "train_grqo.py"
+
+
+# ----------------------------------------------------------------------------- transfer
+
+import transfer  # noqa: E402
+
+
+def transfer_studies(tmp_path: Path) -> dict[str, runner.Study]:
+    args = argparse.Namespace(out=str(tmp_path / "results" / "transfer"),
+                              runs=str(tmp_path / "runs" / "transfer"), split="val", epochs=6,
+                              data="shapes", device="cpu")
+    return transfer.studies(args, ["--summary"])
+
+
+def write_evaluations(folder: Path, prompt: str, default: float, domains: list[float],
+                      text: float | None = None):
+    """evaluation_NAME.json files as evaluate.py --out writes them (AP in [0, 1])."""
+    values = {"default": default, **dict(zip(transfer.DOMAINS, domains))}
+    for name, value in values.items():
+        (folder / f"evaluation_{name}_{prompt}.json").write_text(json.dumps(
+            {"AP": value, "AP_base": value + 0.01, "AP_novel": value - 0.01,
+             "per_class": {"x": value}}))
+    if text is not None and prompt != "text":
+        (folder / "evaluation_default_text.json").write_text(json.dumps({"AP": text}))
+
+
+def test_transfer_stages_start_from_p_and_evaluate_every_domain(tmp_path):
+    stages = transfer_studies(tmp_path)
+    pretrained, finetune, users = stages["pretrained"], stages["finetune"], stages["users"]
+    assert pretrained.settings["P"][1] == ["--prompts", "text"] and pretrained.epochs == 12
+    p_checkpoint = str(runner.run_folder(pretrained, "P", 0) / "last.pt")
+    for study, data in ((finetune, "shapes"), (users, "shapes:outlines")):
+        command = runner.train_command(study, "release", 3)
+        assert command[command.index("--init") + 1] == p_checkpoint
+        assert command[command.index("--data") + 1] == data
+        assert command[command.index("--sft-epochs") + 1] == "1"      # 1 + 5 from P
+        assert command[command.index("--grqo-epochs") + 1] == "5"
+    assert set(finetune.evaluations) == {"default_generic", "default_text"} | {
+        f"{domain}_generic" for domain in transfer.DOMAINS}
+    assert finetune.evaluations["crowded_generic"] == [
+        "--data", "shapes:crowded", "--split", "val", "--prompt", "generic", "--shots", "10"]
+    folder = runner.run_folder(finetune, "release", 0)       # trained, evaluations pending
+    write_run(folder, {0: [None], 1: [-3.0]}, 0.3)
+    (folder / "last.pt").write_bytes(b"")
+    write_evaluations(folder, "generic", 0.3, [0.1] * len(transfer.DOMAINS))
+    command = runner.next_step(finetune, "release", 0)
+    assert Path(command[1]).name == "evaluate.py"
+    assert command[command.index("--out") + 1] == str(folder / "evaluation_default_text.json")
+    assert command[command.index("--prompt") + 1] == "text"
+    (folder / "evaluation_default_text.json").write_text(json.dumps({"AP": 0.2}))
+    assert runner.next_step(finetune, "release", 0) is None
+    assert transfer.jobs_of(["release", "kl_only"], [2, 3]) == [
+        ("release", 2), ("kl_only", 2), ("release", 3)]
+
+
+def test_transfer_tables_pair_each_grqo_setting_with_its_sft_seed_by_seed(tmp_path):
+    stages = transfer_studies(tmp_path)
+    p_folder = runner.run_folder(stages["pretrained"], "P", 0)
+    write_run(p_folder, None, 0.5)
+    write_evaluations(p_folder, "text", 0.4, [0.2] * len(transfer.DOMAINS), text=0.4)
+    finetune = stages["finetune"]
+    domains = len(transfer.DOMAINS)
+    for seed, (sft, grqo) in enumerate([(0.10, 0.13), (0.10, 0.12)]):   # domains' AP
+        for setting, value in (("sft_focal", sft), ("release", grqo)):
+            folder = runner.run_folder(finetune, setting, seed)
+            write_run(folder, {0: [None]}, 0.3)
+            write_evaluations(folder, "generic", 0.3 + (setting == "release") * 0.01,
+                              [value] * domains, text=0.2)
+    rows = runner.collect(finetune, set())
+    pretrained = transfer.pretrained_row(stages["pretrained"])
+    text = transfer.render("finetune", pretrained, rows)
+    assert "| P (text prompts) | 1 | 40.0 | 41.0 | 39.0 | " + " | ".join(["20.0"] * domains) \
+        + " | 20.0 | 100.0 |" in text
+    assert "| sft_focal | 2 | 30.0 ± 0.0 | 31.0 ± 0.0 | 29.0 ± 0.0 | " \
+        + " | ".join(["10.0 ± 0.0"] * domains) + " | 10.0 ± 0.0 | 50.0 ± 0.0 |" in text
+    # release minus sft_focal: domains +3 and +2 (2.5 ± 0.7), AP_base +1, text kept 0
+    assert "| release | sft_focal | 2 | 2.5 ± 0.7 | 1.0 ± 0.0 | 1.0 ± 0.0 | 0.0 ± 0.0 | " \
+           "+3.0, +2.0 | 1.00x |" in text
