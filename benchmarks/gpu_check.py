@@ -88,15 +88,22 @@ def synthetic_batch(height: int, width: int, device, num_classes: int = 10, per_
     return batch, instructions, prompt_targets
 
 
-def time_training_steps(kernel: str, device: str, height: int, width: int, steps: int,
-                        warmup: int, amp: bool) -> dict:
-    """Median seconds per swin_t training step (forward, losses, backward, AdamW step)."""
+def swin_t_training(kernel: str, device: str, height: int, width: int, amp: bool):
+    """What a timed swin_t training step needs: (model in training mode, criterion, AdamW,
+    the synthetic batch, its visual instructions and targets, the bf16 autocast context)."""
     torch.manual_seed(0)
     model = build_model("swin_t", kernel=kernel).to(device).train()
-    criterion = SetCriterion()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch, instructions, targets = synthetic_batch(height, width, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda")
+    return model, SetCriterion(), optimizer, batch, instructions, targets, autocast
+
+
+def time_training_steps(kernel: str, device: str, height: int, width: int, steps: int,
+                        warmup: int, amp: bool) -> dict:
+    """Median seconds per swin_t training step (forward, losses, backward, AdamW step)."""
+    model, criterion, optimizer, batch, instructions, targets, autocast = swin_t_training(
+        kernel, device, height, width, amp)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -147,12 +154,8 @@ def profile_training_steps(kernel: str, device: str, height: int, width: int, st
     steps: GPU kernel time and device operations a step, the top operations by self device time
     and by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
-    torch.manual_seed(0)
-    model = build_model("swin_t", kernel=kernel).to(device).train()
-    criterion = SetCriterion()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch, instructions, targets = synthetic_batch(height, width, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda")
+    model, criterion, optimizer, batch, instructions, targets, autocast = swin_t_training(
+        kernel, device, height, width, amp)
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     phase_times = {phase: [] for phase in PHASES}
     clock = [0.0]
