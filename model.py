@@ -67,6 +67,7 @@ class DetectorConfig:
     image_size: int = 128               # short side at evaluation
     max_size: int = 171                 # long side cap
     kernel: str = "auto"                # deformable attention backend: auto | torch | triton
+    position_temperature: float = 10000.0   # of the image tokens' sine positions (GD: 20)
 
     def __post_init__(self):
         if self.num_levels < 1:
@@ -80,7 +81,7 @@ PRESETS = {
     "swin_t": DetectorConfig(backbone="swin_t", hidden_dim=256, num_heads=8,
                              num_encoder_layers=6, num_decoder_layers=6, ffn_dim=2048,
                              num_queries=900, num_dn_queries=100, image_size=800,
-                             max_size=1333),
+                             max_size=1333, position_temperature=20.0),
 }
 PRESETS["r50"] = replace(PRESETS["swin_t"], backbone="r50")     # the same with a ResNet-50
 
@@ -156,6 +157,15 @@ def sine_encoding(coords: Tensor, num_features: int, temperature: float = 10000.
     angles = coords[..., None] * (2 * math.pi) / frequencies          # (..., C, F)
     encoded = torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=-1)
     return encoded.flatten(-3)
+
+
+def sine_positions(not_mask: Tensor, dim: int, temperature: float) -> Tensor:
+    """DETR's normalised sine position of every pixel of a feature map: not_mask (B, H, W)
+    1 = image, 0 = padding -> (B, H, W, dim), y's features then x's, each over the unpadded
+    extent (Grounding DINO: temperature 20; DETR and Deformable DETR: 10000)."""
+    y = not_mask.cumsum(1) / not_mask.cumsum(1)[:, -1:, :].clamp(min=1)
+    x = not_mask.cumsum(2) / not_mask.cumsum(2)[:, :, -1:].clamp(min=1)
+    return sine_encoding(torch.stack([y, x], dim=-1), dim // 2, temperature)
 
 
 def pad_targets(targets: list["Target"], device) -> tuple[Tensor, Tensor, Tensor]:
@@ -291,6 +301,7 @@ class Backbone(nn.Module):
             self.projections.append(nn.Sequential(nn.Conv2d(source, d, 3, 2, 1),
                                                   nn.GroupNorm(groups, d)))
         self.level_embed = nn.Parameter(torch.randn(num_levels, d) * 0.02)
+        self.position_temperature = config.position_temperature
 
     def forward(self, images: Tensor, mask: Tensor) -> ImageFeatures:
         """images (B, 3, H, W) normalised; mask (B, H, W) True = padding."""
@@ -307,10 +318,7 @@ class Backbone(nn.Module):
             height, width = feature.shape[-2:]
             level_mask = F.interpolate(mask[:, None].float(), size=(height, width))[:, 0].bool()
             not_mask = (~level_mask).float()
-            # DETR's normalised sine position: coordinates over the unpadded extent.
-            y = not_mask.cumsum(1) / not_mask.cumsum(1)[:, -1:, :].clamp(min=1)
-            x = not_mask.cumsum(2) / not_mask.cumsum(2)[:, :, -1:].clamp(min=1)
-            pos = sine_encoding(torch.stack([y, x], dim=-1), feature.shape[1] // 2)
+            pos = sine_positions(not_mask, feature.shape[1], self.position_temperature)
             tokens.append(rearrange(feature, "b c h w -> b (h w) c"))
             positions.append(rearrange(pos, "b h w c -> b (h w) c") + self.level_embed[level])
             masks.append(level_mask.flatten(1))
@@ -1468,5 +1476,6 @@ def checkpoint_config_differences(saved: dict, config: DetectorConfig) -> str:
     """"name: saved there, current here" for every architecture setting that differs
     between a checkpoint's config and `config` (empty when the weights fit)."""
     ours = {k: v for k, v in asdict(config).items() if k not in NOT_ARCHITECTURE}
-    return ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} here"
-                     for k, v in ours.items() if saved.get(k) != v)
+    defaults = {k: f.default for k, f in DetectorConfig.__dataclass_fields__.items()}
+    return ", ".join(f"{k}: {saved.get(k, defaults[k])!r} there, {v!r} here"  # absent: default
+                     for k, v in ours.items() if saved.get(k, defaults[k]) != v)
