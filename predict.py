@@ -38,7 +38,7 @@ from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
 from data import Batch, DataError, collate, make_sample, make_transforms, read_rgb_image
-from evaluate import coco_results, detect, draw_detections
+from evaluate import coco_results, detect, draw_detections, text_prompts
 from model import DINOR1, Detections, load_checkpoint, model_from_checkpoint, resolve_device
 
 PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -77,9 +77,10 @@ class Prompts:
 
 
 def prompts_from_text(model: DINOR1, names: list[str]) -> Prompts:
-    """Class names through the model's text encoder (METHOD 2.3)."""
-    with torch.no_grad():
-        return Prompts(names=list(names), embeddings=model.encode_text(list(names)))
+    """Class names through the model's text encoder (METHOD 2.3), as evaluation's text
+    prompts."""
+    embeddings, _ = text_prompts(model, list(names))
+    return Prompts(names=list(names), embeddings=embeddings)
 
 
 def load_prototypes(path: str | Path, model: DINOR1) -> Prompts:

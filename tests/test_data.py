@@ -559,7 +559,9 @@ def test_a_domain_is_a_coco_folder_of_unseen_words_read_as_shapes_name(name, tmp
 
 @pytest.mark.parametrize("name", list(data.DOMAINS))
 def test_a_domain_support_split_has_ten_shots_of_every_class(name, tmp_path):
-    coco = data._generate_split(tmp_path, "support", 0, 128, 60, data.DOMAINS[name])
+    domain = data.DOMAINS[name]
+    coco = data._generate_split(tmp_path, "support", 0, 128, domain.split_sizes()["support"],
+                                domain)
     counts = np.bincount([a["category_id"] for a in coco["annotations"]],
                          minlength=len(coco["categories"]) + 1)[1:]
     assert counts.min() >= 10, dict(zip(data.DOMAINS[name].classes, counts.tolist()))
