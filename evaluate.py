@@ -37,8 +37,7 @@ from tqdm import tqdm
 
 from data import (Batch, CocoDetection, DataError, build_dataset, collate,
                   instance_image_index, resolve_data_root, sample_exemplars, split_files)
-from model import (DINOR1, Detections, load_checkpoint, model_from_checkpoint, postprocess,
-                   resolve_device)
+from model import DINOR1, Detections, load_detector, postprocess, resolve_device
 
 SUMMARY_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # Box colours, one per class or prompt: light, for black label text, and unlike the
@@ -372,7 +371,8 @@ def save_prototypes(model: DINOR1, data: str, path: Path, shots: int | None, see
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a checkpoint written by training")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint written by training, or a "
+                        "Grounding DINO folder (config.json, model.safetensors, vocab.txt)")
     parser.add_argument("--data", help="shapes | shapes:DOMAIN | coco | PATH (default: the "
                                            "training data)")
     parser.add_argument("--split", default="val")
@@ -391,12 +391,11 @@ def main(argv=None) -> dict:
                         help="write the generic prototypes (for predict.py --classes) to FILE "
                              "and stop, without evaluating")
     args = parser.parse_args(argv)
-    checkpoint = load_checkpoint(args.ckpt)
     overrides = {"kernel": args.kernel} if args.kernel else {}
-    model = model_from_checkpoint(checkpoint, **overrides)
+    model, trained_with = load_detector(args.ckpt, **overrides)
     device = resolve_device(args.device)
-    data = args.data or checkpoint["args"]["data"]
-    novel = args.novel or checkpoint["args"].get("novel")
+    data = args.data or trained_with.get("data", "shapes")
+    novel = args.novel or trained_with.get("novel")
     if args.save_prototypes:
         try:
             save_prototypes(model, data, Path(args.save_prototypes), args.shots, args.seed,

@@ -49,8 +49,12 @@ if TYPE_CHECKING:       # only for annotations: the detector does not depend on 
 @dataclass
 class DetectorConfig:
     """Every size of the detector. `PRESETS` holds the named scales."""
-    backbone: str = "tiny"              # "tiny" | "swin_t" | "r50"
+    backbone: str = "tiny"              # "tiny" | "swin" | "r50"
     pretrained_backbone: bool = False   # torchvision ImageNet weights (never by default)
+    swin_embed_dim: int = 96            # Swin's sizes (backbone "swin"): Swin-T's by default
+    swin_depths: tuple[int, ...] = (2, 2, 6, 2)
+    swin_heads: tuple[int, ...] = (3, 6, 12, 24)
+    swin_window: int = 7
     hidden_dim: int = 64                # d
     num_heads: int = 4
     num_levels: int = 4                 # strides 8, 16, 32, 64 (3: 8-32; 5: 8-128)
@@ -68,8 +72,10 @@ class DetectorConfig:
     max_size: int = 171                 # long side cap
     kernel: str = "auto"                # deformable attention backend: auto | torch | triton
     position_temperature: float = 10000.0   # of the image tokens' sine positions (GD: 20)
+    class_head: str = "scaled"          # "dot" (GD) | "scaled" (the release's; see ContrastiveHead)
 
     def __post_init__(self):
+        self.swin_depths, self.swin_heads = tuple(self.swin_depths), tuple(self.swin_heads)
         if self.num_levels < 1:
             raise ValueError(f"num_levels must be at least 1, got {self.num_levels}")
 
@@ -78,10 +84,10 @@ PRESETS = {
     # Trains on the embedded shapes data on a 2-core CPU in minutes.
     "tiny": DetectorConfig(),
     # The paper's model (METHOD.md section 2, "Paper-scale settings").
-    "swin_t": DetectorConfig(backbone="swin_t", hidden_dim=256, num_heads=8,
+    "swin_t": DetectorConfig(backbone="swin", hidden_dim=256, num_heads=8,
                              num_encoder_layers=6, num_decoder_layers=6, ffn_dim=2048,
                              num_queries=900, num_dn_queries=100, image_size=800,
-                             max_size=1333, position_temperature=20.0),
+                             max_size=1333, position_temperature=20.0, class_head="dot"),
 }
 PRESETS["r50"] = replace(PRESETS["swin_t"], backbone="r50")     # the same with a ResNet-50
 
@@ -114,6 +120,25 @@ class Selection:
 
 
 @dataclass
+class Phrases:
+    """How the K prompt tokens of each image group into phrases (Grounding DINO's sub-sentence
+    structure): a token attends only to the tokens of its own phrase in the enhancer."""
+    padding: Tensor     # (B, K) True = padding token
+    attention: Tensor   # (B, K, K) True = token i may attend to token j
+    pos: Tensor         # (B, K, d) sine of each token's position within its phrase
+
+
+def single_token_phrases(prompt_mask: Tensor, dim: int) -> Phrases:
+    """Every prompt a phrase of its own, one token at position 0: how a visual prompt (and,
+    for now, a class name pooled to one vector) enters the enhancer. prompt_mask (B, K)."""
+    batch, num_prompts = prompt_mask.shape
+    alone = torch.eye(num_prompts, dtype=torch.bool, device=prompt_mask.device)
+    at_zero = prompt_mask.new_zeros(batch, num_prompts, 1, dtype=torch.float)
+    return Phrases(padding=prompt_mask, attention=alone.expand(batch, -1, -1),
+                   pos=sine_encoding(at_zero, dim))
+
+
+@dataclass
 class Encoded:
     """The encoder side of one forward pass: everything before the decoder."""
     features: ImageFeatures
@@ -122,6 +147,8 @@ class Encoded:
     exemplars: Tensor | None   # (N, d) every exemplar's embedding (with instructions only)
     memory: Tensor             # (B, S, d) enhanced image tokens
     enhanced: Tensor           # (B, K, d) enhanced prompts
+    anchors: Tensor            # (B, S, 4) each token's anchor box, inverse sigmoid (+inf:
+                               # not a valid proposal, see token_anchors)
     proposal_features: Tensor  # (B, S, d) the memory after the encoder output layer, read
                                # by the encoder's class and box heads
     token_logits: Tensor       # (B, S, K) every token against every prompt
@@ -249,7 +276,25 @@ class TinyConvNet(nn.Module):
         return self.stage4(self.stage3(self.stage2(self.stage1(self.stem(x)))))
 
 
-def make_backbone(name: str, pretrained: bool) -> tuple[nn.Module, list[int], bool]:
+def make_swin(config: DetectorConfig) -> nn.Module:
+    """torchvision's Swin Transformer at the configured sizes; ImageNet weights only for
+    Swin-T's."""
+    from torchvision import models
+
+    sizes = (config.swin_embed_dim, config.swin_depths, config.swin_heads, config.swin_window)
+    swin_t = (96, (2, 2, 6, 2), (3, 6, 12, 24), 7)
+    if config.pretrained_backbone:
+        if sizes != swin_t:
+            raise ValueError("torchvision's ImageNet weights are Swin-T's (embed 96, depths "
+                             "2-2-6-2, heads 3-6-12-24, window 7); these sizes have none")
+        return models.swin_t(weights="IMAGENET1K_V1")
+    return models.swin_transformer.SwinTransformer(
+        patch_size=[4, 4], embed_dim=config.swin_embed_dim, depths=list(config.swin_depths),
+        num_heads=list(config.swin_heads), window_size=[config.swin_window] * 2,
+        stochastic_depth_prob=0.2)
+
+
+def make_backbone(config: DetectorConfig) -> tuple[nn.Module, list[int], bool]:
     """A torchvision feature extractor returning strides 8, 16, 32.
 
     Returns (extractor, channels per level, outputs_nhwc) where outputs_nhwc is True for
@@ -258,16 +303,17 @@ def make_backbone(name: str, pretrained: bool) -> tuple[nn.Module, list[int], bo
     from torchvision import models
     from torchvision.models.feature_extraction import create_feature_extractor
 
+    name, pretrained = config.backbone, config.pretrained_backbone
     if name == "tiny":
         if pretrained:
             raise ValueError("the tiny backbone has no pretrained weights; drop "
                              "--pretrained-backbone or use --model swin_t / r50")
         network, nodes, outputs_nhwc = TinyConvNet(), ["stage2", "stage3", "stage4"], False
         channels = network.channels
-    elif name == "swin_t":
-        network = models.swin_t(weights="IMAGENET1K_V1" if pretrained else None)
+    elif name == "swin":
+        network, embed = make_swin(config), config.swin_embed_dim
         nodes, channels, outputs_nhwc = ["features.3", "features.5", "features.7"], \
-            [192, 384, 768], True
+            [2 * embed, 4 * embed, 8 * embed], True
     elif name == "r50":
         # BatchNorm frozen, as in DETR: at 2 images per GPU batch statistics are noise. With
         # ImageNet weights it keeps their statistics; from scratch it is the identity.
@@ -275,7 +321,7 @@ def make_backbone(name: str, pretrained: bool) -> tuple[nn.Module, list[int], bo
                                   norm_layer=FrozenBatchNorm2d)
         nodes, channels, outputs_nhwc = ["layer2", "layer3", "layer4"], [512, 1024, 2048], False
     else:
-        raise ValueError(f"unknown backbone {name!r}; choose tiny, swin_t or r50")
+        raise ValueError(f"unknown backbone {name!r}; choose tiny, swin or r50")
     extractor = create_feature_extractor(network, {node: str(i) for i, node in enumerate(nodes)})
     return extractor, channels, outputs_nhwc
 
@@ -283,19 +329,23 @@ def make_backbone(name: str, pretrained: bool) -> tuple[nn.Module, list[int], bo
 class Backbone(nn.Module):
     """Backbone + neck: `num_levels` levels of width d, with sine positions and level
     embeddings (METHOD 2.1). The backbone gives strides 8, 16, 32; up to 3 levels take its
-    last stages (1x1 conv), and each level beyond 3 is a stride-2 conv on the one before
-    (the 4th on the last backbone stage): 4 levels are strides 8, 16, 32, 64."""
+    last stages (1x1 conv + GroupNorm), and each level beyond 3 is a stride-2 conv on the one
+    before (the 4th on the last backbone stage): 4 levels are strides 8, 16, 32, 64.
+    Swin's stages pass through a LayerNorm each, and its input is padded to a multiple of 4
+    (both as in Grounding DINO)."""
 
     def __init__(self, config: DetectorConfig):
         super().__init__()
         d, num_levels = config.hidden_dim, config.num_levels
-        self.body, channels, self.outputs_nhwc = make_backbone(config.backbone,
-                                                                config.pretrained_backbone)
+        self.body, channels, self.outputs_nhwc = make_backbone(config)
         self.num_stages = min(num_levels, len(channels))
-        groups = min(32, d // 4)
+        used = channels[len(channels) - self.num_stages:]
+        self.stage_norms = nn.ModuleList(nn.LayerNorm(c) for c in used) if self.outputs_nhwc \
+            else None
+        groups = math.gcd(32, d)
         self.projections = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(groups, d))
-            for c in channels[len(channels) - self.num_stages:])
+            for c in used)
         for level in range(self.num_stages, num_levels):
             source = channels[-1] if level == self.num_stages else d
             self.projections.append(nn.Sequential(nn.Conv2d(source, d, 3, 2, 1),
@@ -305,9 +355,12 @@ class Backbone(nn.Module):
 
     def forward(self, images: Tensor, mask: Tensor) -> ImageFeatures:
         """images (B, 3, H, W) normalised; mask (B, H, W) True = padding."""
+        if self.outputs_nhwc:
+            images = F.pad(images, (0, -images.shape[-1] % 4, 0, -images.shape[-2] % 4))
         stages = list(self.body(images).values())[-self.num_stages:]
         if self.outputs_nhwc:
-            stages = [rearrange(s, "b h w c -> b c h w") for s in stages]
+            stages = [rearrange(norm(s), "b h w c -> b c h w")
+                      for norm, s in zip(self.stage_norms, stages)]
         maps = [proj(s) for proj, s in zip(self.projections, stages)]
         previous = stages[-1]
         for proj in self.projections[self.num_stages:]:
@@ -568,13 +621,18 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "BertConfig":
-        """Hugging Face's config.json; an absent key keeps its default, as in their BertConfig.
-        ValueError for a variant that `Bert` does not compute (another activation, relative
-        positions), rather than silently computing something else."""
-        settings = json.loads(Path(path).read_text())
+        """Hugging Face's config.json (see from_dict)."""
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+
+    @classmethod
+    def from_dict(cls, settings: dict, source: str) -> "BertConfig":
+        """Hugging Face's BERT settings; an absent key keeps its default, as in their
+        BertConfig. ValueError naming `source` for a variant that `Bert` does not compute
+        (another activation, relative positions), rather than silently computing something
+        else."""
         for key, supported in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
             if settings.get(key, supported) != supported:
-                raise ValueError(f"{path}: {key} {settings[key]!r} is not supported, "
+                raise ValueError(f"{source}: {key} {settings[key]!r} is not supported, "
                                  f"only {supported!r}")
         return cls(**{field: settings[key] for field, key in cls.json_keys.items()
                       if key in settings})
@@ -712,15 +770,16 @@ def load_bert_weights(bert: Bert, state: dict[str, Tensor]) -> list[str]:
 
 
 def required_file(folder: Path, name: str) -> Path:
-    """folder/name, or FileNotFoundError naming the path a BERT folder must have."""
+    """folder/name, or FileNotFoundError naming the path a Hugging Face folder must have."""
     path = folder / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a BERT folder holds config.json, "
-                                f"model.safetensors (or pytorch_model.bin) and vocab.txt")
+        raise FileNotFoundError(f"{path} is missing: a Hugging Face folder (BERT or Grounding "
+                                f"DINO) holds config.json, model.safetensors (or "
+                                f"pytorch_model.bin) and vocab.txt")
     return path
 
 
-def read_bert_state(folder: Path) -> dict[str, Tensor]:
+def read_hf_state(folder: Path) -> dict[str, Tensor]:
     """The weights of a Hugging Face folder: model.safetensors, else pytorch_model.bin."""
     pickle_path = folder / "pytorch_model.bin"
     if pickle_path.is_file() and not (folder / "model.safetensors").is_file():
@@ -747,18 +806,27 @@ def load_bert(folder: str | Path) -> LoadedBert:
     config = BertConfig.from_json(required_file(folder, "config.json"))
     tokenizer = WordPieceTokenizer.from_file(required_file(folder, "vocab.txt"))
     bert = Bert(config)
-    unused = load_bert_weights(bert, read_bert_state(folder))
+    unused = load_bert_weights(bert, read_hf_state(folder))
     return LoadedBert(tokenizer, bert, unused)
 
 
 class BertTextEncoder(nn.Module):
-    """BERT from a local folder (`--text-encoder path/to/bert-base-uncased`, see load_bert).
-    One embedding per name: the mean of its token states ([CLS] and [SEP] included), then a
-    Linear to d."""
+    """BERT from a local Hugging Face folder: a BERT folder (`--text-encoder
+    path/to/bert-base-uncased`, its weights loaded here, see load_bert) or a Grounding DINO
+    folder (its config's text_config and its vocab.txt; the weights come with the detector's,
+    see load_grounding_dino). One embedding per name: the mean of its token states ([CLS] and
+    [SEP] included), then a Linear to d (Grounding DINO's text_projection)."""
 
     def __init__(self, folder: str, dim: int):
         super().__init__()
-        self.tokenizer, self.bert, _ = load_bert(folder)      # the pooler is not used
+        path = required_file(Path(folder), "config.json")
+        settings = json.loads(path.read_text())
+        if settings.get("model_type") == "grounding-dino":
+            self.tokenizer = WordPieceTokenizer.from_file(required_file(Path(folder), "vocab.txt"))
+            self.bert = Bert(BertConfig.from_dict(settings.get("text_config", {}),
+                                                  f"{path} text_config"))
+        else:
+            self.tokenizer, self.bert, _ = load_bert(folder)      # the pooler is not used
         self.out = nn.Linear(self.bert.config.hidden_size, dim)
 
     def forward(self, names: list[str]) -> Tensor:
@@ -830,40 +898,80 @@ def contrastive_logits(visual: Tensor, labels: Tensor, text: Tensor, logit_scale
 
 # ----------------------------------------------------------------------------- enhancer
 
+class BiAttention(nn.Module):
+    """Grounding DINO's bi-directional attention between image tokens and prompts (its
+    BiMultiHeadAttention): one set of logits, image queries against prompt keys, normalised
+    over the prompts for the image side and over the image tokens for the prompt side, with
+    separate values and output projections per direction. GD's sizes: width = FFN / 2 (1024),
+    heads = heads / 2 (4)."""
+
+    def __init__(self, dim: int, width: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.image_query, self.prompt_key = nn.Linear(dim, width), nn.Linear(dim, width)
+        self.image_value, self.prompt_value = nn.Linear(dim, width), nn.Linear(dim, width)
+        self.image_output, self.prompt_output = nn.Linear(width, dim), nn.Linear(width, dim)
+
+    def forward(self, image: Tensor, prompts: Tensor, image_padding: Tensor,
+                prompt_padding: Tensor) -> tuple[Tensor, Tensor]:
+        """image (B, S, d), prompts (B, K, d); image_padding (B, S) and prompt_padding (B, K)
+        True = padding. Returns what each side reads from the other: (B, S, d), (B, K, d);
+        an image whose prompts are all padding reads zeros."""
+        def heads(x: Tensor) -> Tensor:
+            return rearrange(x, "b n (h c) -> b h n c", h=self.num_heads)
+
+        query, key = heads(self.image_query(image)), heads(self.prompt_key(prompts))
+        logits = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5      # (B, h, S, K)
+        # GD's guard for half precision: logits within 50000 of their maximum.
+        logits = (logits - logits.amax((-2, -1), keepdim=True)).clamp(min=-50000)
+        lowest = torch.finfo(logits.dtype).min
+        to_prompts = logits.masked_fill(prompt_padding[:, None, None, :], lowest).softmax(-1)
+        to_image = logits.transpose(-1, -2).masked_fill(
+            image_padding[:, None, None, :], lowest).softmax(-1)                # (B, h, K, S)
+        image_read = to_prompts @ heads(self.prompt_value(prompts))
+        prompts_read = to_image @ heads(self.image_value(image))
+        image_read = image_read * (~prompt_padding.all(1))[:, None, None, None].to(image_read.dtype)
+        return (self.image_output(rearrange(image_read, "b h n c -> b n (h c)")),
+                self.prompt_output(rearrange(prompts_read, "b h n c -> b n (h c)")))
+
+
 class EnhancerLayer(nn.Module):
-    """One feature-enhancer layer (METHOD 2.6): bi-directional image <-> prompt
-    cross-attention with layer scale 1e-4, prompt self-attention + FFN, image deformable
-    self-attention + FFN."""
+    """One feature-enhancer layer, Grounding DINO's (METHOD 2.6): bi-directional image <->
+    prompt attention, its result added with layer scale 1e-4 to the layer-normed inputs; prompt
+    self-attention (positions on queries and keys, each prompt token within its phrase) + FFN;
+    image deformable self-attention + FFN. The prompt side runs at half the heads and half the
+    FFN width, as in GD."""
 
     def __init__(self, config: DetectorConfig):
         super().__init__()
-        d, heads = config.hidden_dim, config.num_heads
+        d, heads, ffn = config.hidden_dim, config.num_heads, config.ffn_dim
         self.fusion_image_norm, self.fusion_prompt_norm = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.image_from_prompts = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.prompts_from_image = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.fusion = BiAttention(d, ffn // 2, heads // 2)
         self.image_scale = nn.Parameter(torch.full((d,), 1e-4))
         self.prompt_scale = nn.Parameter(torch.full((d,), 1e-4))
-        self.prompt_self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.prompt_self_attention = nn.MultiheadAttention(d, heads // 2, batch_first=True)
         self.prompt_norm = nn.LayerNorm(d)
-        self.prompt_ffn = FeedForward(d, config.ffn_dim)
+        self.prompt_ffn = FeedForward(d, ffn // 2)
         self.image_self_attention = MultiScaleDeformableAttention(
             d, heads, config.num_levels, config.num_points, config.kernel)
         self.image_norm = nn.LayerNorm(d)
-        self.image_ffn = FeedForward(d, config.ffn_dim)
+        self.image_ffn = FeedForward(d, ffn)
 
-    def forward(self, image: Tensor, prompts: Tensor, prompt_mask: Tensor,
+    def forward(self, image: Tensor, prompts: Tensor, phrases: "Phrases",
                 features: ImageFeatures, reference_points: Tensor) -> tuple[Tensor, Tensor]:
-        """image (B, S, d), prompts (B, K, d), prompt_mask (B, K), reference_points
-        (B, S, L, 2). Returns the updated (image, prompts)."""
+        """image (B, S, d), prompts (B, K, d), reference_points (B, S, L, 2). Returns the
+        updated (image, prompts)."""
         if prompts.shape[1] > 0:
-            image_in = self.fusion_image_norm(image)
-            prompts_in = self.fusion_prompt_norm(prompts)
-            image = image + self.image_scale * attend(
-                self.image_from_prompts, image_in, prompts_in, prompts_in, prompt_mask)
-            prompts = prompts + self.prompt_scale * attend(
-                self.prompts_from_image, prompts_in, image_in, image_in, features.padding_mask)
+            image, prompts = self.fusion_image_norm(image), self.fusion_prompt_norm(prompts)
+            image_read, prompts_read = self.fusion(image, prompts, features.padding_mask,
+                                                   phrases.padding)
+            image = image + self.image_scale * image_read
+            prompts = prompts + self.prompt_scale * prompts_read
+            positioned = prompts + phrases.pos.to(prompts.dtype)
+            elsewhere = ~phrases.attention.repeat_interleave(
+                self.prompt_self_attention.num_heads, dim=0)      # (B * heads, K, K)
             prompts = self.prompt_norm(prompts + attend(
-                self.prompt_self_attention, prompts, prompts, prompts, prompt_mask))
+                self.prompt_self_attention, positioned, positioned, prompts, attn_mask=elsewhere))
             prompts = self.prompt_ffn(prompts)
         attended = self.image_self_attention(image + features.pos, reference_points, features,
                                              value=image)
@@ -885,29 +993,41 @@ def token_centres(features: ImageFeatures) -> Tensor:
     return torch.cat(centres, 1)
 
 
-def token_anchors(features: ImageFeatures) -> Tensor:
-    """One anchor box per token (METHOD 2.7): at its centre, side 0.05 * 2^level, in
-    inverse-sigmoid space: (B, S, 4)."""
+def token_anchors(features: ImageFeatures) -> tuple[Tensor, Tensor]:
+    """One anchor box per token (METHOD 2.7): at its centre, side 0.05 * 2^level. Returns the
+    anchors in inverse-sigmoid space (B, S, 4) and which are valid (B, S): an image token whose
+    anchor lies inside (0.01, 0.99). Invalid ones are +inf, a box at (1, 1, 1, 1) (as in GD)."""
     centres = token_centres(features)
     sides = [torch.full((h * w,), 0.05 * 2 ** level, device=centres.device)
              for level, (h, w) in enumerate(features.spatial_shapes.tolist())]
     sides = torch.cat(sides)[None, :, None].expand(centres.shape[0], -1, 2)
-    return inverse_sigmoid(torch.cat([centres, sides], -1))
+    anchors = torch.cat([centres, sides], -1)
+    valid = ((anchors > 0.01) & (anchors < 0.99)).all(-1) & ~features.padding_mask
+    return torch.log(anchors / (1 - anchors)).masked_fill(~valid[..., None], math.inf), valid
 
 
 class ContrastiveHead(nn.Module):
-    """Class logits = (query . prompt) / sqrt(d) + bias (METHOD 2.9): any prompt set works.
-    Padding prompts get a large negative logit (probability 0, no gradient)."""
+    """Class logits from query . prompt (METHOD 2.9): any prompt set works. Two forms:
+    "dot", Grounding DINO's plain dot product, and "scaled", (query . prompt) / sqrt(d) + a
+    bias at a prior of 0.01 (the paper's release and MM-Grounding-DINO), which trains from
+    scratch more gently. Padding prompts get a large negative logit (probability 0, no
+    gradient)."""
 
-    def __init__(self, dim: int, prior_probability: float = 0.01):
+    def __init__(self, dim: int, form: str, prior_probability: float = 0.01):
         super().__init__()
-        self.scale = dim ** -0.5
-        prior_logit = -math.log((1 - prior_probability) / prior_probability)
-        self.bias = nn.Parameter(torch.tensor(prior_logit))
+        if form not in ("dot", "scaled"):
+            raise ValueError(f"class_head must be 'dot' or 'scaled', got {form!r}")
+        self.scale, self.bias = 1.0, None
+        if form == "scaled":
+            self.scale = dim ** -0.5
+            prior_logit = -math.log((1 - prior_probability) / prior_probability)
+            self.bias = nn.Parameter(torch.tensor(prior_logit))
 
     def forward(self, queries: Tensor, prompts: Tensor, prompt_mask: Tensor) -> Tensor:
         """queries (..., B, Q, d), prompts (B, K, d), prompt_mask (B, K) -> (..., B, Q, K)."""
-        logits = queries @ prompts.transpose(-1, -2) * self.scale + self.bias
+        logits = queries @ prompts.transpose(-1, -2) * self.scale
+        if self.bias is not None:
+            logits = logits + self.bias
         return logits.masked_fill(prompt_mask[:, None, :], -1e4)
 
 
@@ -945,35 +1065,38 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Cross-modality decoder with iterative box refinement: each layer predicts a delta on
-    the previous layer's box (METHOD 2.8)."""
+    """Cross-modality decoder with iterative box refinement (METHOD 2.8), Grounding DINO's:
+    one box head shared by every layer predicts a delta on the previous layer's box. The
+    reference for the next layer is read from the layer's output, the box reported for the
+    layer from its normed output (both as in GD); each layer's query position is an MLP of the
+    sine of its reference box, scaled to the padded image, in GD's (y, x, w, h) order."""
 
     def __init__(self, config: DetectorConfig):
         super().__init__()
         d = config.hidden_dim
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_decoder_layers))
-        self.box_heads = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(config.num_decoder_layers))
-        for head in self.box_heads:
-            nn.init.zeros_(head.layers[-1].weight)
-            nn.init.zeros_(head.layers[-1].bias)
-        self.query_pos_head = MLP(d, d, d, 2)
+        self.box_head = MLP(d, d, 4, 3)
+        nn.init.zeros_(self.box_head.layers[-1].weight)
+        nn.init.zeros_(self.box_head.layers[-1].bias)
+        self.query_pos_head = MLP(2 * d, d, d, 2)
         self.norm = nn.LayerNorm(d)
 
     def forward(self, queries: Tensor, reference: Tensor, features: ImageFeatures,
                 memory: Tensor, prompts: Tensor, prompt_mask: Tensor,
                 attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """queries (B, T, d), reference (B, T, 4) cxcywh. Returns hidden states
-        (layers, B, T, d) and boxes (layers, B, T, 4)."""
+        (layers, B, T, d), normed, and boxes (layers, B, T, 4)."""
         hidden, boxes = [], []
-        for layer, box_head in zip(self.layers, self.box_heads):
-            query_pos = self.query_pos_head(sine_encoding(reference, queries.shape[-1] // 4))
-            queries = layer(queries, query_pos.to(queries.dtype),
-                            scale_reference(reference, features.valid_ratios), features,
-                            memory, prompts, prompt_mask, attn_mask)
-            refined = (box_head(queries).float() + inverse_sigmoid(reference)).sigmoid()
-            hidden.append(self.norm(queries))
-            boxes.append(refined)
-            reference = refined.detach()
+        for layer in self.layers:
+            scaled = scale_reference(reference, features.valid_ratios)           # (B, T, L, 4)
+            sine = sine_encoding(scaled[:, :, 0, [1, 0, 2, 3]], queries.shape[-1] // 2)
+            queries = layer(queries, self.query_pos_head(sine).to(queries.dtype), scaled,
+                            features, memory, prompts, prompt_mask, attn_mask)
+            normed = self.norm(queries)
+            previous = inverse_sigmoid(reference)
+            hidden.append(normed)
+            boxes.append((self.box_head(normed).float() + previous).sigmoid())
+            reference = (self.box_head(queries).float() + previous).sigmoid().detach()
         return torch.stack(hidden), torch.stack(boxes)
 
 
@@ -1072,12 +1195,12 @@ class DINOR1(nn.Module):
         self.enhancer = nn.ModuleList(EnhancerLayer(config)
                                       for _ in range(config.num_encoder_layers))
         self.encoder_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
-        self.encoder_class_head = ContrastiveHead(d)
+        self.encoder_class_head = ContrastiveHead(d, config.class_head)
         self.encoder_box_head = MLP(d, d, 4, 3)
         self.query_content = nn.Embedding(config.num_queries, d)
         self.dn_content = nn.Linear(d, d)
         self.decoder = Decoder(config)
-        self.decoder_class_head = ContrastiveHead(d)
+        self.decoder_class_head = ContrastiveHead(d, config.class_head)
 
     # -- prompts ------------------------------------------------------------------------
 
@@ -1101,31 +1224,31 @@ class DINOR1(nn.Module):
     # -- image side ---------------------------------------------------------------------
 
     def enhance(self, features: ImageFeatures, prompts: Tensor,
-                prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+                phrases: Phrases) -> tuple[Tensor, Tensor]:
         """Feature enhancer: returns memory (B, S, d) and enhanced prompts (B, K, d)."""
         reference = scale_reference(token_centres(features), features.valid_ratios)
         image = features.tokens
         for layer in self.enhancer:
-            image, prompts = layer(image, prompts, prompt_mask, features, reference)
+            image, prompts = layer(image, prompts, phrases, features, reference)
         return image, prompts
 
-    def score_tokens(self, features: ImageFeatures, memory: Tensor, prompts: Tensor,
+    def score_tokens(self, memory: Tensor, valid: Tensor, prompts: Tensor,
                      prompt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """METHOD 2.7: s_n = max_k (I'_n . v'_k) / sqrt(d) + bias for every token.
+        """METHOD 2.7: s_n = max_k (I'_n . v'_k) (+ scale and bias, see ContrastiveHead) for
+        every token. valid (B, S): tokens with a valid anchor (token_anchors).
 
         Returns the proposal features (B, S, d), token logits (B, S, K) and objectness logits
-        s_n (B, S); padding tokens score -1e4 so they are never selected ahead of image
-        tokens.
+        s_n (B, S). As in Grounding DINO, the tokens that are not valid enter the output layer
+        as zeros, so they score a constant and can still be selected (their box is the corner
+        (1, 1, 1, 1)); with no prompts at all every token scores 0.
         """
-        proposal_features = self.encoder_output(memory).masked_fill(
-            features.padding_mask[..., None], 0)
+        proposal_features = self.encoder_output(memory.masked_fill(~valid[..., None], 0))
         logits = self.encoder_class_head(proposal_features, prompts, prompt_mask)
         if logits.shape[-1] > 0:
             objectness_logits = logits.max(-1).values
         else:
-            objectness_logits = self.encoder_class_head.bias.expand(logits.shape[:2])
-        return proposal_features, logits, objectness_logits.float().masked_fill(
-            features.padding_mask, -1e4)
+            objectness_logits = logits.new_zeros(logits.shape[:2])
+        return proposal_features, logits, objectness_logits.float()
 
     def select_queries(self, objectness_logits: Tensor) -> Selection:
         """The top N_q tokens by objectness logit s_n, in descending order (METHOD 2.7)."""
@@ -1138,13 +1261,15 @@ class DINOR1(nn.Module):
     def encode(self, images: Tensor, mask: Tensor, prompts: Tensor | None = None,
                prompt_mask: Tensor | None = None,
                instructions: "VisualInstructions | None" = None,
-               class_names: list[str] | None = None) -> Encoded:
+               class_names: list[str] | None = None,
+               phrases: Phrases | None = None) -> Encoded:
         """Backbone, prompts, feature enhancer and token scores: all that comes before the
         decoder, shared by `forward` and `objectness_logits`. Prompts come ready-made
         (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g. generic prototypes), as
         `instructions` (training: exemplar boxes of this batch, one per class becomes the
         prompt of every image) or as K `class_names` through the text encoder, shown to
-        every image; exactly one of the three."""
+        every image; exactly one of the three. Each prompt is a phrase of its own unless
+        ready-made prompts come with their `phrases` (tokens of Grounding DINO's captions)."""
         if sum(given is not None for given in (prompts, instructions, class_names)) != 1:
             raise ValueError("give the detector prompts (B, K, d), visual instructions or "
                              "class names, exactly one of them")
@@ -1156,10 +1281,13 @@ class DINOR1(nn.Module):
             prompts = self.encode_text(class_names)[None].expand(images.shape[0], -1, -1)
         if prompt_mask is None:
             prompt_mask = torch.zeros(prompts.shape[:2], dtype=torch.bool, device=prompts.device)
-        memory, enhanced = self.enhance(features, prompts, prompt_mask)
+        if phrases is None:
+            phrases = single_token_phrases(prompt_mask, self.config.hidden_dim)
+        memory, enhanced = self.enhance(features, prompts, phrases)
+        anchors, valid = token_anchors(features)
         proposal_features, token_logits, objectness_logits = self.score_tokens(
-            features, memory, enhanced, prompt_mask)
-        return Encoded(features, prompts, prompt_mask, exemplars, memory, enhanced,
+            memory, valid, enhanced, prompt_mask)
+        return Encoded(features, prompts, prompt_mask, exemplars, memory, enhanced, anchors,
                        proposal_features, token_logits, objectness_logits)
 
     def objectness_logits(self, images: Tensor, mask: Tensor, indices: Tensor,
@@ -1176,14 +1304,16 @@ class DINOR1(nn.Module):
                 instructions: "VisualInstructions | None" = None,
                 dn_targets: list["Target"] | None = None,
                 generator: torch.Generator | None = None,
-                class_names: list[str] | None = None) -> DetectorOutput:
+                class_names: list[str] | None = None,
+                phrases: Phrases | None = None) -> DetectorOutput:
         """images (B, 3, H, W) normalised, mask (B, H, W) True = padding; prompts as in
         `encode` (instructions also yield the contrastive logits). `dn_targets` (training
         only) adds denoising queries, their noise drawn from `generator`."""
-        encoded = self.encode(images, mask, prompts, prompt_mask, instructions, class_names)
+        encoded = self.encode(images, mask, prompts, prompt_mask, instructions, class_names,
+                              phrases)
         features, prompt_mask = encoded.features, encoded.prompt_mask
         selection = self.select_queries(encoded.objectness_logits)
-        anchors = gather_tokens(token_anchors(features), selection.indices)
+        anchors = gather_tokens(encoded.anchors, selection.indices)
         proposals = gather_tokens(encoded.proposal_features, selection.indices)
         encoder_boxes = (self.encoder_box_head(proposals).float() + anchors).sigmoid()
         # "Mixed" query selection: learned content, positions from the selected proposals.
@@ -1479,3 +1609,248 @@ def checkpoint_config_differences(saved: dict, config: DetectorConfig) -> str:
     defaults = {k: f.default for k, f in DetectorConfig.__dataclass_fields__.items()}
     return ", ".join(f"{k}: {saved.get(k, defaults[k])!r} there, {v!r} here"  # absent: default
                      for k, v in ours.items() if saved.get(k, defaults[k]) != v)
+
+
+# ----------------------------------------------------------------------------- Grounding DINO's names
+# Hugging Face's GroundingDinoForObjectDetection parameter names -> this project's, as regular
+# expressions tried in order (the first that matches renames). GD's separate query, key and
+# value projections are packed into nn.MultiheadAttention's in_proj by `pack_attention`.
+
+_ENCODER = r"model\.encoder\.layers\.(\d+)\."
+_DECODER = r"model\.decoder\.layers\.(\d+)\."
+_SWIN = r"model\.backbone\.conv_encoder\.model\."
+# torchvision's Swin: features.0 is the patch embedding, stage s's blocks are features.(2s+1)
+# and its patch merging features.(2s+2).
+_SWIN_BLOCK = {"layernorm_before": "norm1", "layernorm_after": "norm2",
+               "attention.self.relative_position_bias_table": "attn.relative_position_bias_table",
+               "attention.self.query": "attn.qkv.query", "attention.self.key": "attn.qkv.key",
+               "attention.self.value": "attn.qkv.value", "attention.output.dense": "attn.proj",
+               "intermediate.dense": "mlp.0", "output.dense": "mlp.3"}
+GROUNDING_DINO_NAMES = [
+    (_SWIN + r"embeddings\.patch_embeddings\.projection\.", "backbone.body.features.0.0."),
+    (_SWIN + r"embeddings\.norm\.", "backbone.body.features.0.2."),
+    (_SWIN + r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(" + "|".join(_SWIN_BLOCK).replace(".", r"\.")
+     + r")(\.|$)", lambda m: f"backbone.body.features.{2 * int(m[1]) + 1}.{m[2]}."
+                             f"{_SWIN_BLOCK[m[3]]}{m[4]}"),
+    (_SWIN + r"encoder\.layers\.(\d+)\.downsample\.",
+     lambda m: f"backbone.body.features.{2 * int(m[1]) + 2}."),
+    (_SWIN + r"hidden_states_norms\.stage(\d)\.", lambda m: f"backbone.stage_norms.{int(m[1]) - 2}."),
+    (r"model\.input_proj_vision\.", "backbone.projections."),
+    (_ENCODER + r"fusion_layer\.layer_norm_vision\.", r"enhancer.\1.fusion_image_norm."),
+    (_ENCODER + r"fusion_layer\.layer_norm_text\.", r"enhancer.\1.fusion_prompt_norm."),
+    (_ENCODER + r"fusion_layer\.vision_param$", r"enhancer.\1.image_scale"),
+    (_ENCODER + r"fusion_layer\.text_param$", r"enhancer.\1.prompt_scale"),
+    (_ENCODER + r"fusion_layer\.attn\.vision_proj\.", r"enhancer.\1.fusion.image_query."),
+    (_ENCODER + r"fusion_layer\.attn\.text_proj\.", r"enhancer.\1.fusion.prompt_key."),
+    (_ENCODER + r"fusion_layer\.attn\.values_vision_proj\.", r"enhancer.\1.fusion.image_value."),
+    (_ENCODER + r"fusion_layer\.attn\.values_text_proj\.", r"enhancer.\1.fusion.prompt_value."),
+    (_ENCODER + r"fusion_layer\.attn\.out_vision_proj\.", r"enhancer.\1.fusion.image_output."),
+    (_ENCODER + r"fusion_layer\.attn\.out_text_proj\.", r"enhancer.\1.fusion.prompt_output."),
+    (_ENCODER + r"text_enhancer_layer\.self_attn\.(query|key|value)\.",
+     r"enhancer.\1.prompt_self_attention.in_proj.\2."),
+    (_ENCODER + r"text_enhancer_layer\.self_attn\.out_proj\.",
+     r"enhancer.\1.prompt_self_attention.out_proj."),
+    (_ENCODER + r"text_enhancer_layer\.layer_norm_before\.", r"enhancer.\1.prompt_norm."),
+    (_ENCODER + r"text_enhancer_layer\.fc1\.", r"enhancer.\1.prompt_ffn.net.0."),
+    (_ENCODER + r"text_enhancer_layer\.fc2\.", r"enhancer.\1.prompt_ffn.net.2."),
+    (_ENCODER + r"text_enhancer_layer\.layer_norm_after\.", r"enhancer.\1.prompt_ffn.norm."),
+    (_ENCODER + r"deformable_layer\.self_attn\.", r"enhancer.\1.image_self_attention."),
+    (_ENCODER + r"deformable_layer\.self_attn_layer_norm\.", r"enhancer.\1.image_norm."),
+    (_ENCODER + r"deformable_layer\.fc1\.", r"enhancer.\1.image_ffn.net.0."),
+    (_ENCODER + r"deformable_layer\.fc2\.", r"enhancer.\1.image_ffn.net.2."),
+    (_ENCODER + r"deformable_layer\.final_layer_norm\.", r"enhancer.\1.image_ffn.norm."),
+    (_DECODER + r"self_attn\.(query|key|value)\.", r"decoder.layers.\1.self_attention.in_proj.\2."),
+    (_DECODER + r"self_attn\.out_proj\.", r"decoder.layers.\1.self_attention.out_proj."),
+    (_DECODER + r"self_attn_layer_norm\.", r"decoder.layers.\1.self_norm."),
+    (_DECODER + r"encoder_attn_text\.(query|key|value)\.",
+     r"decoder.layers.\1.prompt_attention.in_proj.\2."),
+    (_DECODER + r"encoder_attn_text\.out_proj\.", r"decoder.layers.\1.prompt_attention.out_proj."),
+    (_DECODER + r"encoder_attn_text_layer_norm\.", r"decoder.layers.\1.prompt_norm."),
+    (_DECODER + r"encoder_attn\.", r"decoder.layers.\1.image_attention."),
+    (_DECODER + r"encoder_attn_layer_norm\.", r"decoder.layers.\1.image_norm."),
+    (_DECODER + r"fc1\.", r"decoder.layers.\1.ffn.net.0."),
+    (_DECODER + r"fc2\.", r"decoder.layers.\1.ffn.net.2."),
+    (_DECODER + r"final_layer_norm\.", r"decoder.layers.\1.ffn.norm."),
+    (r"model\.decoder\.reference_points_head\.", r"decoder.query_pos_head."),
+    (r"model\.decoder\.layer_norm\.", r"decoder.norm."),
+    (r"bbox_embed\.0\.", r"decoder.box_head."),      # the other layers' are tied to it
+    (r"model\.enc_output\.", r"encoder_output.0."),
+    (r"model\.enc_output_norm\.", r"encoder_output.1."),
+    (r"model\.encoder_output_bbox_embed\.", r"encoder_box_head."),
+    (r"model\.query_position_embeddings\.", r"query_content."),
+    (r"model\.level_embed$", r"backbone.level_embed"),
+    (r"model\.text_backbone\.", r"text_encoder.bert."),
+    (r"model\.text_projection\.", r"text_encoder.out."),
+]
+# Copies of the shared box head (GD ties every decoder layer's to the first).
+GROUNDING_DINO_TIED = re.compile(r"(model\.decoder\.)?bbox_embed\.(\d+)\.(.*)")
+# Left out by design: the final LayerNorm of Swin as a classifier and BERT's pooler, which GD
+# never reads, and the position indices of Swin and BERT, which are computed, not learned.
+GROUNDING_DINO_UNUSED = re.compile(_SWIN + r"(swin\.)?layernorm\.|.*relative_position_index$"
+                                   r"|model\.text_backbone\.(pooler\.|embeddings\.position_ids$)")
+
+
+class Renamed(NamedTuple):
+    """A Grounding DINO state dict in this project's names (see rename_grounding_dino)."""
+    tensors: dict[str, Tensor]
+    unused: list[str]       # left out by design (GROUNDING_DINO_UNUSED, the tied copies)
+    unknown: list[str]      # no rule knows them
+
+
+def pack_attention(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """"X.in_proj.query.weight", ".key.", ".value." -> nn.MultiheadAttention's packed
+    "X.in_proj_weight", and "X.qkv.query.weight" ... -> torchvision Swin's "X.qkv.weight"
+    (the biases alike); other names pass through."""
+    packed = {}
+    for name, tensor in state.items():
+        match = re.fullmatch(r"(.*)\.(in_proj|qkv)\.(query|key|value)\.(weight|bias)", name)
+        if match is None:
+            packed[name] = tensor
+        elif match[3] == "query":
+            prefix, packing, kind = match[1], match[2], match[4]
+            parts = [state[f"{prefix}.{packing}.{part}.{kind}"] for part in ("query", "key", "value")]
+            target = f"{prefix}.in_proj_{kind}" if packing == "in_proj" else f"{prefix}.qkv.{kind}"
+            packed[target] = torch.cat(parts)
+    return packed
+
+
+def rename_grounding_dino(state: dict[str, Tensor]) -> Renamed:
+    """A Hugging Face Grounding DINO state dict (as save_pretrained writes it) in this
+    project's names. The tied copies of the shared box head are checked against the first
+    layer's and left out; ValueError if they differ (a model with a box head per layer)."""
+    renamed, unused, unknown = {}, [], []
+    for name, tensor in state.items():
+        tied = GROUNDING_DINO_TIED.fullmatch(name)
+        if tied and (tied[1] or tied[2] != "0"):
+            if not torch.equal(tensor, state[f"bbox_embed.0.{tied[3]}"]):
+                raise ValueError(f"{name} differs from bbox_embed.0.{tied[3]}: this model "
+                                 "shares one box head across decoder layers, as GD does")
+            unused.append(name)
+            continue
+        if GROUNDING_DINO_UNUSED.match(name):
+            unused.append(name)
+            continue
+        for pattern, replacement in GROUNDING_DINO_NAMES:    # the first rule that matches
+            new_name, found = re.subn("^" + pattern, replacement, name)
+            if found:
+                renamed[new_name] = tensor
+                break
+        else:
+            unknown.append(name)
+    return Renamed(pack_attention(renamed), unused, unknown)
+
+
+# ----------------------------------------------------------------------------- loading Grounding DINO
+# A Hugging Face Grounding DINO folder (config.json, model.safetensors, vocab.txt and
+# preprocessor_config.json, as `huggingface-cli download IDEA-Research/grounding-dino-tiny`
+# writes it) becomes this detector: every tensor is mapped or listed by name; the visual prompt
+# encoder, L_contra's temperature and the denoising queries' projection, which GD lacks, start
+# fresh and are named as such.
+
+# GD's settings that this detector computes only one way: key -> the value it must have
+# (Hugging Face's defaults).
+GROUNDING_DINO_FIXED = dict(two_stage=True, embedding_init_target=True, query_dim=4,
+                            decoder_bbox_embed_share=True, two_stage_bbox_embed_share=False,
+                            activation_function="relu", position_embedding_type="sine",
+                            use_timm_backbone=False)
+GROUNDING_DINO_FRESH = ("prompt_encoder.", "logit_scale", "dn_content.")
+
+
+def grounding_dino_config(folder: str | Path) -> DetectorConfig:
+    """The detector a Grounding DINO folder describes: its config.json (an absent key takes
+    Hugging Face's default) and preprocessor_config.json's image sizes (GD's 800 and 1333 when
+    there is none); the rest from the swin_t preset. ValueError naming the file and the first
+    setting this detector does not compute."""
+    folder = Path(folder)
+    path = required_file(folder, "config.json")
+    settings = json.loads(path.read_text())
+    if settings.get("model_type") != "grounding-dino":
+        raise ValueError(f"{path} describes a {settings.get('model_type')!r} model, not "
+                         f"Grounding DINO (model_type 'grounding-dino')")
+    pairs = [("decoder_attention_heads", "encoder_attention_heads"),
+             ("decoder_ffn_dim", "encoder_ffn_dim"), ("decoder_n_points", "encoder_n_points")]
+    for key, value in GROUNDING_DINO_FIXED.items():
+        if settings.get(key, value) != value:
+            raise ValueError(f"{path}: {key} {settings[key]!r} is not supported, only {value!r}")
+    for first, second in pairs:
+        if settings.get(first, 0) != settings.get(second, 0):
+            raise ValueError(f"{path}: {first} {settings.get(first)} differs from {second} "
+                             f"{settings.get(second)}; this detector uses one value for both")
+    swin = settings.get("backbone_config") or {}
+    if swin.get("model_type", "swin") != "swin" or swin.get("out_indices", [2, 3, 4]) != [2, 3, 4]:
+        raise ValueError(f"{path}: the backbone must be a Swin read at stages 2-4, got "
+                         f"{swin.get('model_type')!r} at {swin.get('out_indices')}")
+    size = {}
+    if (folder / "preprocessor_config.json").is_file():
+        size = json.loads((folder / "preprocessor_config.json").read_text()).get("size", {})
+    return replace(
+        PRESETS["swin_t"], hidden_dim=settings.get("d_model", 256),
+        num_heads=settings.get("encoder_attention_heads", 8),
+        num_levels=settings.get("num_feature_levels", 4),
+        num_points=settings.get("encoder_n_points", 4),
+        num_encoder_layers=settings.get("encoder_layers", 6),
+        num_decoder_layers=settings.get("decoder_layers", 6),
+        ffn_dim=settings.get("encoder_ffn_dim", 2048), num_queries=settings.get("num_queries", 900),
+        position_temperature=float(settings.get("positional_embedding_temperature", 20)),
+        swin_embed_dim=swin.get("embed_dim", 96), swin_depths=tuple(swin.get("depths", (2, 2, 6, 2))),
+        swin_heads=tuple(swin.get("num_heads", (3, 6, 12, 24))), swin_window=swin.get("window_size", 7),
+        text_encoder=str(folder), image_size=size.get("shortest_edge", 800),
+        max_size=size.get("longest_edge", 1333))
+
+
+class GroundingDinoWeights(NamedTuple):
+    """What load_grounding_dino_weights did."""
+    loaded: int            # tensors taken from the folder
+    fresh: list[str]       # this detector's modules that GD lacks, left as initialised
+    unused: list[str]      # the folder's names left out by design (see rename_grounding_dino)
+
+
+def load_grounding_dino_weights(model: DINOR1, folder: str | Path) -> GroundingDinoWeights:
+    """Load a Grounding DINO folder's weights into `model` (built from grounding_dino_config).
+    ValueError naming the weights file and the first name that no rule maps, that the model
+    lacks, or whose shape differs."""
+    folder = Path(folder)
+    state = read_hf_state(folder)
+    source = next(folder / name for name in ("model.safetensors", "pytorch_model.bin")
+                  if (folder / name).is_file())
+    renamed = rename_grounding_dino(state)
+    if renamed.unknown:
+        raise ValueError(f"{source}: {len(renamed.unknown)} tensors no rule maps, the first "
+                         f"{renamed.unknown[0]!r}")
+    ours = model.state_dict()
+    computed = {name: ours[name] for name in ours if name.endswith("relative_position_index")}
+    for name, tensor in renamed.tensors.items():
+        if name not in ours:
+            raise ValueError(f"{source}: {name!r} has no place in this detector")
+        if tensor.shape != ours[name].shape:
+            raise ValueError(f"{source}: {name!r} is {tuple(tensor.shape)} there, "
+                             f"{tuple(ours[name].shape)} here")
+    absent = [name for name in ours if name not in renamed.tensors and name not in computed
+              and not name.startswith(GROUNDING_DINO_FRESH)]
+    if absent:
+        raise ValueError(f"{source}: {len(absent)} of this detector's tensors are missing, "
+                         f"the first {absent[0]!r}")
+    model.load_state_dict({**ours, **renamed.tensors}, strict=True)
+    fresh = sorted({name.split(".")[0] for name in ours if name.startswith(GROUNDING_DINO_FRESH)})
+    return GroundingDinoWeights(len(renamed.tensors), fresh, renamed.unused)
+
+
+def load_grounding_dino(folder: str | Path, **overrides) -> tuple[DINOR1, GroundingDinoWeights]:
+    """A Grounding DINO folder -> this detector with its weights (see grounding_dino_config
+    and load_grounding_dino_weights); keyword overrides replace DetectorConfig fields that do
+    not change the weights (the kernel)."""
+    model = DINOR1(replace(grounding_dino_config(folder), **overrides))
+    return model, load_grounding_dino_weights(model, folder)
+
+
+def load_detector(path: str | Path, **overrides) -> tuple[DINOR1, dict]:
+    """What evaluate.py and predict.py take as --ckpt: a checkpoint of this project, or a
+    Grounding DINO folder. Returns the detector and the arguments it was trained with (empty
+    for a folder). SystemExit naming the path when it cannot be loaded."""
+    if Path(path).is_dir():
+        try:
+            return load_grounding_dino(path, **overrides)[0], {}
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"cannot load {path}: {error}") from error
+    checkpoint = load_checkpoint(str(path))
+    return model_from_checkpoint(checkpoint, **overrides), checkpoint.get("args", {})

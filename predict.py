@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from data import Batch, DataError, collate, make_sample, make_transforms, read_rgb_image
 from evaluate import coco_results, detect, draw_detections, text_prompts
-from model import DINOR1, Detections, load_checkpoint, model_from_checkpoint, resolve_device
+from model import DINOR1, Detections, load_detector, resolve_device
 
 PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -234,16 +234,14 @@ def predict(model: DINOR1, image: str | Path | Image.Image | Tensor, prompts: Pr
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DINOR1:
-    """The detector of a checkpoint, in eval mode. SystemExit naming the file when it is
-    missing or unreadable, or when its text encoder cannot be built here."""
-    checkpoint = load_checkpoint(str(path))
+    """The detector of a checkpoint or a Grounding DINO folder, in eval mode. SystemExit
+    naming the path when it is missing or unreadable, or when its text encoder cannot be
+    built here."""
     try:
-        model = model_from_checkpoint(checkpoint)
-    except (ImportError, OSError) as error:     # BertTextEncoder: no transformers, no weights
-        name = checkpoint["config"].get("text_encoder")
+        model = load_detector(path)[0]
+    except (ImportError, OSError) as error:     # BertTextEncoder: no safetensors, no folder
         reason = str(error).splitlines()[0]
-        raise SystemExit(f"the text encoder {name!r} of checkpoint {path} is unavailable "
-                         f"here: {reason}") from error
+        raise SystemExit(f"the text encoder of {path} is unavailable here: {reason}") from error
     return model.eval().to(device)
 
 
@@ -320,7 +318,8 @@ def build_prompts(args, model: DINOR1) -> Prompts:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a checkpoint written by training")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint written by training, or a "
+                        "Grounding DINO folder (config.json, model.safetensors, vocab.txt)")
     parser.add_argument("--image", action="append", required=True,
                         help="a picture or a folder of pictures (repeatable)")
     parser.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1[=NAME]",

@@ -29,7 +29,8 @@ from data import (Batch, DataError, ReplaceUnreadable, TextPrompts, VisualInstru
                   build_dataset, collate, resolve_data_root, sample_prompts,
                   sample_text_prompts, split_files)
 from model import (PRESETS, DINOR1, HungarianMatcher, SetCriterion,
-                   checkpoint_config_differences, load_checkpoint, resolve_device)
+                   checkpoint_config_differences, grounding_dino_config, load_checkpoint,
+                   load_grounding_dino_weights, resolve_device)
 
 # Training defaults per model preset (any of them can be overridden on the command line).
 TRAIN_DEFAULTS = {
@@ -54,7 +55,8 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="shapes",
                         help="shapes | shapes:DOMAIN | coco | a COCO-format folder")
-    parser.add_argument("--model", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--model", choices=sorted(PRESETS),
+                        help="default tiny; with --init FOLDER (Grounding DINO) the folder's")
     parser.add_argument("--epochs", type=int, help="default: per preset (tiny 12)")
     parser.add_argument("--batch-size", type=int, help="per process; default per preset")
     parser.add_argument("--lr", type=float, help="default: per preset (tiny 2e-3)")
@@ -65,7 +67,9 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, help="stop after this many steps in total")
     parser.add_argument("--out", default=None, help="run folder (default runs/<script>)")
     parser.add_argument("--resume", help="a checkpoint (last.pt) to continue exactly")
-    parser.add_argument("--init", help="start from this checkpoint's weights (new optimiser)")
+    parser.add_argument("--init", help="start from these weights (new optimiser): a checkpoint "
+                        "of this project, or a Grounding DINO folder (config.json, "
+                        "model.safetensors, vocab.txt, as the hub has it)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--amp", default="none", choices=["none", "bf16"],
                         help="bf16 autocast (CUDA only)")
@@ -77,7 +81,7 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--novel", help="comma-separated novel class names (else split.json)")
     parser.add_argument("--pretrained-backbone", action="store_true",
                         help="start the backbone from torchvision's ImageNet weights")
-    parser.add_argument("--text-encoder", default="bytes")
+    parser.add_argument("--text-encoder", help="bytes (default) or a local BERT folder")
     parser.add_argument("--save-every", type=int, default=0,
                         help="also write last.pt every this many steps (0: every epoch only)")
     parser.add_argument("--log-every", type=int, default=10)
@@ -102,7 +106,18 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 def finish_args(args: argparse.Namespace, script: str) -> argparse.Namespace:
-    """Fill preset-dependent defaults."""
+    """Fill preset-dependent defaults. A Grounding DINO folder given to --init brings its own
+    model (its training defaults are swin_t's): SystemExit if --model, --pretrained-backbone
+    or --text-encoder asks for another."""
+    if args.init and Path(args.init).is_dir():
+        given = [flag for flag, value in (("--model", args.model), ("--text-encoder",
+                 args.text_encoder), ("--pretrained-backbone", args.pretrained_backbone)) if value]
+        if given:
+            raise SystemExit(f"--init {args.init} is a Grounding DINO folder, which brings its "
+                             f"own backbone and text encoder: drop {' and '.join(given)}")
+        args.model = "swin_t"
+    args.model = args.model or "tiny"
+    args.text_encoder = args.text_encoder or "bytes"
     for key, value in TRAIN_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -194,10 +209,16 @@ def setup_distributed(device_name: str) -> tuple[torch.device, int, int]:
 
 
 def build_detector(args) -> DINOR1:
-    """The --model preset with the command line's kernel, backbone weights, text encoder and,
-    if given, DN label noise."""
-    config = replace(PRESETS[args.model], kernel=args.kernel,
-                     pretrained_backbone=args.pretrained_backbone, text_encoder=args.text_encoder)
+    """The --model preset (or the Grounding DINO of an --init folder) with the command line's
+    kernel, backbone weights, text encoder and, if given, DN label noise."""
+    if args.init and Path(args.init).is_dir():
+        try:
+            config = replace(grounding_dino_config(args.init), kernel=args.kernel)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"cannot start from --init {args.init}: {error}") from error
+    else:
+        config = replace(PRESETS[args.model], kernel=args.kernel, text_encoder=args.text_encoder,
+                         pretrained_backbone=args.pretrained_backbone)
     if args.dn_label_noise is not None:
         config = replace(config, dn_label_noise=args.dn_label_noise)
     return DINOR1(config)
@@ -239,7 +260,8 @@ def make_optimizer(model: DINOR1, args) -> torch.optim.AdamW:
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        in_backbone = name.startswith(("backbone.body.", "text_encoder.bert."))
+        in_backbone = name.startswith(("backbone.body.", "backbone.stage_norms.",
+                                       "text_encoder.bert."))
         no_decay = (parameter.ndim < 2 or id(parameter) in embeddings
                     or "embed" in name.rsplit(".", 1)[-1])
         groups.setdefault((in_backbone, no_decay), []).append(parameter)
@@ -260,7 +282,14 @@ def make_scheduler(optimizer, args, steps_per_epoch: int) -> torch.optim.lr_sche
 def restore(args, model: DINOR1, optimizer, scheduler, objective) -> tuple[int, int, int]:
     """--init loads weights only; --resume everything. Returns (epoch, step, batches of
     that epoch already done)."""
-    if args.init:
+    if args.init and Path(args.init).is_dir():
+        try:
+            loaded = load_grounding_dino_weights(model, args.init)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"cannot start from --init {args.init}: {error}") from error
+        print(f"--init {args.init}: {loaded.loaded} tensors of Grounding DINO; starting fresh: "
+              f"{', '.join(loaded.fresh)}; left out by design: {len(loaded.unused)}")
+    elif args.init:
         model.load_state_dict(compatible_checkpoint(args.init, model, args)["model"])
     if not args.resume:
         return 0, 0, 0

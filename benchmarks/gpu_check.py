@@ -5,6 +5,7 @@
     python benchmarks/gpu_check.py step --kernel torch triton
     python benchmarks/gpu_check.py step --device cpu --image 128 160 --steps 2   # dry run
     python benchmarks/gpu_check.py profile --kernel triton   # where a swin_t step's time goes
+    python benchmarks/gpu_check.py same_weights        # against transformers, one GD's weights
 
 `benchmarks/gpu_check.sh` runs these with kernels/bench.py and the tiny main job, and
 prints the summary table last.
@@ -249,6 +250,93 @@ def time_huggingface_steps(device: str, height: int, width: int, steps: int, war
     return result
 
 
+def save_grounding_dino(folder: Path, tiny: bool) -> None:
+    """HF's Grounding DINO (random weights) as a hub folder: save_pretrained, a vocab.txt
+    with bert-base-uncased's special ids, the public preprocessor sizes."""
+    oracle = huggingface_grounding_dino(tiny)
+    oracle.save_pretrained(folder)
+    tokens = [f"[unused{i}]" for i in range(oracle.config.text_config.vocab_size)]
+    for index, token in {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 1012: "."}.items():
+        tokens[index] = token
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    (folder / "preprocessor_config.json").write_text(
+        '{"size": {"shortest_edge": 800, "longest_edge": 1333}}')
+
+
+def same_weights_check(kernel: str, device: str, height: int, width: int, steps: int,
+                       warmup: int, tiny: bool = False) -> dict:
+    """One Grounding DINO's weights in transformers and here (load_grounding_dino): the
+    largest difference of the per-token logits and the boxes in fp32 on a padded batch, then
+    median seconds of a bf16 forward and of a step (forward, the sum of the logits of real
+    tokens and of the boxes as the loss, backward, AdamW) for each. This project's side runs
+    its own BERT over the caption with GD's sub-sentence mask (taken from transformers, the
+    oracle), then the detector on those token features."""
+    import tempfile
+
+    from transformers.models.grounding_dino import modeling_grounding_dino as gd
+
+    from model import Phrases, load_grounding_dino, sine_encoding
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        save_grounding_dino(Path(folder), tiny)
+        oracle = gd.GroundingDinoForObjectDetection.from_pretrained(folder).to(device)
+        ours = load_grounding_dino(folder, kernel=kernel)[0].to(device)
+    batch, _, _ = synthetic_batch(height, width, device)
+    words = torch.arange(10) + 2000
+    caption = torch.stack([words, torch.full_like(words, 1012)], 1).flatten()
+    ids = torch.cat([torch.tensor([101]), caption, torch.tensor([102])]).repeat(2, 1).to(device)
+    masks, positions = gd.generate_masks_with_special_tokens_and_transfer_map(
+        ids, torch.tensor(gd.SPECIAL_TOKENS, device=device))
+    pixel_mask = (~batch.mask).long()
+
+    def theirs():
+        output = oracle(pixel_values=batch.images, input_ids=ids,
+                        attention_mask=torch.ones_like(ids), pixel_mask=pixel_mask)
+        return output.logits[..., :ids.shape[1]], output.pred_boxes
+
+    def mine():
+        text = ours.text_encoder.out(ours.text_encoder.bert(ids, masks.long(), positions))
+        phrases = Phrases(padding=torch.zeros_like(masks[:, 0]), attention=masks,
+                          pos=sine_encoding(positions[..., None].float(), text.shape[-1]))
+        output = ours(batch.images, batch.mask, prompts=text, prompt_mask=phrases.padding,
+                      phrases=phrases)
+        return output.logits[-1], output.boxes[-1]
+
+    oracle.eval(), ours.eval()
+    with torch.no_grad():
+        (their_logits, their_boxes), (my_logits, my_boxes) = theirs(), mine()
+    result = {"image": f"{height}x{width}", "batch": 2, "tokens": ids.shape[1],
+              "logits_max_abs_diff_fp32": (my_logits - their_logits).abs().max().item(),
+              "boxes_max_abs_diff_fp32": (my_boxes - their_boxes).abs().max().item(),
+              "logits_scale": their_logits.abs().max().item()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for name, model, run in (("transformers", oracle, theirs), ("ours", ours, mine)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for phase in ("forward", "step"):
+            model.train(phase == "step")
+            times = []
+            for index in range(warmup + steps):
+                synchronize()
+                started = time.perf_counter()
+                if phase == "forward":
+                    with torch.no_grad(), autocast:
+                        run()
+                else:
+                    with autocast:
+                        logits, boxes = run()
+                    loss = logits.float().clamp(min=-100).sum() + boxes.float().sum()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                synchronize()
+                if index >= warmup:
+                    times.append(time.perf_counter() - started)
+            result[f"{name}_median_{phase}_s"] = statistics.median(times)
+    return result
+
+
 def time_forward(kernel: str, device: str, height: int, width: int, steps: int, warmup: int,
                  amp: bool) -> float:
     """Median seconds of this project's swin_t forward (eval, no gradient)."""
@@ -271,7 +359,8 @@ def time_forward(kernel: str, device: str, height: int, width: int, steps: int, 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("check", choices=["kernels", "step", "profile", "huggingface"])
+    parser.add_argument("check", choices=["kernels", "step", "profile", "huggingface",
+                                          "same_weights"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--kernel", nargs="+", default=["torch", "triton"])
     parser.add_argument("--image", type=int, nargs=2, default=[800, 1333])
@@ -295,6 +384,11 @@ def main(argv=None):
                       "median_forward_s": time_forward(kernel, args.device, *args.image,
                                                        args.steps, args.warmup, not args.no_amp)}
                      for kernel in args.kernel]
+        for row in rows:
+            print(json.dumps(row))
+    elif args.check == "same_weights":
+        rows = [same_weights_check(kernel, args.device, *args.image, args.steps, args.warmup,
+                                   args.tiny_huggingface) for kernel in args.kernel]
         for row in rows:
             print(json.dumps(row))
     elif args.check == "profile":

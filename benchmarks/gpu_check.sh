@@ -5,6 +5,8 @@
 #   step         swin_t training steps at 800x1333, batch 2, bf16, with each backend
 #   profile      torch.profiler over swin_t training steps: where the step's time goes
 #   huggingface  transformers' Grounding DINO Swin-T forward and step beside this swin_t's
+#   same_weights one Grounding DINO Swin-T's weights in transformers and here: fp32 parity at
+#                800x1333, then bf16 forward and step times side by side
 #   tiny         a short tiny main job (SFT vs GRQO 1+5, one seed) on the GPU
 # On one H100, kernels + bench + step take under 2 minutes and tiny about 7.5. The device
 # machine's Python lacks pycocotools: wheels in .whl/ are installed first when present.
@@ -12,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
-SECTIONS=${SECTIONS:-kernels bench step profile huggingface tiny}
+SECTIONS=${SECTIONS:-kernels bench step profile huggingface same_weights tiny}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then python -m pip install -q --no-deps .whl/*.whl; fi
@@ -35,6 +37,10 @@ python benchmarks/gpu_check.py profile --kernel triton --steps 5 --json "$OUT/pr
 if wants huggingface; then echo "== huggingface: transformers' Grounding DINO Swin-T against this swin_t, 800x1333, batch 2, bf16"
 python benchmarks/gpu_check.py huggingface --kernel triton torch --json "$OUT/huggingface.json" 2>&1 | tee "$OUT/huggingface.log"; fi
 
+if wants same_weights; then echo "== same_weights: one Grounding DINO Swin-T's weights in transformers and here"
+python benchmarks/gpu_check.py same_weights --kernel triton --json "$OUT/same_weights.json" 2>&1 \
+    | grep -v "Loading weights\|Writing model" | tee "$OUT/same_weights.log"; fi
+
 if wants tiny; then echo "== tiny: the tiny main job on the GPU: SFT vs GRQO 1+5, one seed"
 started=$(date +%s)
 # The runs' own folders stay out of $OUT (checkpoints are large; few files come back).
@@ -46,5 +52,5 @@ echo; echo "================ summary"
 cat "$OUT/gpu.txt"
 grep -h "FAIL\|ok" "$OUT/kernels_check.log" 2>/dev/null | awk '{print "kernel check:", $0}'
 grep -h "^|" "$OUT/bench.log" 2>/dev/null
-cat "$OUT/swin_steps.log" "$OUT/huggingface.log" "$OUT/tiny.log" 2>/dev/null
+cat "$OUT/swin_steps.log" "$OUT/huggingface.log" "$OUT/same_weights.log" "$OUT/tiny.log" 2>/dev/null
 grep -h "^==\|^   phase" "$OUT/profile.log" 2>/dev/null

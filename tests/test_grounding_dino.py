@@ -4,8 +4,11 @@ configurations, every weight perturbed where a module has any."""
 
 import pytest
 import torch
+from torch import nn
 
-from model import PRESETS, build_model, sine_positions
+from model import (PRESETS, Backbone, Decoder, DetectorConfig, EnhancerLayer, Phrases, build_model,
+                   rename_grounding_dino, scale_reference, sine_encoding, sine_positions,
+                   token_anchors, token_centres)
 
 transformers = pytest.importorskip("transformers")
 grounding_dino = pytest.importorskip("transformers.models.grounding_dino.modeling_grounding_dino")
@@ -41,3 +44,352 @@ def test_the_backbone_positions_its_tokens_at_the_configured_temperature():
     expected = sine_positions(torch.ones(1, height, width), model.config.hidden_dim, 20.0)
     expected = expected.flatten(1, 2) + model.backbone.level_embed[0]
     torch.testing.assert_close(features.pos[:, :height * width], expected)
+
+
+# ----------------------------------------------------------------------------- module by module
+
+def oracle_config(**overrides) -> "transformers.GroundingDinoConfig":
+    """GD at the tiny preset's sizes: d 64, 4 heads, FFN 256, 4 levels of 4 points."""
+    sizes = dict(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=256, decoder_ffn_dim=256, encoder_layers=2, decoder_layers=3,
+                 num_feature_levels=4, encoder_n_points=4, decoder_n_points=4, num_queries=7)
+    return transformers.GroundingDinoConfig(**{**sizes, **overrides})
+
+
+def perturbed(module: nn.Module) -> nn.Module:
+    """Every weight moved at random (GD zero-initialises several layers, which would hide a
+    wrong mapping), in eval mode."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return module.eval()
+
+
+def load_renamed(ours: nn.Module, oracle: nn.Module, oracle_prefix: str, our_prefix: str):
+    """Load the oracle module's weights into ours through rename_grounding_dino, strictly."""
+    state = {oracle_prefix + name: tensor for name, tensor in oracle.state_dict().items()}
+    renamed, _, unknown = rename_grounding_dino(state)
+    assert unknown == []
+    ours.load_state_dict({name.removeprefix(our_prefix): tensor
+                          for name, tensor in renamed.items()}, strict=True)
+    return ours.eval()
+
+
+def padded_features():
+    """Real multi-scale features of a padded batch: the second image is padded right and below."""
+    torch.manual_seed(0)
+    backbone = build_model("tiny", kernel="torch").backbone.eval()
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, 80:], mask[1, :, 96:] = True, True
+    with torch.no_grad():
+        return backbone(torch.randn(2, 3, 96, 128), mask)
+
+
+def caption_phrases(dim: int):
+    """Two captions as GD's token ids ([CLS] 101, [SEP] 102, "." 1012), the second padded:
+    GD's sub-sentence mask and phrase-local positions from transformers, as Phrases."""
+    input_ids = torch.tensor([[101, 2005, 2006, 1012, 2007, 1012, 102],
+                              [101, 2008, 1012, 102, 0, 0, 0]])
+    padding = input_ids == 0
+    attention, position_ids = grounding_dino.generate_masks_with_special_tokens_and_transfer_map(
+        input_ids, torch.tensor(grounding_dino.SPECIAL_TOKENS))
+    return Phrases(padding=padding, attention=attention,
+                   pos=sine_encoding(position_ids[..., None].float(), dim)), position_ids
+
+
+def test_the_enhancer_layer_equals_grounding_dinos_encoder_layer():
+    """Bi-directional fusion, text self-attention within phrases with phrase-local positions,
+    deformable image self-attention: GD's encoder layer on a padded batch."""
+    config = oracle_config()
+    oracle = perturbed(grounding_dino.GroundingDinoEncoderLayer(config))
+    ours = load_renamed(EnhancerLayer(DetectorConfig(kernel="torch")), oracle,
+                        "model.encoder.layers.0.", "enhancer.0.")
+    features = padded_features()
+    phrases, position_ids = caption_phrases(64)
+    prompts = torch.randn(2, 7, 64)
+    shapes = [tuple(shape) for shape in features.spatial_shapes.tolist()]
+    reference = grounding_dino.GroundingDinoEncoder.get_reference_points(
+        shapes, features.valid_ratios, "cpu")
+    torch.testing.assert_close(scale_reference(token_centres(features), features.valid_ratios),
+                               reference)
+    with torch.no_grad():
+        (image, text), _ = oracle(
+            vision_features=features.tokens, vision_position_embedding=features.pos,
+            spatial_shapes=features.spatial_shapes, spatial_shapes_list=shapes,
+            level_start_index=features.level_start_index,
+            key_padding_mask=features.padding_mask, reference_points=reference,
+            text_features=prompts, text_attention_mask=phrases.padding,
+            text_self_attention_masks=~phrases.attention, text_position_ids=position_ids)
+        our_image, our_text = ours(features.tokens, prompts, phrases, features, reference)
+    torch.testing.assert_close(our_image, image, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(our_text, text, atol=1e-4, rtol=1e-4)
+
+
+def test_the_decoder_equals_grounding_dinos_with_its_shared_box_head():
+    """Query positions from the reference boxes, the layers, the references refined from the
+    layers' outputs and the boxes reported from their normed outputs (as
+    GroundingDinoForObjectDetection reads them)."""
+    config = oracle_config()
+    oracle = grounding_dino.GroundingDinoDecoder(config)
+    box_head = grounding_dino.GroundingDinoMLPPredictionHead(64, 64, 4, 3)
+    oracle.bbox_embed = nn.ModuleList([box_head] * config.decoder_layers)
+    perturbed(oracle)
+    state = {**{f"model.decoder.{k}": v for k, v in oracle.state_dict().items()
+                if not k.startswith("bbox_embed.")},
+             **{f"bbox_embed.0.{k}": v for k, v in box_head.state_dict().items()}}
+    ours = Decoder(DetectorConfig(kernel="torch")).eval()
+    renamed, _, unknown = rename_grounding_dino(state)
+    assert unknown == []
+    ours.load_state_dict({k.removeprefix("decoder."): v for k, v in renamed.items()}, strict=True)
+    features = padded_features()
+    memory, queries = torch.randn_like(features.tokens), torch.randn(2, 7, 64)
+    reference = torch.rand(2, 7, 4) * 0.8 + 0.1
+    prompts, prompt_padding = torch.randn(2, 5, 64), torch.zeros(2, 5, dtype=torch.bool)
+    prompt_padding[1, 3:] = True
+    shapes = [tuple(shape) for shape in features.spatial_shapes.tolist()]
+    with torch.no_grad():
+        out = oracle(inputs_embeds=queries, vision_encoder_hidden_states=memory,
+                     vision_encoder_attention_mask=~features.padding_mask,
+                     text_encoder_hidden_states=prompts,
+                     text_encoder_attention_mask=prompt_padding, reference_points=reference,
+                     spatial_shapes=features.spatial_shapes, spatial_shapes_list=shapes,
+                     level_start_index=features.level_start_index,
+                     valid_ratios=features.valid_ratios)
+        inputs = torch.cat([reference[:, None], out.intermediate_reference_points[:, :-1]], 1)
+        boxes = (box_head(out.intermediate_hidden_states)
+                 + torch.special.logit(inputs, eps=1e-5)).sigmoid()
+        hidden, our_boxes = ours(queries, reference, features, memory, prompts, prompt_padding,
+                                 None)
+    torch.testing.assert_close(hidden.transpose(0, 1), out.intermediate_hidden_states,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(our_boxes.transpose(0, 1), boxes, atol=1e-5, rtol=1e-4)
+
+
+def test_proposals_and_token_scores_equal_grounding_dinos():
+    """The encoder output layer on masked tokens, anchors (+inf where not valid, padding
+    included), GD's dot-product class head and the top-k over each token's best logit."""
+    config = oracle_config(num_queries=50)
+    tiny = build_model("tiny", kernel="torch", class_head="dot")
+    holder = nn.Module()
+    holder.enc_output, holder.enc_output_norm = nn.Linear(64, 64), nn.LayerNorm(64)
+    perturbed(holder)
+    state = {f"model.{k}": v for k, v in holder.state_dict().items()}
+    renamed = rename_grounding_dino(state).tensors
+    tiny.encoder_output.load_state_dict({k.removeprefix("encoder_output."): v
+                                         for k, v in renamed.items()})
+    features = padded_features()
+    memory, prompts = torch.randn_like(features.tokens), torch.randn(2, 5, 64)
+    prompt_padding = torch.zeros(2, 5, dtype=torch.bool)
+    prompt_padding[1, 3:] = True
+    shapes = [tuple(shape) for shape in features.spatial_shapes.tolist()]
+    with torch.no_grad():
+        object_query, proposals = grounding_dino.GroundingDinoModel.generate_encoder_output_proposals(
+            holder, memory, features.padding_mask, shapes)
+        logits = grounding_dino.GroundingDinoContrastiveEmbedding(config)(
+            object_query, prompts, ~prompt_padding)
+        anchors, valid = token_anchors(features)
+        proposal_features, token_logits, objectness = tiny.score_tokens(
+            memory, valid, prompts, prompt_padding)
+    assert features.padding_mask.any() and not valid[features.padding_mask].any()
+    torch.testing.assert_close(anchors, proposals)
+    torch.testing.assert_close(proposal_features, object_query, atol=1e-5, rtol=1e-5)
+    real = ~prompt_padding[:, None, :].expand_as(token_logits)
+    torch.testing.assert_close(token_logits[real], logits[..., :5][real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(objectness.topk(50).indices, logits.max(-1).values.topk(50).indices)
+
+
+def saved_state(oracle: nn.Module, folder) -> dict:
+    """What the oracle's save_pretrained writes (the hub's names): name -> tensor."""
+    from safetensors.torch import load_file
+
+    oracle.save_pretrained(folder)
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_the_swin_backbone_and_neck_equal_grounding_dinos(tmp_path):
+    """A small Swin (every weight perturbed) through GD's backbone: the patch embedding padded
+    to a multiple of 4, a LayerNorm per used stage, the neck's 1x1 and stride-2 levels with
+    GroupNorm(32), sine positions plus level embeddings; a padded batch whose size is not a
+    multiple of 4. The weights go through save_pretrained's file and rename_grounding_dino."""
+    swin = transformers.SwinConfig(embed_dim=24, depths=[1, 2, 1, 2], num_heads=[2, 2, 4, 4],
+                                   window_size=7, out_features=["stage2", "stage3", "stage4"])
+    bert = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=37)
+    detector = perturbed(grounding_dino.GroundingDinoForObjectDetection(
+        oracle_config(backbone_config=swin, text_config=bert)))
+    ours = Backbone(DetectorConfig(backbone="swin", swin_embed_dim=24, swin_depths=(1, 2, 1, 2),
+                                   swin_heads=(2, 2, 4, 4), position_temperature=20.0))
+    renamed, unused, unknown = rename_grounding_dino(saved_state(detector, tmp_path))
+    assert sorted(unused) == ["model.backbone.conv_encoder.model.swin.layernorm.bias",
+                              "model.backbone.conv_encoder.model.swin.layernorm.weight"]
+    assert unknown == []
+    oracle = detector.model
+    indices = {k: v for k, v in ours.state_dict().items() if k.endswith("relative_position_index")}
+    ours.load_state_dict({**indices, **{k.removeprefix("backbone."): v for k, v in renamed.items()
+                                        if k.startswith("backbone.")}}, strict=True)
+    ours.eval()
+    torch.manual_seed(0)
+    images, mask = torch.randn(2, 3, 230, 262), torch.zeros(2, 230, 262, dtype=torch.bool)
+    mask[1, 190:], mask[1, :, 203:] = True, True
+    with torch.no_grad():
+        features = ours(images, mask)
+        maps, positions = oracle.backbone(images, (~mask).long())
+        sources = [projection(source) for projection, (source, _) in
+                   zip(oracle.input_proj_vision, maps)]
+        sources.append(oracle.input_proj_vision[3](maps[-1][0]))
+        masks = [level_mask for _, level_mask in maps]
+        masks.append(torch.nn.functional.interpolate((~mask)[None].float(),
+                                                     size=sources[-1].shape[-2:]).bool()[0])
+        positions.append(oracle.backbone.position_embedding(sources[-1], masks[-1]))
+    tokens = torch.cat([source.flatten(2).transpose(1, 2) for source in sources], 1)
+    pos = torch.cat([p.flatten(2).transpose(1, 2) + oracle.level_embed[level]
+                     for level, p in enumerate(positions)], 1)
+    assert torch.equal(features.padding_mask, ~torch.cat([m.flatten(1) for m in masks], 1))
+    torch.testing.assert_close(features.tokens, tokens, atol=1e-4, rtol=1e-4)
+    valid = ~features.padding_mask            # padding pixels' positions are never read
+    torch.testing.assert_close(features.pos[valid], pos[valid], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- loading a folder
+
+def tiny_vocabulary() -> list[str]:
+    """bert-base-uncased's special ids (GD hard-codes 101, 102, 1012, 1029) and a few words."""
+    tokens = [f"[unused{i}]" for i in range(2100)]
+    for index, token in {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]",
+                         1012: ".", 1029: "?"}.items():
+        tokens[index] = token
+    words = ["cat", "dog", "remote", "control", "a", "photo", "of", "##s", "couch"]
+    tokens[2000:2000 + len(words)] = words
+    return tokens
+
+
+def save_tiny_grounding_dino(folder, seed: int = 0, **overrides):
+    """A random tiny GD (every weight perturbed) as save_pretrained writes it, with vocab.txt
+    and the public folder's preprocessor_config.json. Returns the oracle."""
+    torch.manual_seed(seed)
+    swin = transformers.SwinConfig(embed_dim=24, depths=[1, 2, 1, 2], num_heads=[2, 2, 4, 4],
+                                   window_size=7, out_features=["stage2", "stage3", "stage4"])
+    bert = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=37, vocab_size=2100)
+    oracle = perturbed(grounding_dino.GroundingDinoForObjectDetection(oracle_config(
+        backbone_config=swin, text_config=bert, num_queries=20, **overrides)))
+    oracle.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(tiny_vocabulary()) + "\n")
+    (folder / "preprocessor_config.json").write_text(
+        '{"size": {"shortest_edge": 800, "longest_edge": 1333}, "resample": 2}')
+    return oracle
+
+
+def test_a_grounding_dino_folder_loads_every_tensor_by_name(tmp_path):
+    from model import load_grounding_dino
+
+    oracle = save_tiny_grounding_dino(tmp_path)
+    model, report = load_grounding_dino(tmp_path, kernel="torch")
+    config = model.config
+    assert (config.hidden_dim, config.num_heads, config.ffn_dim, config.num_queries) == (64, 4, 256, 20)
+    assert (config.swin_embed_dim, config.swin_depths, config.swin_heads) == (24, (1, 2, 1, 2),
+                                                                              (2, 2, 4, 4))
+    assert (config.image_size, config.max_size, config.class_head) == (800, 1333, "dot")
+    assert report.fresh == ["dn_content", "logit_scale", "prompt_encoder"]
+    assert len(report.unused) == 2 and report.loaded == len(
+        [k for k in model.state_dict() if not k.startswith(("dn_content", "logit_scale",
+                                                            "prompt_encoder"))
+         and not k.endswith("relative_position_index")])
+    ours = model.state_dict()
+    theirs = oracle.state_dict()
+    for our_name, their_name in [
+            ("decoder.box_head.layers.2.weight", "bbox_embed.0.layers.2.weight"),
+            ("enhancer.1.fusion.prompt_value.weight",
+             "model.encoder.layers.1.fusion_layer.attn.values_text_proj.weight"),
+            ("text_encoder.out.bias", "model.text_projection.bias"),
+            ("text_encoder.bert.encoder.layer.0.output.dense.weight",
+             "model.text_backbone.encoder.layer.0.output.dense.weight")]:
+        assert torch.equal(ours[our_name], theirs[their_name]), our_name
+
+
+def test_a_bad_grounding_dino_folder_is_refused_with_the_file_and_the_first_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from model import load_grounding_dino
+
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'config.json'} is missing"):
+        load_grounding_dino(tmp_path)
+    save_tiny_grounding_dino(tmp_path)
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="describes a 'bert' model, not Grounding DINO"):
+        load_grounding_dino(tmp_path / "bert")
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    name = "model.encoder.layers.0.fusion_layer.attn.vision_proj.weight"
+    save_file({**state, name: state[name][:, :10].contiguous()}, str(weights))
+    with pytest.raises(ValueError, match=rf"model.safetensors: 'enhancer.0.fusion.image_query"
+                                         rf".weight' is \(128, 10\) there, \(128, 64\) here"):
+        load_grounding_dino(tmp_path)
+    save_file({**state, "model.something_new.weight": torch.zeros(1)}, str(weights))
+    with pytest.raises(ValueError, match="1 tensors no rule maps, the first "
+                                         "'model.something_new.weight'"):
+        load_grounding_dino(tmp_path)
+    del state["model.enc_output.bias"]
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="missing, the first 'encoder_output.0.bias'"):
+        load_grounding_dino(tmp_path)
+
+
+def test_from_the_text_features_on_the_detector_equals_grounding_dino_end_to_end(tmp_path):
+    """A GD folder loaded here, given GD's per-token text features (from this project's BERT
+    with GD's sub-sentence mask and positions, then text_projection) and GD's phrases, gives
+    GD's logits per token and boxes on a padded batch of a size not a multiple of 4."""
+    from model import load_grounding_dino
+
+    oracle = save_tiny_grounding_dino(tmp_path).eval()
+    model, _ = load_grounding_dino(tmp_path, kernel="torch")
+    model.eval()
+    input_ids = torch.tensor([[101, 2000, 1012, 2001, 1012, 2003, 2004, 1012, 102],
+                              [101, 2008, 1012, 102, 0, 0, 0, 0, 0]])
+    attention_mask = (input_ids != 0).long()
+    sub_sentences, position_ids = grounding_dino.generate_masks_with_special_tokens_and_transfer_map(
+        input_ids, torch.tensor(grounding_dino.SPECIAL_TOKENS))
+    torch.manual_seed(0)
+    images, mask = torch.randn(2, 3, 230, 262), torch.zeros(2, 230, 262, dtype=torch.bool)
+    mask[1, 190:], mask[1, :, 203:] = True, True
+    with torch.no_grad():
+        expected = oracle(pixel_values=images, input_ids=input_ids, attention_mask=attention_mask,
+                          pixel_mask=(~mask).long())
+        states = model.text_encoder.bert(input_ids, sub_sentences.long(), position_ids)
+        text = model.text_encoder.out(states)
+        phrases = Phrases(padding=attention_mask == 0, attention=sub_sentences,
+                          pos=sine_encoding(position_ids[..., None].float(), 64))
+        output = model(images, mask, prompts=text, prompt_mask=phrases.padding, phrases=phrases)
+    real = attention_mask.bool()[:, None, :].expand(-1, 20, -1)
+    torch.testing.assert_close(output.logits[-1][real], expected.logits[..., :9][real],
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(output.boxes[-1], expected.pred_boxes, atol=1e-4, rtol=1e-4)
+
+
+def test_fine_tuning_starts_from_a_grounding_dino_folder_and_evaluate_reads_it(shapes, tmp_path):
+    """train_sft.py --init FOLDER: the folder's model and weights (its preprocessor's sizes),
+    visual prompts learned from fresh; evaluate.py --ckpt takes the folder and the result."""
+    import evaluate
+    import train_sft
+    from conftest import run_args
+
+    folder = tmp_path / "gd"
+    oracle = save_tiny_grounding_dino(folder)
+    (folder / "preprocessor_config.json").write_text(
+        '{"size": {"shortest_edge": 128, "longest_edge": 171}}')
+    with pytest.raises(SystemExit, match="brings its own backbone and text encoder: drop "
+                                         "--model"):
+        train_sft.main(run_args(shapes, tmp_path / "run", "--init", str(folder),
+                                "--model", "tiny"))
+    tuned = train_sft.main(run_args(shapes, tmp_path / "run", "--init", str(folder),
+                                    "--max-steps", "1", "--kernel", "torch"))
+    assert tuned.config.num_queries == 20 and tuned.config.image_size == 128
+    before = oracle.state_dict()["model.level_embed"]
+    after = tuned.state_dict()["backbone.level_embed"]
+    assert not torch.equal(before, after) and torch.allclose(before, after, atol=1e-3)
+    for ckpt in (folder, tmp_path / "run" / "last.pt"):
+        metrics = evaluate.main(["--ckpt", str(ckpt), "--data", str(shapes), "--split", "val",
+                                 "--kernel", "torch"])
+        assert 0.0 <= metrics["AP"] <= 1.0

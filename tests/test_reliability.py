@@ -447,7 +447,7 @@ def test_checkpoint_of_another_preset_names_the_mismatch(shapes, trained, tmp_pa
                                     str(tmp_path / "swin_t.pt")))
         message = str(error.value)
         assert message.startswith(f"{tmp_path / 'swin_t.pt'} was written with other model "
-                                  f"settings (backbone: 'swin_t' there, 'tiny' here, "
+                                  f"settings (backbone: 'swin' there, 'tiny' here, "
                                   f"hidden_dim: 256 there, ")
         assert message.endswith("its run used --model swin_t, this one --model tiny")
 
