@@ -45,7 +45,6 @@ from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PAD_MULTIPLE = 32
 COCO_ROOT = Path("data/coco")
 SHAPES_ROOT = Path("data/shapes")
 COCO_HINT = (
@@ -478,11 +477,17 @@ class RandomHorizontalFlip:
 def resized_shape(
     height: int, width: int, short_side: int, max_size: int | None
 ) -> tuple[int, int]:
-    """(height, width) with the short side `short_side`, aspect kept, long side <= max_size."""
+    """(height, width) with the short side `short_side`, aspect kept, long side <= max_size,
+    rounded as Grounding DINO's image processor rounds them (the short side to the nearest
+    pixel, the long side down from the unrounded scale)."""
     short, long = min(height, width), max(height, width)
+    exact = float(short_side)
     if max_size is not None and short_side * long / short > max_size:
-        short_side = int(max_size * short / long)
-    long_side = int(short_side * long / short)
+        exact = max_size * short / long
+        short_side = int(round(exact))
+    if short == short_side:
+        return height, width
+    long_side = int(exact * long / short)
     return (short_side, long_side) if height <= width else (long_side, short_side)
 
 
@@ -594,25 +599,17 @@ def make_transforms(train: bool, image_size: int, max_size: int) -> Compose:
 
 
 def collate(samples: list[tuple[torch.Tensor, Target]]) -> Batch:
-    """Pad images (3, h_i, w_i) into one (B, 3, H, W) tensor with its padding mask.
-
-    H and W are the batch maxima rounded up to a multiple of 32, the backbone's total
-    stride: every stage then halves the padded size exactly, so feature maps line up with
-    the image and the mask downsamples to each level without rounding.
-    """
+    """Pad images (3, h_i, w_i) into one (B, 3, H, W) tensor with its padding mask: H and W
+    are the batch maxima, as Grounding DINO pads (a lone picture is not padded at all)."""
     images, targets = zip(*samples)
-    height = _round_up(max(image.shape[1] for image in images), PAD_MULTIPLE)
-    width = _round_up(max(image.shape[2] for image in images), PAD_MULTIPLE)
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
     padded = images[0].new_zeros((len(images), 3, height, width))
     mask = torch.ones((len(images), height, width), dtype=torch.bool)
     for position, image in enumerate(images):
         padded[position, :, : image.shape[1], : image.shape[2]] = image
         mask[position, : image.shape[1], : image.shape[2]] = False
     return Batch(padded, mask, list(targets))
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return (value + multiple - 1) // multiple * multiple
 
 
 # ----------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from data import (Batch, CocoDetection, DataError, build_dataset, collate,
                   instance_image_index, resolve_data_root, sample_exemplars, split_files)
-from model import DINOR1, Detections, load_detector, postprocess, resolve_device
+from model import (CHECKPOINT_FORMAT, DINOR1, Detections, load_detector, postprocess,
+                   resolve_device)
 
 SUMMARY_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # Box colours, one per class or prompt: light, for black label text, and unlike the
@@ -96,22 +97,20 @@ def default_support_split(data: str) -> str:
 
 
 @torch.no_grad()
-def text_prompts(model: DINOR1, class_names: list[str]) -> tuple[torch.Tensor, list[int]]:
-    """Every class name through the text encoder: (prompts (C, d), class indices)."""
-    return model.encode_text(class_names), list(range(len(class_names)))
-
-
-@torch.no_grad()
-def detect(model: DINOR1, batch: Batch, prompts: torch.Tensor, prompt_classes: list[int],
-           chunk_size: int, top_k: int = 300) -> list[Detections]:
-    """Run shared prompts (C, d) over a batch, `chunk_size` prompts at a time (LVIS has 1,203
-    classes), merge the chunks and keep each image's top_k. Labels become class indices."""
+def detect(model: DINOR1, batch: Batch, prompts: torch.Tensor | list[str],
+           prompt_classes: list[int], chunk_size: int, top_k: int = 300) -> list[Detections]:
+    """Run shared prompts over a batch: C vectors (C, d), or C class names read as text (with
+    BERT, one Grounding DINO caption per chunk). `chunk_size` prompts at a time (LVIS has 1,203
+    classes); merges the chunks and keeps each image's top_k. Labels become class indices."""
     merged = [[] for _ in batch.targets]
-    classes = torch.tensor(prompt_classes, device=prompts.device)
+    classes = torch.tensor(prompt_classes, device=batch.images.device)
     for start in range(0, len(prompt_classes), chunk_size):
         chunk = prompts[start:start + chunk_size]
-        output = model(batch.images, batch.mask,
-                       prompts=chunk[None].expand(len(batch.targets), -1, -1))
+        if isinstance(chunk, list):
+            output = model(batch.images, batch.mask, class_names=chunk)
+        else:
+            output = model(batch.images, batch.mask,
+                           prompts=chunk[None].expand(len(batch.targets), -1, -1))
         found = postprocess(output.logits[-1], output.boxes[-1], original_sizes(batch), top_k)
         for b, detections in enumerate(found):
             merged[b].append(Detections(detections.boxes, detections.scores,
@@ -318,7 +317,7 @@ def evaluate(model: DINOR1, data: str, *, split: str = "val", prompt: str = "gen
         detect_batch = partial(detect, model, prompts=prompts, prompt_classes=classes,
                                chunk_size=chunk_size)
     elif prompt == "text":
-        prompts, classes = text_prompts(model, dataset.class_names)
+        prompts, classes = list(dataset.class_names), list(range(len(dataset.class_names)))
         detect_batch = partial(detect, model, prompts=prompts, prompt_classes=classes,
                                chunk_size=chunk_size)
     elif prompt == "interactive":
@@ -356,15 +355,16 @@ def save_prototypes(model: DINOR1, data: str, path: Path, shots: int | None, see
                     device, support_split: str | None = None,
                     novel: list[str] | None = None) -> None:
     """Write the generic prototypes of a support split for predict.py --classes: a plain
-    dict {"prototypes": (C', d) float tensor, "names": C' class names}, loadable with
-    torch.load(weights_only=True), so the support set is encoded once."""
+    dict {"prototypes": (C', d) float tensor, "names": C' class names, "format":
+    CHECKPOINT_FORMAT}, loadable with torch.load(weights_only=True), so the support set is
+    encoded once."""
     model.eval().to(device)
     size = dict(image_size=model.config.image_size, max_size=model.config.max_size)
     support = build_dataset(data, support_split or default_support_split(data), train=False,
                             novel=novel, **size)
     prototypes, classes = generic_prototypes(model, support, shots, seed, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"prototypes": prototypes.cpu(),
+    torch.save({"prototypes": prototypes.cpu(), "format": CHECKPOINT_FORMAT,
                 "names": [support.class_names[c] for c in classes]}, path)
     print(f"{len(classes)} prototypes written to {path}")
 

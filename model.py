@@ -119,13 +119,13 @@ class Selection:
     objectness_logits: Tensor   # (B, Q) s_i; O_i = sigmoid(s_i)
 
 
-@dataclass
-class Phrases:
+class Phrases(NamedTuple):
     """How the K prompt tokens of each image group into phrases (Grounding DINO's sub-sentence
     structure): a token attends only to the tokens of its own phrase in the enhancer."""
-    padding: Tensor     # (B, K) True = padding token
-    attention: Tensor   # (B, K, K) True = token i may attend to token j
-    pos: Tensor         # (B, K, d) sine of each token's position within its phrase
+    padding: Tensor        # (B, K) True = padding token
+    attention: Tensor      # (B, K, K) True = token i may attend to token j
+    position_ids: Tensor   # (B, K) long, each token's position within its phrase
+    pos: Tensor            # (B, K, d) their sines
 
 
 def single_token_phrases(prompt_mask: Tensor, dim: int) -> Phrases:
@@ -133,26 +133,85 @@ def single_token_phrases(prompt_mask: Tensor, dim: int) -> Phrases:
     for now, a class name pooled to one vector) enters the enhancer. prompt_mask (B, K)."""
     batch, num_prompts = prompt_mask.shape
     alone = torch.eye(num_prompts, dtype=torch.bool, device=prompt_mask.device)
-    at_zero = prompt_mask.new_zeros(batch, num_prompts, 1, dtype=torch.float)
+    at_zero = torch.zeros(batch, num_prompts, dtype=torch.long, device=prompt_mask.device)
     return Phrases(padding=prompt_mask, attention=alone.expand(batch, -1, -1),
-                   pos=sine_encoding(at_zero, dim))
+                   position_ids=at_zero, pos=sine_encoding(at_zero[..., None].float(), dim))
+
+
+def caption_phrases(input_ids: Tensor, padding: Tensor, delimiters: Tensor, dim: int) -> Phrases:
+    """Grounding DINO's sub-sentence structure of tokenised captions. input_ids (B, T), padding
+    (B, T) True = padding, delimiters: the ids that end a phrase ([CLS], [SEP], "." and "?").
+
+    A phrase runs from the token after one delimiter to the next delimiter, which it includes:
+    "[CLS] red car . cat . [SEP]" has the phrases "red car ." and "cat .". Its tokens attend to
+    each other and count positions from 0. As in GD, a token stands alone at position 0 when
+    its phrase would end at [CLS], at the sequence's last token or nowhere (padding)."""
+    batch, length = input_ids.shape
+    index = torch.arange(length, device=input_ids.device).expand(batch, -1)
+    is_delimiter = torch.isin(input_ids, delimiters)
+    # The delimiter that ends each token's phrase (the first at or after it; T: none), and the
+    # one before it (-1: none).
+    ends = torch.where(is_delimiter, index, length).flip(1).cummin(1).values.flip(1)
+    before = F.pad(torch.where(is_delimiter, index, -1).cummax(1).values[:, :-1], (1, 0),
+                   value=-1)
+    in_phrase = (ends > 0) & (ends < length - 1)
+    alone = torch.eye(length, dtype=torch.bool, device=input_ids.device)
+    attention = ((ends[:, :, None] == ends[:, None, :]) & in_phrase[:, None, :]) | alone
+    positions = torch.where(in_phrase, index - before - 1, 0)
+    return Phrases(padding=padding, attention=attention, position_ids=positions,
+                   pos=sine_encoding(positions[..., None].float(), dim))
+
+
+class PromptTokens(NamedTuple):
+    """The K prompts every image reads, as one sequence of T tokens (METHOD 2.3): a visual
+    prompt (or a class name pooled to one vector) is one token; a Grounding DINO caption gives
+    each class a phrase of tokens. A class's score is read from its tokens (class_logits)."""
+    tokens: Tensor                    # (B, T, d), before the enhancer
+    phrases: Phrases                  # over the T tokens; phrases.padding (B, T) True = padding
+    classes: Tensor                   # (B, K, d) one embedding per class: its tokens' mean
+    class_mask: Tensor                # (B, K) True = padding class
+    class_tokens: Tensor | None       # (B, K, L) long, the tokens of each class; None: token k
+                                      # is class k (T = K)
+    class_token_padding: Tensor | None  # (B, K, L) True = no token in that slot
+
+
+def one_token_per_class(prompts: Tensor, prompt_mask: Tensor) -> PromptTokens:
+    """Prompts (B, K, d) with prompt_mask (B, K) True = padding, each one token of a phrase of
+    its own."""
+    return PromptTokens(prompts, single_token_phrases(prompt_mask, prompts.shape[-1]), prompts,
+                        prompt_mask, None, None)
+
+
+def class_logits(token_logits: Tensor, prompts: PromptTokens) -> Tensor:
+    """Per-token logits (..., B, Q, T) -> per-class logits (..., B, Q, K): the logit of the mean
+    of the sigmoids over each class's tokens (Grounding DINO's COCO rule; a one-token class
+    keeps its token's logit), computed in log space. Padding classes get -1e4."""
+    if prompts.class_tokens is None:
+        return token_logits
+    num_classes, width = prompts.class_tokens.shape[1:]
+    index = prompts.class_tokens.flatten(1)[:, None, :]                      # (B, 1, K * L)
+    gathered = token_logits.gather(-1, index.expand(*token_logits.shape[:-1], -1))
+    gathered = gathered.unflatten(-1, (num_classes, width))                 # (..., B, Q, K, L)
+    padding = prompts.class_token_padding[:, None]                          # (B, 1, K, L)
+    positive = F.logsigmoid(gathered).masked_fill(padding, -math.inf).logsumexp(-1)
+    negative = F.logsigmoid(-gathered).masked_fill(padding, -math.inf).logsumexp(-1)
+    return torch.where(prompts.class_mask[:, None], -1e4, positive - negative)
 
 
 @dataclass
 class Encoded:
     """The encoder side of one forward pass: everything before the decoder."""
     features: ImageFeatures
-    prompts: Tensor            # (B, K, d) prompts as given or sampled, before the enhancer
-    prompt_mask: Tensor        # (B, K) True = padding prompt
+    prompts: PromptTokens      # as given or sampled, before the enhancer (T tokens, K classes)
     exemplars: Tensor | None   # (N, d) every exemplar's embedding (with instructions only)
     memory: Tensor             # (B, S, d) enhanced image tokens
-    enhanced: Tensor           # (B, K, d) enhanced prompts
+    enhanced: Tensor           # (B, T, d) enhanced prompt tokens
     anchors: Tensor            # (B, S, 4) each token's anchor box, inverse sigmoid (+inf:
                                # not a valid proposal, see token_anchors)
     proposal_features: Tensor  # (B, S, d) the memory after the encoder output layer, read
                                # by the encoder's class and box heads
-    token_logits: Tensor       # (B, S, K) every token against every prompt
-    objectness_logits: Tensor  # (B, S) s_n = max_k of token_logits (METHOD 2.7)
+    token_logits: Tensor       # (B, S, T) every image token against every prompt token
+    objectness_logits: Tensor  # (B, S) s_n = the max of token_logits (METHOD 2.7)
 
 
 @dataclass
@@ -810,12 +869,25 @@ def load_bert(folder: str | Path) -> LoadedBert:
     return LoadedBert(tokenizer, bert, unused)
 
 
+MAX_TEXT_TOKENS = 256      # Grounding DINO's max_text_len
+
+
+class Caption(NamedTuple):
+    """K class names as one Grounding DINO caption (a batch of one)."""
+    tokens: Tensor               # (1, T, d) its token states, projected to d
+    phrases: Phrases             # (see caption_phrases)
+    classes: Tensor              # (1, K, d) each class: the mean of its tokens
+    class_tokens: Tensor         # (1, K, L) long, the tokens of each class name
+    class_token_padding: Tensor  # (1, K, L) True = no token in that slot
+
+
 class BertTextEncoder(nn.Module):
     """BERT from a local Hugging Face folder: a BERT folder (`--text-encoder
     path/to/bert-base-uncased`, its weights loaded here, see load_bert) or a Grounding DINO
     folder (its config's text_config and its vocab.txt; the weights come with the detector's,
-    see load_grounding_dino). One embedding per name: the mean of its token states ([CLS] and
-    [SEP] included), then a Linear to d (Grounding DINO's text_projection)."""
+    see load_grounding_dino). Class names are read as Grounding DINO reads them: one caption
+    "[CLS] cat . remote control . [SEP]", each name a phrase, every token's state projected
+    to d (GD's text_projection); a class is embedded as the mean of its tokens."""
 
     def __init__(self, folder: str, dim: int):
         super().__init__()
@@ -828,14 +900,53 @@ class BertTextEncoder(nn.Module):
         else:
             self.tokenizer, self.bert, _ = load_bert(folder)      # the pooler is not used
         self.out = nn.Linear(self.bert.config.hidden_size, dim)
+        ids = self.tokenizer.ids
+        self.register_buffer("delimiters", torch.tensor(
+            [ids[token] for token in ("[CLS]", "[SEP]", ".", "?") if token in ids]),
+            persistent=False)
+
+    def caption_ids(self, names: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
+        """The caption's token ids and each name's span [start, end) among them. ValueError for
+        a name without a token or a caption longer than MAX_TEXT_TOKENS."""
+        if not names:
+            raise ValueError("a caption needs at least one class name")
+        if "." not in self.tokenizer.ids:
+            raise ValueError("the vocabulary has no '.' token to end a caption's phrases")
+        ids, spans = [self.tokenizer.cls_id], []
+        for name in names:
+            pieces = [piece for word in self.tokenizer.words(name)
+                      for piece in self.tokenizer.word_pieces(word)]
+            if not pieces:
+                raise ValueError(f"the class name {name!r} has no token")
+            spans.append((len(ids), len(ids) + len(pieces)))
+            ids += pieces + [self.tokenizer.ids["."]]
+        ids.append(self.tokenizer.sep_id)
+        if len(ids) > MAX_TEXT_TOKENS:
+            raise ValueError(f"the caption of these {len(names)} class names has {len(ids)} "
+                             f"tokens, more than Grounding DINO's {MAX_TEXT_TOKENS}: give fewer "
+                             f"names at once")
+        return ids, spans
+
+    def caption(self, names: list[str]) -> Caption:
+        """K class names -> their caption's tokens, phrases and each class's tokens."""
+        device = self.out.weight.device
+        ids, spans = self.caption_ids(names)
+        input_ids = torch.tensor([ids], device=device)
+        phrases = caption_phrases(input_ids, torch.zeros_like(input_ids, dtype=torch.bool),
+                                  self.delimiters, self.out.out_features)
+        tokens = self.out(self.bert(input_ids, phrases.attention.long(), phrases.position_ids))
+        width = max(end - start for start, end in spans)
+        slots = torch.arange(width, device=device)
+        starts, ends = (torch.tensor(part, device=device) for part in zip(*spans))
+        class_tokens = (starts[:, None] + slots).clamp(max=len(ids) - 1)[None]    # (1, K, L)
+        padding = (starts[:, None] + slots >= ends[:, None])[None]
+        gathered = tokens[0][class_tokens[0]].masked_fill(padding[0, ..., None], 0)
+        classes = (gathered.sum(1) / (~padding[0]).sum(1, keepdim=True))[None]
+        return Caption(tokens, phrases, classes, class_tokens, padding)
 
     def forward(self, names: list[str]) -> Tensor:
-        """K names -> (K, d)."""
-        device = self.out.weight.device
-        input_ids, attention_mask = (t.to(device) for t in self.tokenizer(names))
-        states = self.bert(input_ids, attention_mask)
-        keep = attention_mask[..., None].float()
-        return self.out((states * keep).sum(1) / keep.sum(1))
+        """K names -> (K, d): each the mean of its tokens in their caption."""
+        return self.caption(names).classes[0]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -1205,8 +1316,24 @@ class DINOR1(nn.Module):
     # -- prompts ------------------------------------------------------------------------
 
     def encode_text(self, names: list[str]) -> Tensor:
-        """K class names -> (K, d) text prompts (METHOD 2.3)."""
+        """K class names -> (K, d), one embedding per class (METHOD 2.3): the byte encoder's
+        pooled name, or the mean of the name's tokens in a BERT caption."""
         return self.text_encoder(names)
+
+    def text_prompts(self, names: list[str], batch: int) -> PromptTokens:
+        """K class names as the prompts of every image of a batch: with BERT, Grounding DINO's
+        caption ("cat . remote control .", see BertTextEncoder.caption); with the byte encoder,
+        one pooled token per name."""
+        if not isinstance(self.text_encoder, BertTextEncoder):
+            prompts = self.encode_text(names)[None].expand(batch, -1, -1)
+            return one_token_per_class(prompts, prompts.new_zeros(prompts.shape[:2], dtype=torch.bool))
+        caption = self.text_encoder.caption(names)
+        expand = lambda x: x.expand(batch, *x.shape[1:])           # noqa: E731
+        phrases = Phrases(*(expand(part) for part in caption.phrases))
+        return PromptTokens(expand(caption.tokens), phrases, expand(caption.classes),
+                            torch.zeros(batch, len(names), dtype=torch.bool,
+                                        device=caption.tokens.device),
+                            expand(caption.class_tokens), expand(caption.class_token_padding))
 
     def encode_exemplars(self, images: Tensor, mask: Tensor, image_index: Tensor,
                          boxes: Tensor) -> Tensor:
@@ -1278,16 +1405,19 @@ class DINOR1(nn.Module):
         if instructions is not None:
             prompts, exemplars = self.instruction_prompts(features, instructions)
         if class_names is not None:
-            prompts = self.encode_text(class_names)[None].expand(images.shape[0], -1, -1)
-        if prompt_mask is None:
-            prompt_mask = torch.zeros(prompts.shape[:2], dtype=torch.bool, device=prompts.device)
-        if phrases is None:
-            phrases = single_token_phrases(prompt_mask, self.config.hidden_dim)
-        memory, enhanced = self.enhance(features, prompts, phrases)
+            tokens = self.text_prompts(class_names, images.shape[0])
+        else:
+            if prompt_mask is None:
+                prompt_mask = torch.zeros(prompts.shape[:2], dtype=torch.bool,
+                                          device=prompts.device)
+            tokens = one_token_per_class(prompts, prompt_mask)
+            if phrases is not None:
+                tokens = tokens._replace(phrases=phrases)
+        memory, enhanced = self.enhance(features, tokens.tokens, tokens.phrases)
         anchors, valid = token_anchors(features)
         proposal_features, token_logits, objectness_logits = self.score_tokens(
-            memory, valid, enhanced, prompt_mask)
-        return Encoded(features, prompts, prompt_mask, exemplars, memory, enhanced, anchors,
+            memory, valid, enhanced, tokens.phrases.padding)
+        return Encoded(features, tokens, exemplars, memory, enhanced, anchors,
                        proposal_features, token_logits, objectness_logits)
 
     def objectness_logits(self, images: Tensor, mask: Tensor, indices: Tensor,
@@ -1311,7 +1441,8 @@ class DINOR1(nn.Module):
         only) adds denoising queries, their noise drawn from `generator`."""
         encoded = self.encode(images, mask, prompts, prompt_mask, instructions, class_names,
                               phrases)
-        features, prompt_mask = encoded.features, encoded.prompt_mask
+        features, prompts = encoded.features, encoded.prompts
+        token_padding = prompts.phrases.padding
         selection = self.select_queries(encoded.objectness_logits)
         anchors = gather_tokens(encoded.anchors, selection.indices)
         proposals = gather_tokens(encoded.proposal_features, selection.indices)
@@ -1321,15 +1452,16 @@ class DINOR1(nn.Module):
         queries = queries[:, :encoder_boxes.shape[1]]
         reference, attn_mask, denoising = encoder_boxes.detach(), None, None
         if self.training and dn_targets is not None:
-            denoising = build_denoising_queries(dn_targets, encoded.prompts, queries.shape[1],
+            denoising = build_denoising_queries(dn_targets, prompts.classes, queries.shape[1],
                                                 self.config, generator)
         if denoising is not None:
             queries = torch.cat([self.dn_content(denoising.prompts).to(queries.dtype), queries], 1)
             reference = torch.cat([denoising.reference, reference], 1)
             attn_mask = denoising.attn_mask
         hidden, boxes = self.decoder(queries, reference, features, encoded.memory,
-                                     encoded.enhanced, prompt_mask, attn_mask)
-        logits = self.decoder_class_head(hidden, encoded.enhanced, prompt_mask).float()
+                                     encoded.enhanced, token_padding, attn_mask)
+        token_logits = self.decoder_class_head(hidden, encoded.enhanced, token_padding).float()
+        logits = class_logits(token_logits, prompts)
         num_dn = 0 if denoising is None else denoising.reference.shape[1]
         contrast = None
         if instructions is not None:
@@ -1338,8 +1470,9 @@ class DINOR1(nn.Module):
                                           self.logit_scale)
         return DetectorOutput(
             logits=logits[:, :, num_dn:], boxes=boxes[:, :, num_dn:],
-            encoder_logits=gather_tokens(encoded.token_logits, selection.indices).float(),
-            encoder_boxes=encoder_boxes, selection=selection, prompt_mask=prompt_mask,
+            encoder_logits=class_logits(
+                gather_tokens(encoded.token_logits, selection.indices).float(), prompts),
+            encoder_boxes=encoder_boxes, selection=selection, prompt_mask=prompts.class_mask,
             dn_logits=logits[:, :, :num_dn] if num_dn else None,
             dn_boxes=boxes[:, :, :num_dn] if num_dn else None,
             dn_targets=None if denoising is None else denoising.targets,
@@ -1571,12 +1704,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# The checkpoints' (and prototype files') format: 2 since the model became Grounding DINO's
+# module for module. A file of another format holds weights this model cannot take.
+CHECKPOINT_FORMAT = 2
+
+
+def check_format(saved: dict, path: str | Path, kind: str) -> None:
+    """ValueError naming `path` when it was written in another format than this code's."""
+    found = saved.get("format", 1)
+    if found != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is a {kind} of format {found}, written before the detector "
+                         f"became Grounding DINO's module for module; this version reads "
+                         f"format {CHECKPOINT_FORMAT}: train again, or use the version that "
+                         f"wrote it")
+
+
 def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint without executing pickled code (weights_only=True)."""
+    """Load a checkpoint without executing pickled code (weights_only=True); SystemExit
+    naming the file when it is unreadable or of another format (check_format)."""
     if not Path(path).is_file():
         raise SystemExit(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or tampered file: name it, say why
         detail = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines() or [""]
         reason = next((line for line in detail if "Unsupported global" in line), detail[0])
@@ -1584,6 +1733,12 @@ def load_checkpoint(path: str) -> dict:
         raise SystemExit(f"cannot load checkpoint {path}: it is truncated, corrupt or holds "
                          f"more than tensors and plain values ({type(error).__name__}: "
                          f"{reason.strip()[:200]})") from error
+    if isinstance(checkpoint, dict) and "model" in checkpoint:
+        try:
+            check_format(checkpoint, path, "checkpoint")
+        except ValueError as error:
+            raise SystemExit(str(error)) from error
+    return checkpoint
 
 
 def model_from_checkpoint(checkpoint: dict, **overrides) -> DINOR1:

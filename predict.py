@@ -38,8 +38,8 @@ from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
 from data import Batch, DataError, collate, make_sample, make_transforms, read_rgb_image
-from evaluate import coco_results, detect, draw_detections, text_prompts
-from model import DINOR1, Detections, load_detector, resolve_device
+from evaluate import coco_results, detect, draw_detections, keep_top
+from model import DINOR1, Detections, check_format, load_detector, resolve_device
 
 PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -64,29 +64,30 @@ class Exemplar:
 
 @dataclass
 class Prompts:
-    """What to look for in a picture: exemplar boxes, and ready-made prompts (class names
-    through the text encoder, saved prototypes) as embeddings (K, d) with K names."""
+    """What to look for in a picture: exemplar boxes, ready-made prompts (saved prototypes)
+    as embeddings (K, d) with K names, and class names read as text."""
     exemplars: list[Exemplar] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     embeddings: Tensor | None = None
+    text: list[str] = field(default_factory=list)
 
     def __add__(self, other: "Prompts") -> "Prompts":
         parts = [e for e in (self.embeddings, other.embeddings) if e is not None]
         return Prompts(self.exemplars + other.exemplars, self.names + other.names,
-                       torch.cat(parts) if parts else None)
+                       torch.cat(parts) if parts else None, self.text + other.text)
 
 
-def prompts_from_text(model: DINOR1, names: list[str]) -> Prompts:
-    """Class names through the model's text encoder (METHOD 2.3), as evaluation's text
-    prompts."""
-    embeddings, _ = text_prompts(model, list(names))
-    return Prompts(names=list(names), embeddings=embeddings)
+def prompts_from_text(names: list[str]) -> Prompts:
+    """Class names, read through the model's text encoder as evaluation's text prompts are
+    (with BERT, as one Grounding DINO caption; METHOD 2.3)."""
+    return Prompts(text=list(names))
 
 
 def load_prototypes(path: str | Path, model: DINOR1) -> Prompts:
     """Per-class prototypes written by `evaluate.py --save-prototypes`: a dict with
     "prototypes" (C, d) and "names" (C). Raises ValueError naming the file when it is not
-    such a file or its prototypes do not fit the model."""
+    such a file, is of another format (model.check_format) or its prototypes do not fit the
+    model."""
     if not Path(path).is_file():
         raise ValueError(f"prototype file {path} not found")
     try:
@@ -96,6 +97,7 @@ def load_prototypes(path: str | Path, model: DINOR1) -> Prompts:
         raise ValueError(f"{path} holds no prototypes from evaluate.py --save-prototypes "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                          ) from error
+    check_format(saved, path, "prototype file")
     if prototypes.ndim != 2 or prototypes.shape != (len(names), model.config.hidden_dim):
         raise ValueError(f"prototypes in {path} have shape {tuple(prototypes.shape)}; this "
                          f"model needs ({len(names)}, {model.config.hidden_dim})")
@@ -174,10 +176,11 @@ def encode_other_pictures(model: DINOR1, prompts: Prompts) -> Prompts:
     return replace(prompts, exemplars=exemplars)
 
 
-def prompt_set(model: DINOR1, prompts: Prompts, batch: Batch) -> tuple[Tensor, list[str]]:
-    """The prompts (K, d) and their K names for the picture of a batch (its targets: the
-    interactive boxes): exemplar embeddings averaged per name, in order of first
-    appearance, then the ready-made prompts. Exemplars on other pictures must be encoded."""
+def prompt_set(model: DINOR1, prompts: Prompts, batch: Batch) -> tuple[Tensor | None, list[str]]:
+    """The vector prompts (K, d) and their K names for the picture of a batch (its targets:
+    the interactive boxes): exemplar embeddings averaged per name, in order of first
+    appearance, then the ready-made prompts; None when there are none. Exemplars on other
+    pictures must be encoded."""
     interactive = len(batch.targets[0].boxes) > 0
     on_picture = iter(encode_on_picture(model, batch) if interactive else [])
     groups: dict[str, list[Tensor]] = {}
@@ -188,9 +191,7 @@ def prompt_set(model: DINOR1, prompts: Prompts, batch: Batch) -> tuple[Tensor, l
     names = list(groups) + prompts.names
     if prompts.embeddings is not None:
         vectors += list(prompts.embeddings)
-    if not vectors:
-        raise ValueError("no prompt: give boxes (--box, --exemplar), --text or --classes")
-    return torch.stack(vectors), names
+    return (torch.stack(vectors) if vectors else None), names
 
 
 # ----------------------------------------------------------------------------- inference
@@ -227,7 +228,16 @@ def predict(model: DINOR1, image: str | Path | Image.Image | Tensor, prompts: Pr
         check_box(box, picture, "the picture")
     batch = prepare(model, picture, interactive)
     vectors, names = prompt_set(model, encode_other_pictures(model, prompts), batch)
-    found = detect(model, batch, vectors, list(range(len(names))), chunk_size, top_k)[0]
+    if vectors is None and not prompts.text:
+        raise ValueError("no prompt: give boxes (--box, --exemplar), --text or --classes")
+    parts = []
+    if vectors is not None:
+        parts.append(detect(model, batch, vectors, list(range(len(names))), chunk_size, top_k)[0])
+    if prompts.text:
+        classes = list(range(len(names), len(names) + len(prompts.text)))
+        parts.append(detect(model, batch, prompts.text, classes, chunk_size, top_k)[0])
+        names = names + prompts.text
+    found = keep_top(parts, top_k)
     keep = found.scores >= threshold
     return Prediction(found.boxes[keep].cpu(), found.scores[keep].cpu(),
                       found.labels[keep].cpu(), names)
@@ -310,7 +320,7 @@ def build_prompts(args, model: DINOR1) -> Prompts:
     """Prompts from the command line; the exemplars on other pictures encoded once."""
     prompts = Prompts(command_line_exemplars(args.box, args.exemplar))
     if args.text:
-        prompts = prompts + prompts_from_text(model, args.text)
+        prompts = prompts + prompts_from_text(args.text)
     for path in args.classes:
         prompts = prompts + load_prototypes(path, model)
     return encode_other_pictures(model, prompts)

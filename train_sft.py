@@ -28,7 +28,7 @@ from tqdm import tqdm
 from data import (Batch, DataError, ReplaceUnreadable, TextPrompts, VisualInstructions,
                   build_dataset, collate, resolve_data_root, sample_prompts,
                   sample_text_prompts, split_files)
-from model import (PRESETS, DINOR1, HungarianMatcher, SetCriterion,
+from model import (CHECKPOINT_FORMAT, PRESETS, DINOR1, HungarianMatcher, SetCriterion,
                    checkpoint_config_differences, grounding_dino_config, load_checkpoint,
                    load_grounding_dino_weights, resolve_device)
 
@@ -82,6 +82,9 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--pretrained-backbone", action="store_true",
                         help="start the backbone from torchvision's ImageNet weights")
     parser.add_argument("--text-encoder", help="bytes (default) or a local BERT folder")
+    parser.add_argument("--freeze", action="append", default=[], choices=["backbone", "text"],
+                        help="keep the backbone (Swin, its stage norms) or the text encoder "
+                             "as they start (repeatable)")
     parser.add_argument("--save-every", type=int, default=0,
                         help="also write last.pt every this many steps (0: every epoch only)")
     parser.add_argument("--log-every", type=int, default=10)
@@ -161,6 +164,7 @@ def set_up(args, objective: "SFTObjective") -> tuple[Run, int, int]:
     device, rank, world_size = setup_distributed(args.device)
     torch.manual_seed(args.seed)                          # the model's initial weights
     model = build_detector(args).to(device)
+    freeze(model, args.freeze)
     dataset, samples, sampler, steps_per_epoch = training_data(args, model, rank, world_size)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, steps_per_epoch)
@@ -222,6 +226,18 @@ def build_detector(args) -> DINOR1:
     if args.dn_label_noise is not None:
         config = replace(config, dn_label_noise=args.dn_label_noise)
     return DINOR1(config)
+
+
+FROZEN = {"backbone": ("backbone.body.", "backbone.stage_norms."), "text": ("text_encoder.",)}
+
+
+def freeze(model: DINOR1, parts: list[str]) -> None:
+    """--freeze: the parameters of these parts (FROZEN) get no gradient and no optimiser
+    state, as users fine-tuning Grounding DINO on little data often keep them."""
+    prefixes = tuple(prefix for part in parts for prefix in FROZEN[part])
+    for name, parameter in model.named_parameters():
+        if prefixes and name.startswith(prefixes):
+            parameter.requires_grad_(False)
 
 
 def training_data(args, model: DINOR1, rank: int, world_size: int):
@@ -554,6 +570,7 @@ def save_run(run: Run, epoch: int, batch_in_epoch: int) -> None:
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "epoch": epoch, "step": run.step,
             "batch_in_epoch": batch_in_epoch, "config": asdict(run.model.config),
+            "format": CHECKPOINT_FORMAT,
             "args": vars(run.args), "objective": run.objective.state_dict()})
 
 

@@ -265,17 +265,20 @@ def save_grounding_dino(folder: Path, tiny: bool) -> None:
 
 def same_weights_check(kernel: str, device: str, height: int, width: int, steps: int,
                        warmup: int, tiny: bool = False) -> dict:
-    """One Grounding DINO's weights in transformers and here (load_grounding_dino): the
-    largest difference of the per-token logits and the boxes in fp32 on a padded batch, then
-    median seconds of a bf16 forward and of a step (forward, the sum of the logits of real
-    tokens and of the boxes as the loss, backward, AdamW) for each. This project's side runs
-    its own BERT over the caption with GD's sub-sentence mask (taken from transformers, the
-    oracle), then the detector on those token features."""
+    """One Grounding DINO's weights in transformers and here (load_grounding_dino), in fp32
+    without TF32 on a padded batch: how far the encoder's states, the token scores, the
+    per-token logits and the boxes differ, and how much of the top-k selection agrees in order
+    (random weights give near-ties whose order can swap, which moves those queries' outputs).
+    Then (unless steps is 0) median seconds of a bf16 forward and of a step (forward, the sum of the logits of
+    real tokens and of the boxes as the loss, backward, AdamW) for each. This project's side runs
+    its own BERT over the caption with GD's sub-sentence mask (caption_phrases), then the
+    detector on those token features."""
+    import inspect
     import tempfile
 
     from transformers.models.grounding_dino import modeling_grounding_dino as gd
 
-    from model import Phrases, load_grounding_dino, sine_encoding
+    from model import caption_phrases, load_grounding_dino
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
@@ -286,9 +289,17 @@ def same_weights_check(kernel: str, device: str, height: int, width: int, steps:
     words = torch.arange(10) + 2000
     caption = torch.stack([words, torch.full_like(words, 1012)], 1).flatten()
     ids = torch.cat([torch.tensor([101]), caption, torch.tensor([102])]).repeat(2, 1).to(device)
-    masks, positions = gd.generate_masks_with_special_tokens_and_transfer_map(
-        ids, torch.tensor(gd.SPECIAL_TOKENS, device=device))
+    phrases = caption_phrases(ids, ids == 0, torch.tensor([101, 102, 1012, 1029], device=device),
+                              ours.config.hidden_dim)
     pixel_mask = (~batch.mask).long()
+    # transformers before 5.24 gave each phrase's closing "." position 0 where GD counts on
+    # (1 in "cat ."): such an oracle gets GD's masks and positions (caption_phrases, which the
+    # tests hold against transformers 5.24).
+    patched = len(inspect.signature(gd.generate_masks_with_special_tokens_and_transfer_map
+                                    ).parameters) == 1
+    if patched:
+        gd.generate_masks_with_special_tokens_and_transfer_map = lambda input_ids: (
+            phrases.attention, phrases.position_ids)
 
     def theirs():
         output = oracle(pixel_values=batch.images, input_ids=ids,
@@ -296,23 +307,43 @@ def same_weights_check(kernel: str, device: str, height: int, width: int, steps:
         return output.logits[..., :ids.shape[1]], output.pred_boxes
 
     def mine():
-        text = ours.text_encoder.out(ours.text_encoder.bert(ids, masks.long(), positions))
-        phrases = Phrases(padding=torch.zeros_like(masks[:, 0]), attention=masks,
-                          pos=sine_encoding(positions[..., None].float(), text.shape[-1]))
+        text = ours.text_encoder.out(ours.text_encoder.bert(ids, phrases.attention.long(),
+                                                            phrases.position_ids))
         output = ours(batch.images, batch.mask, prompts=text, prompt_mask=phrases.padding,
                       phrases=phrases)
         return output.logits[-1], output.boxes[-1]
 
     oracle.eval(), ours.eval()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
+        full = oracle(pixel_values=batch.images, input_ids=ids,
+                      attention_mask=torch.ones_like(ids), pixel_mask=pixel_mask)
+        text = ours.text_encoder.out(ours.text_encoder.bert(ids, phrases.attention.long(),
+                                                            phrases.position_ids))
+        encoded = ours.encode(batch.images, batch.mask, prompts=text,
+                              prompt_mask=phrases.padding, phrases=phrases)
         (their_logits, their_boxes), (my_logits, my_boxes) = theirs(), mine()
+    their_scores = full.enc_outputs_class[..., :ids.shape[1]].max(-1).values
+    their_selection = their_scores.topk(ours.config.num_queries, dim=1).indices
+    my_selection = encoded.objectness_logits.topk(ours.config.num_queries, dim=1).indices
+    torch.backends.cudnn.allow_tf32 = True            # PyTorch's default, for the timings
     result = {"image": f"{height}x{width}", "batch": 2, "tokens": ids.shape[1],
+              "transformers": __import__("transformers").__version__,
+              "oracle_masks_from_caption_phrases": patched,
+              "memory_max_abs_diff_fp32": (encoded.memory - full.encoder_last_hidden_state_vision
+                                           ).abs().max().item(),
+              "text_max_abs_diff_fp32": (encoded.enhanced - full.encoder_last_hidden_state_text
+                                         ).abs().max().item(),
+              "token_scores_max_abs_diff_fp32": (encoded.objectness_logits - their_scores
+                                                 ).abs().max().item(),
+              "same_selection_in_order": (my_selection == their_selection).float().mean().item(),
               "logits_max_abs_diff_fp32": (my_logits - their_logits).abs().max().item(),
               "boxes_max_abs_diff_fp32": (my_boxes - their_boxes).abs().max().item(),
               "logits_scale": their_logits.abs().max().item()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for name, model, run in (("transformers", oracle, theirs), ("ours", ours, mine)):
+    timed = [("transformers", oracle, theirs), ("ours", ours, mine)] if steps else []
+    for name, model, run in timed:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         for phase in ("forward", "step"):
             model.train(phase == "step")

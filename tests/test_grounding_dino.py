@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from model import (PRESETS, Backbone, Decoder, DetectorConfig, EnhancerLayer, Phrases, build_model,
-                   rename_grounding_dino, scale_reference, sine_encoding, sine_positions,
-                   token_anchors, token_centres)
+from model import (PRESETS, Backbone, Decoder, DetectorConfig, EnhancerLayer, build_model,
+                   caption_phrases, rename_grounding_dino, scale_reference, sine_encoding,
+                   sine_positions, token_anchors, token_centres)
 
 transformers = pytest.importorskip("transformers")
 grounding_dino = pytest.importorskip("transformers.models.grounding_dino.modeling_grounding_dino")
@@ -86,16 +86,30 @@ def padded_features():
         return backbone(torch.randn(2, 3, 96, 128), mask)
 
 
-def caption_phrases(dim: int):
-    """Two captions as GD's token ids ([CLS] 101, [SEP] 102, "." 1012), the second padded:
-    GD's sub-sentence mask and phrase-local positions from transformers, as Phrases."""
+def two_captions(dim: int):
+    """Two captions as GD's token ids ([CLS] 101, [SEP] 102, "." 1012), the second padded, as
+    Phrases (GD's sub-sentence mask and phrase-local positions, see caption_phrases)."""
     input_ids = torch.tensor([[101, 2005, 2006, 1012, 2007, 1012, 102],
                               [101, 2008, 1012, 102, 0, 0, 0]])
-    padding = input_ids == 0
+    phrases = caption_phrases(input_ids, input_ids == 0, SPECIAL_IDS, dim)
+    return phrases, phrases.position_ids
+
+
+SPECIAL_IDS = torch.tensor([101, 102, 1012, 1029])    # [CLS], [SEP], ".", "?" (GD hard-codes)
+
+
+def test_caption_phrases_equal_grounding_dinos_sub_sentence_masks():
+    """Phrases with and without a closing ".", "?", padding, a caption filling the sequence."""
+    input_ids = torch.tensor([[101, 2005, 2006, 1012, 2007, 1012, 102, 0, 0],
+                              [101, 2008, 1029, 2009, 2010, 2011, 102, 0, 0],
+                              [101, 2008, 1012, 2002, 1012, 2003, 2004, 1012, 102]])
     attention, position_ids = grounding_dino.generate_masks_with_special_tokens_and_transfer_map(
-        input_ids, torch.tensor(grounding_dino.SPECIAL_TOKENS))
-    return Phrases(padding=padding, attention=attention,
-                   pos=sine_encoding(position_ids[..., None].float(), dim)), position_ids
+        input_ids, SPECIAL_IDS)
+    phrases = caption_phrases(input_ids, input_ids == 0, SPECIAL_IDS, 64)
+    assert torch.equal(phrases.attention, attention)
+    assert torch.equal(phrases.position_ids, position_ids)
+    assert phrases.position_ids[2].tolist() == [0, 0, 1, 0, 1, 0, 1, 2, 0]
+    torch.testing.assert_close(phrases.pos[2, 2], sine_encoding(torch.ones(1), 64))
 
 
 def test_the_enhancer_layer_equals_grounding_dinos_encoder_layer():
@@ -106,7 +120,7 @@ def test_the_enhancer_layer_equals_grounding_dinos_encoder_layer():
     ours = load_renamed(EnhancerLayer(DetectorConfig(kernel="torch")), oracle,
                         "model.encoder.layers.0.", "enhancer.0.")
     features = padded_features()
-    phrases, position_ids = caption_phrases(64)
+    phrases, position_ids = two_captions(64)
     prompts = torch.randn(2, 7, 64)
     shapes = [tuple(shape) for shape in features.spatial_shapes.tolist()]
     reference = grounding_dino.GroundingDinoEncoder.get_reference_points(
@@ -349,18 +363,16 @@ def test_from_the_text_features_on_the_detector_equals_grounding_dino_end_to_end
     input_ids = torch.tensor([[101, 2000, 1012, 2001, 1012, 2003, 2004, 1012, 102],
                               [101, 2008, 1012, 102, 0, 0, 0, 0, 0]])
     attention_mask = (input_ids != 0).long()
-    sub_sentences, position_ids = grounding_dino.generate_masks_with_special_tokens_and_transfer_map(
-        input_ids, torch.tensor(grounding_dino.SPECIAL_TOKENS))
+    phrases = caption_phrases(input_ids, attention_mask == 0, SPECIAL_IDS, 64)
     torch.manual_seed(0)
     images, mask = torch.randn(2, 3, 230, 262), torch.zeros(2, 230, 262, dtype=torch.bool)
     mask[1, 190:], mask[1, :, 203:] = True, True
     with torch.no_grad():
         expected = oracle(pixel_values=images, input_ids=input_ids, attention_mask=attention_mask,
                           pixel_mask=(~mask).long())
-        states = model.text_encoder.bert(input_ids, sub_sentences.long(), position_ids)
+        states = model.text_encoder.bert(input_ids, phrases.attention.long(),
+                                         phrases.position_ids)
         text = model.text_encoder.out(states)
-        phrases = Phrases(padding=attention_mask == 0, attention=sub_sentences,
-                          pos=sine_encoding(position_ids[..., None].float(), 64))
         output = model(images, mask, prompts=text, prompt_mask=phrases.padding, phrases=phrases)
     real = attention_mask.bool()[:, None, :].expand(-1, 20, -1)
     torch.testing.assert_close(output.logits[-1][real], expected.logits[..., :9][real],
@@ -393,3 +405,79 @@ def test_fine_tuning_starts_from_a_grounding_dino_folder_and_evaluate_reads_it(s
         metrics = evaluate.main(["--ckpt", str(ckpt), "--data", str(shapes), "--split", "val",
                                  "--kernel", "torch"])
         assert 0.0 <= metrics["AP"] <= 1.0
+
+
+def test_class_names_read_as_a_caption_give_grounding_dinos_class_scores(tmp_path):
+    """predict.py's and evaluate.py's text path on a GD folder: class names become the caption
+    "[CLS] cat . dog . remote control . [SEP]" in this project's tokenizer and BERT; each
+    class's score is the mean of GD's token probabilities over its tokens."""
+    from model import load_grounding_dino
+
+    oracle = save_tiny_grounding_dino(tmp_path).eval()
+    model, _ = load_grounding_dino(tmp_path, kernel="torch")
+    model.eval()
+    input_ids = torch.tensor([[101, 2000, 1012, 2001, 1012, 2002, 2003, 1012, 102]] * 2)
+    torch.manual_seed(0)
+    images, mask = torch.randn(2, 3, 230, 262), torch.zeros(2, 230, 262, dtype=torch.bool)
+    mask[1, 190:], mask[1, :, 203:] = True, True
+    with torch.no_grad():
+        expected = oracle(pixel_values=images, input_ids=input_ids,
+                          attention_mask=torch.ones_like(input_ids), pixel_mask=(~mask).long())
+        output = model(images, mask, class_names=["cat", "dog", "remote control"])
+    probabilities = expected.logits.sigmoid()
+    by_class = torch.stack([probabilities[..., 1], probabilities[..., 3],
+                            probabilities[..., 5:7].mean(-1)], -1)
+    torch.testing.assert_close(output.logits[-1].sigmoid(), by_class, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(output.boxes[-1], expected.pred_boxes, atol=1e-4, rtol=1e-4)
+
+
+PUBLIC_PREPROCESSOR = (
+    '{"do_normalize": true, "do_pad": true, "do_rescale": true, "do_resize": true, '
+    '"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], '
+    '"image_processor_type": "GroundingDinoImageProcessor", "resample": 2, '
+    '"rescale_factor": 0.00392156862745098, "size": {"longest_edge": 1333, "shortest_edge": 800}}')
+
+
+def test_predict_py_on_photos_gives_grounding_dinos_detections(tmp_path):
+    """`python predict.py --ckpt FOLDER --text ...` on scikit-image's photos, with a tiny GD of
+    a config no other test uses (one encoder layer, two decoder layers) and the public
+    folder's preprocessor settings, against transformers' PIL image processor, BertTokenizer
+    and model: the same (name, score, box) within 2e-3 and 1.5 px."""
+    import skimage.data
+    from PIL import Image
+
+    import predict
+
+    folder = tmp_path / "gd"
+    oracle = save_tiny_grounding_dino(folder, seed=3, encoder_layers=1, decoder_layers=2).eval()
+    (folder / "preprocessor_config.json").write_text(PUBLIC_PREPROCESSOR)
+    processor = transformers.GroundingDinoImageProcessorPil.from_pretrained(str(folder))
+    tokenizer = transformers.BertTokenizer(str(folder / "vocab.txt"))
+    names = ["cat", "dog", "photo"]
+    text = tokenizer("cat . dog . photo .", return_tensors="pt")
+    positions = [text.input_ids[0].tolist().index(tokenizer.vocab[name]) for name in names]
+    pictures = []
+    for photo in ("astronaut", "coffee", "chelsea"):
+        pictures.append(tmp_path / f"{photo}.png")
+        Image.fromarray(getattr(skimage.data, photo)()).save(pictures[-1])
+    ours = predict.main(["--ckpt", str(folder), *sum((["--image", str(p)] for p in pictures), []),
+                         *sum((["--text", name] for name in names), []), "--threshold", "0",
+                         "--top-k", "30", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    for picture in pictures:
+        image = Image.open(picture).convert("RGB")
+        inputs = processor(images=image, return_tensors="pt")
+        with torch.no_grad():
+            output = oracle(pixel_values=inputs.pixel_values, pixel_mask=inputs.pixel_mask,
+                            input_ids=text.input_ids, attention_mask=text.attention_mask)
+        scores = output.logits[0].sigmoid()[:, positions].flatten()           # (Q * K,)
+        top = scores.topk(30)
+        boxes = output.pred_boxes[0][top.indices // len(names)]
+        boxes = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, 2:]], 1)  # x, y, w, h
+        boxes = boxes * torch.tensor([image.width, image.height] * 2)
+        found = [d for d in ours if d["file_name"] == str(picture)]
+        assert len(found) == 30
+        for score, index, box in zip(top.values.tolist(), top.indices.tolist(), boxes.tolist()):
+            name = names[index % len(names)]
+            match = [d for d in found if d["name"] == name and abs(d["score"] - score) < 2e-3
+                     and max(abs(a - b) for a, b in zip(d["bbox"], box)) < 1.5]
+            assert match, (picture.name, name, score, box)

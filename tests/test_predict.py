@@ -172,7 +172,8 @@ def test_prototypes_saved_by_evaluate_and_text_prompts(shapes, checkpoint, model
     saved = torch.load(file, weights_only=True)
     support = build_dataset(str(shapes), "support", train=False, image_size=128, max_size=171)
     prototypes, classes = evaluate.generic_prototypes(model, support, None, 0, "cpu")
-    assert set(saved) == {"prototypes", "names"} and saved["prototypes"].shape == (24, 64)
+    assert set(saved) == {"prototypes", "names", "format"}
+    assert saved["prototypes"].shape == (24, 64)
     assert torch.allclose(saved["prototypes"], prototypes)
     assert saved["names"] == [support.class_names[c] for c in classes]
     results = predict.main(["--ckpt", str(checkpoint), "--image", str(val_picture(shapes)),
@@ -181,6 +182,12 @@ def test_prototypes_saved_by_evaluate_and_text_prompts(shapes, checkpoint, model
     assert len(results) == 25 * 100                     # every (query, prompt) pair
     assert {r["name"] for r in results} == set(saved["names"]) | {"red circle"}
     assert (tmp_path / "out" / f"{val_picture(shapes).stem}.png").is_file()
+    del saved["format"]                 # as written before the format was recorded
+    torch.save(saved, tmp_path / "old.pt")
+    message = failure(["--ckpt", str(checkpoint), "--image", str(val_picture(shapes)),
+                       "--classes", str(tmp_path / "old.pt"), "--out", str(tmp_path / "out")])
+    assert message.startswith(f"{tmp_path / 'old.pt'} is a prototype file of format 1, "
+                              f"written before the detector became Grounding DINO's")
 
 
 # ----------------------------------------------------------------------------- bad input

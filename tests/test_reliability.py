@@ -472,6 +472,22 @@ def test_checkpoint_of_a_pretrained_backbone_run_needs_no_download(shapes, train
     assert resumed.config == model.config
 
 
+def test_a_checkpoint_of_an_earlier_format_is_refused_in_one_line(shapes, trained, tmp_path):
+    """Written before checkpoints recorded their format (the model changed since)."""
+    checkpoint = torch.load(trained / "last.pt", weights_only=True)
+    assert checkpoint.pop("format") == 2
+    torch.save(checkpoint, tmp_path / "old.pt")
+    expected = (f"{tmp_path / 'old.pt'} is a checkpoint of format 1, written before the "
+                f"detector became Grounding DINO's module for module; this version reads "
+                f"format 2: train again, or use the version that wrote it")
+    for command in (lambda: train_sft.main(run_args(shapes, tmp_path / "run", "--init",
+                                                    str(tmp_path / "old.pt"))),
+                    lambda: evaluate.main(["--ckpt", str(tmp_path / "old.pt")])):
+        with pytest.raises(SystemExit) as error:
+            command()
+        assert str(error.value) == expected
+
+
 def test_file_that_is_not_a_training_checkpoint(shapes, trained, tmp_path):
     """A bare state_dict (what torch.save(model.state_dict()) writes) is refused by name."""
     state_dict = torch.load(trained / "last.pt", weights_only=True)["model"]

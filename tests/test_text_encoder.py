@@ -236,13 +236,30 @@ def test_the_detector_builds_without_transformers(bert_folder):
     assert result.returncode == 0, result.stderr
 
 
-def test_text_encoder_embeds_names_by_their_token_states(bert_folder):
-    """BertTextEncoder: the mean of the token states over the attention mask, then `out`."""
+def test_text_encoder_reads_names_as_one_grounding_dino_caption(bert_folder):
+    """BertTextEncoder: "[CLS] red circle . cat . [SEP]" through BERT with GD's sub-sentence
+    mask and phrase positions (the reference BertModel given the same), every token projected
+    by `out`; a class is the mean of its name's tokens."""
+    from model import caption_phrases
+
     folder, reference = bert_folder
     encoder = BertTextEncoder(str(folder), dim=8)
+    ids = encoder.tokenizer.ids
     names = ["red circle", "cat"]
-    input_ids, attention_mask = encoder.tokenizer(names)
+    caption_ids, spans = encoder.caption_ids(names)
+    assert caption_ids == [ids[t] for t in ("[CLS]", "red", "circle", ".", "cat", ".", "[SEP]")]
+    assert spans == [(1, 3), (4, 5)]
+    input_ids = torch.tensor([caption_ids])
+    phrases = caption_phrases(input_ids, torch.zeros_like(input_ids, dtype=torch.bool),
+                              encoder.delimiters, 8)
+    assert phrases.position_ids.tolist() == [[0, 0, 1, 2, 0, 1, 0]]
     with torch.no_grad():
-        states = reference(input_ids, attention_mask=attention_mask).last_hidden_state
-        means = torch.stack([states[0, :4].mean(0), states[1, :3].mean(0)])
-        assert (encoder(names) - encoder.out(means)).abs().max() < 1e-5
+        states = reference(input_ids, attention_mask=phrases.attention[:, None],
+                           position_ids=phrases.position_ids).last_hidden_state
+        tokens = encoder.out(states)
+        caption = encoder.caption(names)
+        assert (caption.tokens - tokens).abs().max() < 1e-5
+        means = torch.stack([tokens[0, 1:3].mean(0), tokens[0, 4]])
+        assert (encoder(names) - means).abs().max() < 1e-5
+    assert caption.class_tokens.tolist() == [[[1, 2], [4, 5]]]      # 5: a padding slot
+    assert caption.class_token_padding.tolist() == [[[False, False], [False, True]]]

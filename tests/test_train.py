@@ -338,3 +338,20 @@ def test_training_with_text_prompts_learns_through_the_text_encoder(shapes, tmp_
         assert 0 < with_contrast < 4 and "prompt_encoder" in moved
     if script is train_grqo:       # the reference scores the same prompts: no KL at step 1
         assert lines[0]["grqo_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_freeze_keeps_the_backbone_and_the_text_encoder_as_they_start(shapes, tmp_path):
+    """--freeze backbone --freeze text: those parameters leave training unchanged (and hold
+    no optimiser state); the rest moves."""
+    start = train_sft.main(run_args(shapes, tmp_path / "start", "--max-steps", "1"))
+    tuned = train_sft.main(run_args(shapes, tmp_path / "tuned", "--max-steps", "2",
+                                    "--init", str(tmp_path / "start" / "last.pt"),
+                                    "--freeze", "backbone", "--freeze", "text"))
+    before, after = start.state_dict(), tuned.state_dict()
+    frozen = [name for name in before if name.startswith(("backbone.body.", "text_encoder."))]
+    assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
+    assert not torch.equal(before["decoder.box_head.layers.0.weight"],
+                           after["decoder.box_head.layers.0.weight"])
+    optimizer = torch.load(tmp_path / "tuned" / "last.pt", weights_only=True)["optimizer"]
+    trainable = sum(p.requires_grad for p in tuned.parameters())
+    assert len(optimizer["state"]) == trainable < len(list(tuned.parameters()))
