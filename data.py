@@ -133,8 +133,8 @@ class VisualInstructions:
 class TextPrompts:
     """The text prompts of a training batch: the names of the classes present (positives)
     and of other classes (negatives), in a random order, as Grounding DINO's fine-tuning
-    builds its captions; here each name is one prompt (one embedding per name). The
-    targets' labels index this list."""
+    builds its captions (with BERT the names become one caption, see
+    model.BertTextEncoder.caption). The targets' labels index this list."""
 
     class_names: list[str]
 

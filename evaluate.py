@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from data import (Batch, CocoDetection, DataError, build_dataset, collate,
                   instance_image_index, resolve_data_root, sample_exemplars, split_files)
-from model import (CHECKPOINT_FORMAT, DINOR1, Detections, load_detector, postprocess,
-                   resolve_device)
+from model import (CHECKPOINT_FORMAT, DINOR1, UNTRAINED_VISUAL_PROMPTS, Detections,
+                   load_detector, postprocess, resolve_device)
 
 SUMMARY_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # Box colours, one per class or prompt: light, for black label text, and unlike the
@@ -100,12 +100,17 @@ def default_support_split(data: str) -> str:
 def detect(model: DINOR1, batch: Batch, prompts: torch.Tensor | list[str],
            prompt_classes: list[int], chunk_size: int, top_k: int = 300) -> list[Detections]:
     """Run shared prompts over a batch: C vectors (C, d), or C class names read as text (with
-    BERT, one Grounding DINO caption per chunk). `chunk_size` prompts at a time (LVIS has 1,203
-    classes); merges the chunks and keeps each image's top_k. Labels become class indices."""
+    BERT, one Grounding DINO caption per chunk, within its 256 tokens). At most `chunk_size`
+    prompts at a time (LVIS has 1,203 classes); merges the chunks and keeps each image's
+    top_k. Labels become class indices."""
     merged = [[] for _ in batch.targets]
     classes = torch.tensor(prompt_classes, device=batch.images.device)
-    for start in range(0, len(prompt_classes), chunk_size):
-        chunk = prompts[start:start + chunk_size]
+    if isinstance(prompts, list):
+        chunks = model.text_chunks(prompts, chunk_size)
+    else:
+        chunks = [(start, start + chunk_size) for start in range(0, len(prompts), chunk_size)]
+    for start, end in chunks:
+        chunk = prompts[start:end]
         if isinstance(chunk, list):
             output = model(batch.images, batch.mask, class_names=chunk)
         else:
@@ -376,7 +381,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", help="shapes | shapes:DOMAIN | coco | PATH (default: the "
                                            "training data)")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--prompt", default="generic", choices=["generic", "text", "interactive"])
+    parser.add_argument("--prompt", choices=["generic", "text", "interactive"],
+                        help="default generic; text for a Grounding DINO folder")
     parser.add_argument("--shots", type=int, help="exemplars per class (default: all)")
     parser.add_argument("--support-split",
                         help="where generic exemplars come from (default: support, else train)")
@@ -391,6 +397,10 @@ def main(argv=None) -> dict:
                         help="write the generic prototypes (for predict.py --classes) to FILE "
                              "and stop, without evaluating")
     args = parser.parse_args(argv)
+    published = Path(args.ckpt).is_dir()
+    if published and (args.prompt not in (None, "text") or args.save_prototypes):
+        raise SystemExit(UNTRAINED_VISUAL_PROMPTS.format(path=args.ckpt))
+    args.prompt = args.prompt or ("text" if published else "generic")
     overrides = {"kernel": args.kernel} if args.kernel else {}
     model, trained_with = load_detector(args.ckpt, **overrides)
     device = resolve_device(args.device)

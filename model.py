@@ -6,20 +6,23 @@ Read top to bottom:
     DetectorConfig / PRESETS / build_model      settings: the `tiny`, `swin_t` and `r50` scales
     Backbone, sine_encoding                     multi-scale image features, L levels of width d
     MultiScaleDeformableAttention               the hot spot, through kernels.ms_deform_attn
-    ByteTextEncoder, BertTextEncoder            one embedding per class name (METHOD 2.3)
+    ByteTextEncoder, BertTextEncoder            class names: pooled, or a GD caption (2.3)
     VisualPromptEncoder, contrastive_logits     one embedding per exemplar box (2.2), L_contra (2.4)
-    EnhancerLayer                               image <-> prompt fusion (METHOD 2.6)
+    PromptTokens, caption_phrases, class_logits the prompts as one token sequence (2.3)
+    BiAttention, EnhancerLayer                  image <-> prompt fusion (METHOD 2.6)
     DecoderLayer, Decoder                       cross-modality decoder, box refinement (2.8)
     build_denoising_queries                     contrastive denoising queries (2.10)
     DINOR1                                      encode, query selection (2.7), heads (2.9)
     HungarianMatcher, SetCriterion              METHOD (1) and the SFT losses
     postprocess, model_from_checkpoint          top-k (query, prompt) pairs to boxes; loading
+    rename_grounding_dino, load_grounding_dino  Hugging Face Grounding DINO weights
 
 Conventions used everywhere in this file:
 - boxes are normalised (cx, cy, w, h) in [0, 1], relative to the *unpadded* image;
 - masks are True where something is padding (image pixels, tokens or prompts);
-- `prompts` are (B, K, d): K prompt embeddings per image, one per class being asked for;
-  class logits are (B, Q, K): query q against prompt k.
+- prompts are T tokens (B, T, d) for K classes: a visual prompt is one token, a class name
+  in a Grounding DINO caption a phrase of tokens; class logits are (B, Q, K), read from the
+  per-token logits (B, Q, T) by class_logits.
 """
 
 import json
@@ -122,15 +125,16 @@ class Selection:
 class Phrases(NamedTuple):
     """How the K prompt tokens of each image group into phrases (Grounding DINO's sub-sentence
     structure): a token attends only to the tokens of its own phrase in the enhancer."""
-    padding: Tensor        # (B, K) True = padding token
-    attention: Tensor      # (B, K, K) True = token i may attend to token j
-    position_ids: Tensor   # (B, K) long, each token's position within its phrase
-    pos: Tensor            # (B, K, d) their sines
+    padding: Tensor        # (B, T) True = padding token
+    attention: Tensor      # (B, T, T) True = token i may attend to token j
+    position_ids: Tensor   # (B, T) long, each token's position within its phrase
+    pos: Tensor            # (B, T, d) their sines
 
 
 def single_token_phrases(prompt_mask: Tensor, dim: int) -> Phrases:
-    """Every prompt a phrase of its own, one token at position 0: how a visual prompt (and,
-    for now, a class name pooled to one vector) enters the enhancer. prompt_mask (B, K)."""
+    """Every prompt a phrase of its own, one token at position 0: how a visual prompt (and a
+    class name pooled by the byte encoder) enters the enhancer, so visual prompts do not
+    attend to each other there. prompt_mask (B, K)."""
     batch, num_prompts = prompt_mask.shape
     alone = torch.eye(num_prompts, dtype=torch.bool, device=prompt_mask.device)
     at_zero = torch.zeros(batch, num_prompts, dtype=torch.long, device=prompt_mask.device)
@@ -391,7 +395,9 @@ class Backbone(nn.Module):
     last stages (1x1 conv + GroupNorm), and each level beyond 3 is a stride-2 conv on the one
     before (the 4th on the last backbone stage): 4 levels are strides 8, 16, 32, 64.
     Swin's stages pass through a LayerNorm each, and its input is padded to a multiple of 4
-    (both as in Grounding DINO)."""
+    (both as in Grounding DINO). torchvision's Swin does not shift a window along a side
+    shorter than the window, where transformers' (and GD's) does: the two agree when every
+    stage is at least a window wide (7: pictures of 224 px and more), not on smaller ones."""
 
     def __init__(self, config: DetectorConfig):
         super().__init__()
@@ -635,22 +641,13 @@ class WordPieceTokenizer:
             start = end
         return pieces
 
+    def pieces(self, text: str) -> list[int]:
+        """The ids of a text's word pieces."""
+        return [index for word in self.words(text) for index in self.word_pieces(word)]
+
     def encode(self, text: str) -> list[int]:
         """[CLS] word pieces [SEP]."""
-        pieces = [index for word in self.words(text) for index in self.word_pieces(word)]
-        return [self.cls_id, *pieces, self.sep_id]
-
-    def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """B texts -> input_ids (B, T) padded with [PAD], attention_mask (B, T) long, 1 = a token
-        (Hugging Face's polarity, the opposite of this file's padding masks)."""
-        encoded = [self.encode(text) for text in texts]
-        length = max(map(len, encoded), default=2)
-        input_ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(texts), length, dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        return input_ids, attention_mask
+        return [self.cls_id, *self.pieces(text), self.sep_id]
 
 
 @dataclass
@@ -914,8 +911,7 @@ class BertTextEncoder(nn.Module):
             raise ValueError("the vocabulary has no '.' token to end a caption's phrases")
         ids, spans = [self.tokenizer.cls_id], []
         for name in names:
-            pieces = [piece for word in self.tokenizer.words(name)
-                      for piece in self.tokenizer.word_pieces(word)]
+            pieces = self.tokenizer.pieces(name)
             if not pieces:
                 raise ValueError(f"the class name {name!r} has no token")
             spans.append((len(ids), len(ids) + len(pieces)))
@@ -926,6 +922,19 @@ class BertTextEncoder(nn.Module):
                              f"tokens, more than Grounding DINO's {MAX_TEXT_TOKENS}: give fewer "
                              f"names at once")
         return ids, spans
+
+    def caption_chunks(self, names: list[str], max_names: int) -> list[tuple[int, int]]:
+        """[start, end) ranges of `names`, in order, each at most `max_names` long and with a
+        caption of at most MAX_TEXT_TOKENS tokens (a name costs its pieces and a ".", a
+        caption [CLS] and [SEP])."""
+        ranges, start, length = [], 0, 2
+        for index, name in enumerate(names):
+            cost = len(self.tokenizer.pieces(name)) + 1
+            if index > start and (length + cost > MAX_TEXT_TOKENS or index - start == max_names):
+                ranges.append((start, index))
+                start, length = index, 2
+            length += cost
+        return ranges + [(start, len(names))] if names else ranges
 
     def caption(self, names: list[str]) -> Caption:
         """K class names -> their caption's tokens, phrases and each class's tokens."""
@@ -1025,15 +1034,16 @@ class BiAttention(nn.Module):
 
     def forward(self, image: Tensor, prompts: Tensor, image_padding: Tensor,
                 prompt_padding: Tensor) -> tuple[Tensor, Tensor]:
-        """image (B, S, d), prompts (B, K, d); image_padding (B, S) and prompt_padding (B, K)
-        True = padding. Returns what each side reads from the other: (B, S, d), (B, K, d);
+        """image (B, S, d), prompts (B, T, d); image_padding (B, S) and prompt_padding (B, T)
+        True = padding. Returns what each side reads from the other: (B, S, d), (B, T, d);
         an image whose prompts are all padding reads zeros."""
         def heads(x: Tensor) -> Tensor:
             return rearrange(x, "b n (h c) -> b h n c", h=self.num_heads)
 
         query, key = heads(self.image_query(image)), heads(self.prompt_key(prompts))
         logits = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5      # (B, h, S, K)
-        # GD's guard for half precision: logits within 50000 of their maximum.
+        # Logits within 50000 of their maximum, as GD keeps them for half precision (GD
+        # shifts by the global maximum and clamps twice; the softmax is the same).
         logits = (logits - logits.amax((-2, -1), keepdim=True)).clamp(min=-50000)
         lowest = torch.finfo(logits.dtype).min
         to_prompts = logits.masked_fill(prompt_padding[:, None, None, :], lowest).softmax(-1)
@@ -1070,7 +1080,7 @@ class EnhancerLayer(nn.Module):
 
     def forward(self, image: Tensor, prompts: Tensor, phrases: "Phrases",
                 features: ImageFeatures, reference_points: Tensor) -> tuple[Tensor, Tensor]:
-        """image (B, S, d), prompts (B, K, d), reference_points (B, S, L, 2). Returns the
+        """image (B, S, d), prompts (B, T, d), reference_points (B, S, L, 2). Returns the
         updated (image, prompts)."""
         if prompts.shape[1] > 0:
             image, prompts = self.fusion_image_norm(image), self.fusion_prompt_norm(prompts)
@@ -1135,7 +1145,8 @@ class ContrastiveHead(nn.Module):
             self.bias = nn.Parameter(torch.tensor(prior_logit))
 
     def forward(self, queries: Tensor, prompts: Tensor, prompt_mask: Tensor) -> Tensor:
-        """queries (..., B, Q, d), prompts (B, K, d), prompt_mask (B, K) -> (..., B, Q, K)."""
+        """queries (..., B, Q, d), prompt tokens (B, T, d), their padding (B, T) ->
+        (..., B, Q, T)."""
         logits = queries @ prompts.transpose(-1, -2) * self.scale
         if self.bias is not None:
             logits = logits + self.bias
@@ -1320,6 +1331,14 @@ class DINOR1(nn.Module):
         pooled name, or the mean of the name's tokens in a BERT caption."""
         return self.text_encoder(names)
 
+    def text_chunks(self, names: list[str], max_names: int) -> list[tuple[int, int]]:
+        """[start, end) ranges of `names` to prompt with at once: at most `max_names`, and with
+        BERT a caption within Grounding DINO's 256 tokens (see BertTextEncoder.caption_chunks)."""
+        if isinstance(self.text_encoder, BertTextEncoder):
+            return self.text_encoder.caption_chunks(names, max_names)
+        return [(start, min(start + max_names, len(names)))
+                for start in range(0, len(names), max_names)]
+
     def text_prompts(self, names: list[str], batch: int) -> PromptTokens:
         """K class names as the prompts of every image of a batch: with BERT, Grounding DINO's
         caption ("cat . remote control .", see BertTextEncoder.caption); with the byte encoder,
@@ -1352,7 +1371,7 @@ class DINOR1(nn.Module):
 
     def enhance(self, features: ImageFeatures, prompts: Tensor,
                 phrases: Phrases) -> tuple[Tensor, Tensor]:
-        """Feature enhancer: returns memory (B, S, d) and enhanced prompts (B, K, d)."""
+        """Feature enhancer: returns memory (B, S, d) and enhanced prompt tokens (B, T, d)."""
         reference = scale_reference(token_centres(features), features.valid_ratios)
         image = features.tokens
         for layer in self.enhancer:
@@ -1364,7 +1383,7 @@ class DINOR1(nn.Module):
         """METHOD 2.7: s_n = max_k (I'_n . v'_k) (+ scale and bias, see ContrastiveHead) for
         every token. valid (B, S): tokens with a valid anchor (token_anchors).
 
-        Returns the proposal features (B, S, d), token logits (B, S, K) and objectness logits
+        Returns the proposal features (B, S, d), token logits (B, S, T) and objectness logits
         s_n (B, S). As in Grounding DINO, the tokens that are not valid enter the output layer
         as zeros, so they score a constant and can still be selected (their box is the corner
         (1, 1, 1, 1)); with no prompts at all every token scores 0.
@@ -1996,6 +2015,11 @@ def load_grounding_dino(folder: str | Path, **overrides) -> tuple[DINOR1, Ground
     not change the weights (the kernel)."""
     model = DINOR1(replace(grounding_dino_config(folder), **overrides))
     return model, load_grounding_dino_weights(model, folder)
+
+
+UNTRAINED_VISUAL_PROMPTS = (
+    "{path} is Grounding DINO as published: its visual prompt encoder is untrained, so "
+    "only text prompts mean anything; fine-tune it first (train_grqo.py --init {path})")
 
 
 def load_detector(path: str | Path, **overrides) -> tuple[DINOR1, dict]:

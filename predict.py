@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from data import Batch, DataError, collate, make_sample, make_transforms, read_rgb_image
 from evaluate import coco_results, detect, draw_detections, keep_top
-from model import DINOR1, Detections, check_format, load_detector, resolve_device
+from model import (DINOR1, UNTRAINED_VISUAL_PROMPTS, Detections, check_format, load_detector,
+                   resolve_device)
 
 PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -348,6 +349,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if not (args.box or args.exemplar or args.text or args.classes):
         raise SystemExit("no prompt: give --box, --exemplar, --text or --classes")
+    if Path(args.ckpt).is_dir() and (args.box or args.exemplar or args.classes):
+        raise SystemExit(UNTRAINED_VISUAL_PROMPTS.format(path=args.ckpt))
     try:
         command_line_exemplars(args.box, args.exemplar)       # syntax, before any loading
     except ValueError as error:

@@ -228,16 +228,19 @@ def build_detector(args) -> DINOR1:
     return DINOR1(config)
 
 
-FROZEN = {"backbone": ("backbone.body.", "backbone.stage_norms."), "text": ("text_encoder.",)}
+def frozen_modules(model: DINOR1, parts: list[str]) -> list[torch.nn.Module]:
+    """The modules --freeze names: "backbone" (the backbone network and Swin's stage norms,
+    not the neck) and "text" (the text encoder)."""
+    modules = {"backbone": [model.backbone.body, model.backbone.stage_norms],
+               "text": [model.text_encoder]}
+    return [module for part in parts for module in modules[part] if module is not None]
 
 
 def freeze(model: DINOR1, parts: list[str]) -> None:
-    """--freeze: the parameters of these parts (FROZEN) get no gradient and no optimiser
-    state, as users fine-tuning Grounding DINO on little data often keep them."""
-    prefixes = tuple(prefix for part in parts for prefix in FROZEN[part])
-    for name, parameter in model.named_parameters():
-        if prefixes and name.startswith(prefixes):
-            parameter.requires_grad_(False)
+    """--freeze: these parts get no gradient and no optimiser state (and run in eval mode,
+    see run_epoch), as users fine-tuning Grounding DINO on little data often keep them."""
+    for module in frozen_modules(model, parts):
+        module.requires_grad_(False)
 
 
 def training_data(args, model: DINOR1, rank: int, world_size: int):
@@ -442,6 +445,8 @@ def run_epoch(run: Run, epoch: int, first_batch: int) -> None:
     if first_batch == 0:
         run.objective.start_epoch(run.model, epoch)
     run.model.train()
+    for module in frozen_modules(run.model, args.freeze):     # no stochastic depth, no dropout
+        module.eval()
     replaced_before = run.samples.num_replaced
     bar = tqdm(make_loader(run, first_batch), desc=f"epoch {epoch}", initial=first_batch,
                total=run.steps_per_epoch, disable=not run.is_main, dynamic_ncols=True)

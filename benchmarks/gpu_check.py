@@ -291,15 +291,29 @@ def same_weights_check(kernel: str, device: str, height: int, width: int, steps:
     ids = torch.cat([torch.tensor([101]), caption, torch.tensor([102])]).repeat(2, 1).to(device)
     phrases = caption_phrases(ids, ids == 0, torch.tensor([101, 102, 1012, 1029], device=device),
                               ours.config.hidden_dim)
-    pixel_mask = (~batch.mask).long()
     # transformers before 5.24 gave each phrase's closing "." position 0 where GD counts on
     # (1 in "cat ."): such an oracle gets GD's masks and positions (caption_phrases, which the
     # tests hold against transformers 5.24).
     patched = len(inspect.signature(gd.generate_masks_with_special_tokens_and_transfer_map
                                     ).parameters) == 1
+    original_masks = gd.generate_masks_with_special_tokens_and_transfer_map
     if patched:
         gd.generate_masks_with_special_tokens_and_transfer_map = lambda input_ids: (
             phrases.attention, phrases.position_ids)
+    try:
+        return compare_and_time(oracle, ours, batch, ids, phrases, steps, warmup, device, patched)
+    finally:
+        gd.generate_masks_with_special_tokens_and_transfer_map = original_masks
+
+
+def compare_and_time(oracle, ours, batch, ids, phrases, steps: int, warmup: int, device: str,
+                     patched: bool) -> dict:
+    """same_weights_check's measurements (see there)."""
+    pixel_mask = (~batch.mask).long()
+
+    def my_text():          # this project's BERT over the caption, GD's masks, text_projection
+        return ours.text_encoder.out(ours.text_encoder.bert(ids, phrases.attention.long(),
+                                                            phrases.position_ids))
 
     def theirs():
         output = oracle(pixel_values=batch.images, input_ids=ids,
@@ -307,9 +321,7 @@ def same_weights_check(kernel: str, device: str, height: int, width: int, steps:
         return output.logits[..., :ids.shape[1]], output.pred_boxes
 
     def mine():
-        text = ours.text_encoder.out(ours.text_encoder.bert(ids, phrases.attention.long(),
-                                                            phrases.position_ids))
-        output = ours(batch.images, batch.mask, prompts=text, prompt_mask=phrases.padding,
+        output = ours(batch.images, batch.mask, prompts=my_text(), prompt_mask=phrases.padding,
                       phrases=phrases)
         return output.logits[-1], output.boxes[-1]
 
@@ -318,16 +330,15 @@ def same_weights_check(kernel: str, device: str, height: int, width: int, steps:
     with torch.no_grad():
         full = oracle(pixel_values=batch.images, input_ids=ids,
                       attention_mask=torch.ones_like(ids), pixel_mask=pixel_mask)
-        text = ours.text_encoder.out(ours.text_encoder.bert(ids, phrases.attention.long(),
-                                                            phrases.position_ids))
-        encoded = ours.encode(batch.images, batch.mask, prompts=text,
+        encoded = ours.encode(batch.images, batch.mask, prompts=my_text(),
                               prompt_mask=phrases.padding, phrases=phrases)
         (their_logits, their_boxes), (my_logits, my_boxes) = theirs(), mine()
     their_scores = full.enc_outputs_class[..., :ids.shape[1]].max(-1).values
     their_selection = their_scores.topk(ours.config.num_queries, dim=1).indices
     my_selection = encoded.objectness_logits.topk(ours.config.num_queries, dim=1).indices
     torch.backends.cudnn.allow_tf32 = True            # PyTorch's default, for the timings
-    result = {"image": f"{height}x{width}", "batch": 2, "tokens": ids.shape[1],
+    result = {"image": "x".join(map(str, batch.images.shape[-2:])), "batch": 2,
+              "tokens": ids.shape[1],
               "transformers": __import__("transformers").__version__,
               "oracle_masks_from_caption_phrases": patched,
               "memory_max_abs_diff_fp32": (encoded.memory - full.encoder_last_hidden_state_vision

@@ -228,15 +228,25 @@ def test_eval_resize_keeps_normalised_boxes(shapes_root):
 
 def test_resized_shape_caps_long_side():
     assert data.resized_shape(480, 640, 800, 1333) == (800, 1066)
-    assert data.resized_shape(300, 1000, 800, 1333) == (399, 1330)
-    assert data.resized_shape(1000, 300, 128, 171) == (170, 51)
+    assert data.resized_shape(300, 1000, 800, 1333) == (400, 1333)
+    assert data.resized_shape(1000, 300, 128, 171) == (171, 51)
+
+
+def test_resized_shape_rounds_as_grounding_dinos_image_processor():
+    image_transforms = pytest.importorskip("transformers.image_transforms")
+    for height, width in [(300, 1000), (1000, 300), (480, 640), (451, 300), (799, 1333),
+                          (100, 200), (333, 1001), (800, 1200)]:
+        for short_side, max_size in [(800, 1333), (128, 171)]:
+            assert data.resized_shape(height, width, short_side, max_size) == \
+                image_transforms.get_size_with_aspect_ratio((height, width), short_side,
+                                                            max_size), (height, width)
 
 
 def test_collate_pads_and_masks():
     first = (torch.ones(3, 40, 50), make_target([0]))
     second = (torch.ones(3, 70, 20), make_target([1, 2]))
     batch = data.collate([first, second])
-    assert batch.images.shape == (2, 3, 96, 64) and batch.mask.shape == (2, 96, 64)
+    assert batch.images.shape == (2, 3, 70, 50) and batch.mask.shape == (2, 70, 50)
     assert not batch.mask[0, :40, :50].any() and batch.mask[0, 40:].all() and batch.mask[0, :, 50:].all()
     assert not batch.mask[1, :70, :20].any() and batch.mask[1, 70:].all() and batch.mask[1, :, 20:].all()
     assert torch.equal(batch.images.sum(dim=1) == 0, batch.mask)
@@ -315,7 +325,7 @@ def test_replacements_are_counted_across_workers(tmp_path):
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=1,
                                          collate_fn=data.collate)
     batches = list(loader)
-    assert len(batches) == 1 and batches[0].images.shape == (2, 3, 32, 64)
+    assert len(batches) == 1 and batches[0].images.shape == (2, 3, 30, 40)
     assert [target.image_id for target in batches[0].targets] == [2, 3]  # sample 0 replaced by 1
     assert dataset.num_replaced == 1                 # counted in the worker, seen here
 

@@ -401,10 +401,14 @@ def test_fine_tuning_starts_from_a_grounding_dino_folder_and_evaluate_reads_it(s
     before = oracle.state_dict()["model.level_embed"]
     after = tuned.state_dict()["backbone.level_embed"]
     assert not torch.equal(before, after) and torch.allclose(before, after, atol=1e-3)
-    for ckpt in (folder, tmp_path / "run" / "last.pt"):
-        metrics = evaluate.main(["--ckpt", str(ckpt), "--data", str(shapes), "--split", "val",
-                                 "--kernel", "torch"])
-        assert 0.0 <= metrics["AP"] <= 1.0
+    tuned_metrics = evaluate.main(["--ckpt", str(tmp_path / "run" / "last.pt"), "--data",
+                                   str(shapes), "--split", "val", "--kernel", "torch"])
+    assert tuned_metrics["prompt"] == "generic" and 0.0 <= tuned_metrics["AP"] <= 1.0
+    published = evaluate.main(["--ckpt", str(folder), "--data", str(shapes), "--split", "val",
+                               "--kernel", "torch"])
+    assert published["prompt"] == "text" and 0.0 <= published["AP"] <= 1.0
+    with pytest.raises(SystemExit, match="its visual prompt encoder is untrained"):
+        evaluate.main(["--ckpt", str(folder), "--data", str(shapes), "--prompt", "generic"])
 
 
 def test_class_names_read_as_a_caption_give_grounding_dinos_class_scores(tmp_path):
@@ -463,6 +467,8 @@ def test_predict_py_on_photos_gives_grounding_dinos_detections(tmp_path):
     ours = predict.main(["--ckpt", str(folder), *sum((["--image", str(p)] for p in pictures), []),
                          *sum((["--text", name] for name in names), []), "--threshold", "0",
                          "--top-k", "30", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="its visual prompt encoder is untrained"):
+        predict.main(["--ckpt", str(folder), "--image", str(pictures[0]), "--box", "1,1,20,20"])
     for picture in pictures:
         image = Image.open(picture).convert("RGB")
         inputs = processor(images=image, return_tensors="pt")
@@ -481,3 +487,19 @@ def test_predict_py_on_photos_gives_grounding_dinos_detections(tmp_path):
             match = [d for d in found if d["name"] == name and abs(d["score"] - score) < 2e-3
                      and max(abs(a - b) for a, b in zip(d["bbox"], box)) < 1.5]
             assert match, (picture.name, name, score, box)
+
+
+def test_long_lists_of_names_split_into_captions_of_at_most_256_tokens(tmp_path):
+    from model import load_grounding_dino
+
+    save_tiny_grounding_dino(tmp_path)
+    model, _ = load_grounding_dino(tmp_path, kernel="torch")
+    names = ["remote control", "cat"] * 60            # 3 and 2 tokens with their ".": 300 + 2
+    with pytest.raises(ValueError, match="302 tokens, more than Grounding DINO's 256"):
+        model.text_encoder.caption_ids(names)
+    for max_names, first_end in ((200, 101), (40, 40)):     # 2 + 5 * 50 + 3 = 255 tokens
+        ranges = model.text_chunks(names, max_names)
+        assert ranges[0] == (0, first_end) and ranges[-1][1] == len(names)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        for start, end in ranges:
+            assert len(model.text_encoder.caption_ids(names[start:end])[0]) <= 256

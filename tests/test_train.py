@@ -355,3 +355,5 @@ def test_freeze_keeps_the_backbone_and_the_text_encoder_as_they_start(shapes, tm
     optimizer = torch.load(tmp_path / "tuned" / "last.pt", weights_only=True)["optimizer"]
     trainable = sum(p.requires_grad for p in tuned.parameters())
     assert len(optimizer["state"]) == trainable < len(list(tuned.parameters()))
+    assert not tuned.backbone.body.training and not tuned.text_encoder.training
+    assert tuned.decoder.training
