@@ -869,15 +869,6 @@ def load_bert(folder: str | Path) -> LoadedBert:
 MAX_TEXT_TOKENS = 256      # Grounding DINO's max_text_len
 
 
-class Caption(NamedTuple):
-    """K class names as one Grounding DINO caption (a batch of one)."""
-    tokens: Tensor               # (1, T, d) its token states, projected to d
-    phrases: Phrases             # (see caption_phrases)
-    classes: Tensor              # (1, K, d) each class: the mean of its tokens
-    class_tokens: Tensor         # (1, K, L) long, the tokens of each class name
-    class_token_padding: Tensor  # (1, K, L) True = no token in that slot
-
-
 class BertTextEncoder(nn.Module):
     """BERT from a local Hugging Face folder: a BERT folder (`--text-encoder
     path/to/bert-base-uncased`, its weights loaded here, see load_bert) or a Grounding DINO
@@ -936,8 +927,9 @@ class BertTextEncoder(nn.Module):
             length += cost
         return ranges + [(start, len(names))] if names else ranges
 
-    def caption(self, names: list[str]) -> Caption:
-        """K class names -> their caption's tokens, phrases and each class's tokens."""
+    def caption(self, names: list[str]) -> PromptTokens:
+        """K class names -> their caption as the prompts of a batch of one: its T tokens'
+        states projected to d, its phrases, each class's tokens and their mean."""
         device = self.out.weight.device
         ids, spans = self.caption_ids(names)
         input_ids = torch.tensor([ids], device=device)
@@ -951,7 +943,8 @@ class BertTextEncoder(nn.Module):
         padding = (starts[:, None] + slots >= ends[:, None])[None]
         gathered = tokens[0][class_tokens[0]].masked_fill(padding[0, ..., None], 0)
         classes = (gathered.sum(1) / (~padding[0]).sum(1, keepdim=True))[None]
-        return Caption(tokens, phrases, classes, class_tokens, padding)
+        return PromptTokens(tokens, phrases, classes, torch.zeros_like(padding[..., 0]),
+                            class_tokens, padding)
 
     def forward(self, names: list[str]) -> Tensor:
         """K names -> (K, d): each the mean of its tokens in their caption."""
@@ -1345,14 +1338,12 @@ class DINOR1(nn.Module):
         one pooled token per name."""
         if not isinstance(self.text_encoder, BertTextEncoder):
             prompts = self.encode_text(names)[None].expand(batch, -1, -1)
-            return one_token_per_class(prompts, prompts.new_zeros(prompts.shape[:2], dtype=torch.bool))
+            padding = prompts.new_zeros(prompts.shape[:2], dtype=torch.bool)
+            return one_token_per_class(prompts, padding)
         caption = self.text_encoder.caption(names)
         expand = lambda x: x.expand(batch, *x.shape[1:])           # noqa: E731
-        phrases = Phrases(*(expand(part) for part in caption.phrases))
-        return PromptTokens(expand(caption.tokens), phrases, expand(caption.classes),
-                            torch.zeros(batch, len(names), dtype=torch.bool,
-                                        device=caption.tokens.device),
-                            expand(caption.class_tokens), expand(caption.class_token_padding))
+        return PromptTokens(*(Phrases(*map(expand, part)) if isinstance(part, Phrases)
+                              else expand(part) for part in caption))
 
     def encode_exemplars(self, images: Tensor, mask: Tensor, image_index: Tensor,
                          boxes: Tensor) -> Tensor:
@@ -1752,7 +1743,8 @@ def load_checkpoint(path: str) -> dict:
         raise SystemExit(f"cannot load checkpoint {path}: it is truncated, corrupt or holds "
                          f"more than tensors and plain values ({type(error).__name__}: "
                          f"{reason.strip()[:200]})") from error
-    if isinstance(checkpoint, dict) and "model" in checkpoint:
+    if isinstance(checkpoint, dict) and "model" in checkpoint \
+            and not is_original_grounding_dino(checkpoint):
         try:
             check_format(checkpoint, path, "checkpoint")
         except ValueError as error:
@@ -1785,7 +1777,7 @@ def checkpoint_config_differences(saved: dict, config: DetectorConfig) -> str:
                      for k, v in ours.items() if saved.get(k, defaults[k]) != v)
 
 
-# ----------------------------------------------------------------------------- Grounding DINO's names
+# ------------------------------------------------------------------- Grounding DINO's names
 # Hugging Face's GroundingDinoForObjectDetection parameter names -> this project's, as regular
 # expressions tried in order (the first that matches renames). GD's separate query, key and
 # value projections are packed into nn.MultiheadAttention's in_proj by `pack_attention`.
@@ -1808,7 +1800,8 @@ GROUNDING_DINO_NAMES = [
                              f"{_SWIN_BLOCK[m[3]]}{m[4]}"),
     (_SWIN + r"encoder\.layers\.(\d+)\.downsample\.",
      lambda m: f"backbone.body.features.{2 * int(m[1]) + 2}."),
-    (_SWIN + r"hidden_states_norms\.stage(\d)\.", lambda m: f"backbone.stage_norms.{int(m[1]) - 2}."),
+    (_SWIN + r"hidden_states_norms\.stage(\d)\.",
+     lambda m: f"backbone.stage_norms.{int(m[1]) - 2}."),
     (r"model\.input_proj_vision\.", "backbone.projections."),
     (_ENCODER + r"fusion_layer\.layer_norm_vision\.", r"enhancer.\1.fusion_image_norm."),
     (_ENCODER + r"fusion_layer\.layer_norm_text\.", r"enhancer.\1.fusion_prompt_norm."),
@@ -1882,7 +1875,8 @@ def pack_attention(state: dict[str, Tensor]) -> dict[str, Tensor]:
             packed[name] = tensor
         elif match[3] == "query":
             prefix, packing, kind = match[1], match[2], match[4]
-            parts = [state[f"{prefix}.{packing}.{part}.{kind}"] for part in ("query", "key", "value")]
+            parts = [state[f"{prefix}.{packing}.{part}.{kind}"]
+                     for part in ("query", "key", "value")]
             target = f"{prefix}.in_proj_{kind}" if packing == "in_proj" else f"{prefix}.qkv.{kind}"
             packed[target] = torch.cat(parts)
     return packed
@@ -1892,19 +1886,27 @@ def rename_grounding_dino(state: dict[str, Tensor]) -> Renamed:
     """A Hugging Face Grounding DINO state dict (as save_pretrained writes it) in this
     project's names. The tied copies of the shared box head are checked against the first
     layer's and left out; ValueError if they differ (a model with a box head per layer)."""
+    return rename_by_rules(state, GROUNDING_DINO_NAMES, GROUNDING_DINO_TIED,
+                           GROUNDING_DINO_UNUSED)
+
+
+def rename_by_rules(state: dict[str, Tensor], rules: list, tied_pattern: re.Pattern,
+                    unused_pattern: re.Pattern) -> Renamed:
+    """Rename by the first rule that matches; `tied_pattern` (groups: a prefix, the layer,
+    the rest) finds the box heads tied to bbox_embed.0, `unused_pattern` what is left out."""
     renamed, unused, unknown = {}, [], []
     for name, tensor in state.items():
-        tied = GROUNDING_DINO_TIED.fullmatch(name)
+        tied = tied_pattern.fullmatch(name)
         if tied and (tied[1] or tied[2] != "0"):
             if not torch.equal(tensor, state[f"bbox_embed.0.{tied[3]}"]):
                 raise ValueError(f"{name} differs from bbox_embed.0.{tied[3]}: this model "
                                  "shares one box head across decoder layers, as GD does")
             unused.append(name)
             continue
-        if GROUNDING_DINO_UNUSED.match(name):
+        if unused_pattern.match(name):
             unused.append(name)
             continue
-        for pattern, replacement in GROUNDING_DINO_NAMES:    # the first rule that matches
+        for pattern, replacement in rules:    # the first rule that matches
             new_name, found = re.subn("^" + pattern, replacement, name)
             if found:
                 renamed[new_name] = tensor
@@ -1914,7 +1916,7 @@ def rename_grounding_dino(state: dict[str, Tensor]) -> Renamed:
     return Renamed(pack_attention(renamed), unused, unknown)
 
 
-# ----------------------------------------------------------------------------- loading Grounding DINO
+# ------------------------------------------------------------------- loading Grounding DINO
 # A Hugging Face Grounding DINO folder (config.json, model.safetensors, vocab.txt and
 # preprocessor_config.json, as `huggingface-cli download IDEA-Research/grounding-dino-tiny`
 # writes it) becomes this detector: every tensor is mapped or listed by name; the visual prompt
@@ -1966,8 +1968,10 @@ def grounding_dino_config(folder: str | Path) -> DetectorConfig:
         num_decoder_layers=settings.get("decoder_layers", 6),
         ffn_dim=settings.get("encoder_ffn_dim", 2048), num_queries=settings.get("num_queries", 900),
         position_temperature=float(settings.get("positional_embedding_temperature", 20)),
-        swin_embed_dim=swin.get("embed_dim", 96), swin_depths=tuple(swin.get("depths", (2, 2, 6, 2))),
-        swin_heads=tuple(swin.get("num_heads", (3, 6, 12, 24))), swin_window=swin.get("window_size", 7),
+        swin_embed_dim=swin.get("embed_dim", 96),
+        swin_depths=tuple(swin.get("depths", (2, 2, 6, 2))),
+        swin_heads=tuple(swin.get("num_heads", (3, 6, 12, 24))),
+        swin_window=swin.get("window_size", 7),
         text_encoder=str(folder), image_size=size.get("shortest_edge", 800),
         max_size=size.get("longest_edge", 1333))
 
@@ -1987,7 +1991,12 @@ def load_grounding_dino_weights(model: DINOR1, folder: str | Path) -> GroundingD
     state = read_hf_state(folder)
     source = next(folder / name for name in ("model.safetensors", "pytorch_model.bin")
                   if (folder / name).is_file())
-    renamed = rename_grounding_dino(state)
+    return load_renamed(model, rename_grounding_dino(state), source)
+
+
+def load_renamed(model: DINOR1, renamed: Renamed, source: Path) -> GroundingDinoWeights:
+    """Load Grounding DINO's renamed tensors into `model`: ValueError naming `source` and the
+    first name that no rule maps, that the model lacks, or whose shape differs."""
     if renamed.unknown:
         raise ValueError(f"{source}: {len(renamed.unknown)} tensors no rule maps, the first "
                          f"{renamed.unknown[0]!r}")
@@ -2007,6 +2016,106 @@ def load_grounding_dino_weights(model: DINOR1, folder: str | Path) -> GroundingD
     model.load_state_dict({**ours, **renamed.tensors}, strict=True)
     fresh = sorted({name.split(".")[0] for name in ours if name.startswith(GROUNDING_DINO_FRESH)})
     return GroundingDinoWeights(len(renamed.tensors), fresh, renamed.unused)
+
+
+# The original release's checkpoint (groundingdino_swint_ogc.pth: {"model": state dict}, names
+# perhaps prefixed "module.") in this project's names, as regular expressions tried in order.
+# Its Swin packs q, k and v as torchvision's does, and its attention layers are
+# nn.MultiheadAttention, so nothing needs packing.
+_ORIGINAL_ENCODER = r"transformer\.encoder\."
+_ORIGINAL_DECODER = r"transformer\.decoder\.layers\.(\d+)\."
+_ORIGINAL_SWIN_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn.qkv": "attn.qkv",
+                        "attn.proj": "attn.proj", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3",
+                        "attn.relative_position_bias_table": "attn.relative_position_bias_table"}
+ORIGINAL_GROUNDING_DINO_NAMES = [
+    (r"backbone\.0\.patch_embed\.proj\.", "backbone.body.features.0.0."),
+    (r"backbone\.0\.patch_embed\.norm\.", "backbone.body.features.0.2."),
+    (r"backbone\.0\.layers\.(\d+)\.blocks\.(\d+)\.("
+     + "|".join(_ORIGINAL_SWIN_BLOCK).replace(".", r"\.") + r")(\.|$)",
+     lambda m: f"backbone.body.features.{2 * int(m[1]) + 1}.{m[2]}."
+               f"{_ORIGINAL_SWIN_BLOCK[m[3]]}{m[4]}"),
+    (r"backbone\.0\.layers\.(\d+)\.downsample\.",
+     lambda m: f"backbone.body.features.{2 * int(m[1]) + 2}."),
+    (r"backbone\.0\.norm(\d)\.", lambda m: f"backbone.stage_norms.{int(m[1]) - 1}."),
+    (_ORIGINAL_ENCODER + r"layers\.(\d+)\.self_attn\.", r"enhancer.\1.image_self_attention."),
+    (_ORIGINAL_ENCODER + r"layers\.(\d+)\.norm1\.", r"enhancer.\1.image_norm."),
+    (_ORIGINAL_ENCODER + r"layers\.(\d+)\.linear1\.", r"enhancer.\1.image_ffn.net.0."),
+    (_ORIGINAL_ENCODER + r"layers\.(\d+)\.linear2\.", r"enhancer.\1.image_ffn.net.2."),
+    (_ORIGINAL_ENCODER + r"layers\.(\d+)\.norm2\.", r"enhancer.\1.image_ffn.norm."),
+    (_ORIGINAL_ENCODER + r"text_layers\.(\d+)\.self_attn\.",
+     r"enhancer.\1.prompt_self_attention."),
+    (_ORIGINAL_ENCODER + r"text_layers\.(\d+)\.norm1\.", r"enhancer.\1.prompt_norm."),
+    (_ORIGINAL_ENCODER + r"text_layers\.(\d+)\.linear1\.", r"enhancer.\1.prompt_ffn.net.0."),
+    (_ORIGINAL_ENCODER + r"text_layers\.(\d+)\.linear2\.", r"enhancer.\1.prompt_ffn.net.2."),
+    (_ORIGINAL_ENCODER + r"text_layers\.(\d+)\.norm2\.", r"enhancer.\1.prompt_ffn.norm."),
+    (_ORIGINAL_ENCODER + r"fusion_layers\.(\d+)\.gamma_v$", r"enhancer.\1.image_scale"),
+    (_ORIGINAL_ENCODER + r"fusion_layers\.(\d+)\.gamma_l$", r"enhancer.\1.prompt_scale"),
+    (_ORIGINAL_ENCODER + r"fusion_layers\.(\d+)\.layer_norm_v\.",
+     r"enhancer.\1.fusion_image_norm."),
+    (_ORIGINAL_ENCODER + r"fusion_layers\.(\d+)\.layer_norm_l\.",
+     r"enhancer.\1.fusion_prompt_norm."),
+    (_ORIGINAL_ENCODER + r"fusion_layers\.(\d+)\.attn\.v_proj\.",
+     r"enhancer.\1.fusion.image_query."),
+    (_ORIGINAL_ENCODER + r"fusion_layers\.(\d+)\.attn\.l_proj\.",
+     r"enhancer.\1.fusion.prompt_key."),
+    (_ORIGINAL_ENCODER + r"fusion_layers\.(\d+)\.attn\.values_v_proj\.",
+     r"enhancer.\1.fusion.image_value."),
+    (_ORIGINAL_ENCODER + r"fusion_layers\.(\d+)\.attn\.values_l_proj\.",
+     r"enhancer.\1.fusion.prompt_value."),
+    (_ORIGINAL_ENCODER + r"fusion_layers\.(\d+)\.attn\.out_v_proj\.",
+     r"enhancer.\1.fusion.image_output."),
+    (_ORIGINAL_ENCODER + r"fusion_layers\.(\d+)\.attn\.out_l_proj\.",
+     r"enhancer.\1.fusion.prompt_output."),
+    (_ORIGINAL_DECODER + r"cross_attn\.", r"decoder.layers.\1.image_attention."),
+    (_ORIGINAL_DECODER + r"norm1\.", r"decoder.layers.\1.image_norm."),
+    (_ORIGINAL_DECODER + r"ca_text\.", r"decoder.layers.\1.prompt_attention."),
+    (_ORIGINAL_DECODER + r"catext_norm\.", r"decoder.layers.\1.prompt_norm."),
+    (_ORIGINAL_DECODER + r"self_attn\.", r"decoder.layers.\1.self_attention."),
+    (_ORIGINAL_DECODER + r"norm2\.", r"decoder.layers.\1.self_norm."),
+    (_ORIGINAL_DECODER + r"linear1\.", r"decoder.layers.\1.ffn.net.0."),
+    (_ORIGINAL_DECODER + r"linear2\.", r"decoder.layers.\1.ffn.net.2."),
+    (_ORIGINAL_DECODER + r"norm3\.", r"decoder.layers.\1.ffn.norm."),
+    (r"transformer\.decoder\.ref_point_head\.", "decoder.query_pos_head."),
+    (r"transformer\.decoder\.norm\.", "decoder.norm."),
+    (r"bbox_embed\.0\.", "decoder.box_head."),      # the other layers' are tied to it
+    (r"transformer\.enc_output\.", "encoder_output.0."),
+    (r"transformer\.enc_output_norm\.", "encoder_output.1."),
+    (r"transformer\.enc_out_bbox_embed\.", "encoder_box_head."),
+    (r"transformer\.tgt_embed\.", "query_content."),
+    (r"transformer\.level_embed$", "backbone.level_embed"),
+    (r"input_proj\.", "backbone.projections."),
+    (r"bert\.", "text_encoder.bert."),
+    (r"feat_map\.", "text_encoder.out."),
+]
+ORIGINAL_TIED = re.compile(r"(transformer\.decoder\.)?bbox_embed\.(\d+)\.(.*)")
+ORIGINAL_UNUSED = re.compile(r".*relative_position_index$|.*attn_mask$|bert\.pooler\."
+                             r"|bert\.embeddings\.position_ids$")
+
+
+def is_original_grounding_dino(checkpoint) -> bool:
+    """Whether a loaded checkpoint is the original release's ({"model": its state dict})."""
+    return (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
+            and any(name.removeprefix("module.") == "transformer.tgt_embed.weight"
+                    for name in checkpoint["model"]))
+
+
+def rename_original_grounding_dino(state: dict[str, Tensor]) -> Renamed:
+    """The original release's state dict in this project's names (see rename_grounding_dino
+    for the tied box heads)."""
+    state = {name.removeprefix("module."): tensor for name, tensor in state.items()}
+    return rename_by_rules(state, ORIGINAL_GROUNDING_DINO_NAMES, ORIGINAL_TIED, ORIGINAL_UNUSED)
+
+
+def load_original_grounding_dino_weights(model: DINOR1, path: str | Path,
+                                         checkpoint: dict) -> GroundingDinoWeights:
+    """Load the original release's checkpoint (loaded from `path`) into `model`, which must be
+    its Swin-T with BERT (`--model swin_t --text-encoder path/to/bert-base-uncased`: the
+    checkpoint holds no vocabulary). ValueError naming the file otherwise."""
+    if model.config.backbone != "swin" or not isinstance(model.text_encoder, BertTextEncoder):
+        raise ValueError(f"{path} is the original Grounding DINO checkpoint: start from it with "
+                         f"--model swin_t --text-encoder path/to/bert-base-uncased (the folder "
+                         f"of its vocab.txt and config.json)")
+    return load_renamed(model, rename_original_grounding_dino(checkpoint["model"]), Path(path))
 
 
 def load_grounding_dino(folder: str | Path, **overrides) -> tuple[DINOR1, GroundingDinoWeights]:

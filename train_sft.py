@@ -29,8 +29,9 @@ from data import (Batch, DataError, ReplaceUnreadable, TextPrompts, VisualInstru
                   build_dataset, collate, resolve_data_root, sample_prompts,
                   sample_text_prompts, split_files)
 from model import (CHECKPOINT_FORMAT, PRESETS, DINOR1, HungarianMatcher, SetCriterion,
-                   checkpoint_config_differences, grounding_dino_config, load_checkpoint,
-                   load_grounding_dino_weights, resolve_device)
+                   checkpoint_config_differences, grounding_dino_config,
+                   is_original_grounding_dino, load_checkpoint, load_grounding_dino_weights,
+                   load_original_grounding_dino_weights, resolve_device)
 
 # Training defaults per model preset (any of them can be overridden on the command line).
 TRAIN_DEFAULTS = {
@@ -68,8 +69,10 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="run folder (default runs/<script>)")
     parser.add_argument("--resume", help="a checkpoint (last.pt) to continue exactly")
     parser.add_argument("--init", help="start from these weights (new optimiser): a checkpoint "
-                        "of this project, or a Grounding DINO folder (config.json, "
-                        "model.safetensors, vocab.txt, as the hub has it)")
+                        "of this project, a Grounding DINO folder (config.json, "
+                        "model.safetensors, vocab.txt, as the hub has it), or the original "
+                        "groundingdino_swint_ogc.pth (with --model swin_t --text-encoder "
+                        "path/to/bert-base-uncased)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--amp", default="none", choices=["none", "bf16"],
                         help="bf16 autocast (CUDA only)")
@@ -308,6 +311,13 @@ def restore(args, model: DINOR1, optimizer, scheduler, objective) -> tuple[int, 
             raise SystemExit(f"cannot start from --init {args.init}: {error}") from error
         print(f"--init {args.init}: {loaded.loaded} tensors of Grounding DINO; starting fresh: "
               f"{', '.join(loaded.fresh)}; left out by design: {len(loaded.unused)}")
+    elif args.init and is_original_grounding_dino(checkpoint := load_checkpoint(args.init)):
+        try:
+            loaded = load_original_grounding_dino_weights(model, args.init, checkpoint)
+        except ValueError as error:
+            raise SystemExit(f"cannot start from --init {args.init}: {error}") from error
+        print(f"--init {args.init}: {loaded.loaded} tensors of the original Grounding DINO; "
+              f"starting fresh: {', '.join(loaded.fresh)}")
     elif args.init:
         model.load_state_dict(compatible_checkpoint(args.init, model, args)["model"])
     if not args.resume:

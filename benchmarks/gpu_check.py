@@ -264,15 +264,15 @@ def save_grounding_dino(folder: Path, tiny: bool) -> None:
 
 
 def same_weights_check(kernel: str, device: str, height: int, width: int, steps: int,
-                       warmup: int, tiny: bool = False) -> dict:
+                       warmup: int, tiny: bool = False, forward_only: bool = False) -> dict:
     """One Grounding DINO's weights in transformers and here (load_grounding_dino), in fp32
     without TF32 on a padded batch: how far the encoder's states, the token scores, the
     per-token logits and the boxes differ, and how much of the top-k selection agrees in order
     (random weights give near-ties whose order can swap, which moves those queries' outputs).
-    Then (unless steps is 0) median seconds of a bf16 forward and of a step (forward, the sum of the logits of
-    real tokens and of the boxes as the loss, backward, AdamW) for each. This project's side runs
-    its own BERT over the caption with GD's sub-sentence mask (caption_phrases), then the
-    detector on those token features."""
+    Then (unless steps is 0) median seconds of a bf16 forward and of a step (forward, the sum
+    of the logits of real tokens and of the boxes as the loss, backward, AdamW) for each.
+    This project's side runs its own BERT over the caption with GD's sub-sentence mask
+    (caption_phrases), then the detector on those token features."""
     import inspect
     import tempfile
 
@@ -301,13 +301,14 @@ def same_weights_check(kernel: str, device: str, height: int, width: int, steps:
         gd.generate_masks_with_special_tokens_and_transfer_map = lambda input_ids: (
             phrases.attention, phrases.position_ids)
     try:
-        return compare_and_time(oracle, ours, batch, ids, phrases, steps, warmup, device, patched)
+        return compare_and_time(oracle, ours, batch, ids, phrases, steps, warmup, device, patched,
+                                forward_only)
     finally:
         gd.generate_masks_with_special_tokens_and_transfer_map = original_masks
 
 
 def compare_and_time(oracle, ours, batch, ids, phrases, steps: int, warmup: int, device: str,
-                     patched: bool) -> dict:
+                     patched: bool, forward_only: bool) -> dict:
     """same_weights_check's measurements (see there)."""
     pixel_mask = (~batch.mask).long()
 
@@ -356,7 +357,7 @@ def compare_and_time(oracle, ours, batch, ids, phrases, steps: int, warmup: int,
     timed = [("transformers", oracle, theirs), ("ours", ours, mine)] if steps else []
     for name, model, run in timed:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        for phase in ("forward", "step"):
+        for phase in ("forward",) if forward_only else ("forward", "step"):
             model.train(phase == "step")
             times = []
             for index in range(warmup + steps):
@@ -410,6 +411,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-amp", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--forward-only", action="store_true",
+                        help="same_weights: time the forward only (on a CPU, say)")
     parser.add_argument("--tiny-huggingface", action="store_true",
                         help="a tiny HF config (a dry run of the huggingface check on a CPU)")
     args = parser.parse_args(argv)
@@ -430,7 +433,8 @@ def main(argv=None):
             print(json.dumps(row))
     elif args.check == "same_weights":
         rows = [same_weights_check(kernel, args.device, *args.image, args.steps, args.warmup,
-                                   args.tiny_huggingface) for kernel in args.kernel]
+                                   args.tiny_huggingface, args.forward_only)
+                for kernel in args.kernel]
         for row in rows:
             print(json.dumps(row))
     elif args.check == "profile":

@@ -39,7 +39,8 @@ def test_the_backbone_positions_its_tokens_at_the_configured_temperature():
     ).positional_embedding_temperature == 20
     model = build_model("tiny", kernel="torch", position_temperature=20.0).eval()
     with torch.no_grad():
-        features = model.backbone(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
+        features = model.backbone(torch.randn(1, 3, 64, 96),
+                                  torch.zeros(1, 64, 96, dtype=torch.bool))
     height, width = features.spatial_shapes[0].tolist()            # level 0, no padding
     expected = sine_positions(torch.ones(1, height, width), model.config.hidden_dim, 20.0)
     expected = expected.flatten(1, 2) + model.backbone.level_embed[0]
@@ -198,8 +199,8 @@ def test_proposals_and_token_scores_equal_grounding_dinos():
     prompt_padding[1, 3:] = True
     shapes = [tuple(shape) for shape in features.spatial_shapes.tolist()]
     with torch.no_grad():
-        object_query, proposals = grounding_dino.GroundingDinoModel.generate_encoder_output_proposals(
-            holder, memory, features.padding_mask, shapes)
+        proposals_of = grounding_dino.GroundingDinoModel.generate_encoder_output_proposals
+        object_query, proposals = proposals_of(holder, memory, features.padding_mask, shapes)
         logits = grounding_dino.GroundingDinoContrastiveEmbedding(config)(
             object_query, prompts, ~prompt_padding)
         anchors, valid = token_anchors(features)
@@ -213,12 +214,17 @@ def test_proposals_and_token_scores_equal_grounding_dinos():
     assert torch.equal(objectness.topk(50).indices, logits.max(-1).values.topk(50).indices)
 
 
-def saved_state(oracle: nn.Module, folder) -> dict:
-    """What the oracle's save_pretrained writes (the hub's names): name -> tensor."""
+def saved_state_file(folder) -> dict:
+    """The tensors of a folder's model.safetensors: name -> tensor."""
     from safetensors.torch import load_file
 
-    oracle.save_pretrained(folder)
     return load_file(str(folder / "model.safetensors"))
+
+
+def saved_state(oracle: nn.Module, folder) -> dict:
+    """What the oracle's save_pretrained writes (the hub's names): name -> tensor."""
+    oracle.save_pretrained(folder)
+    return saved_state_file(folder)
 
 
 def test_the_swin_backbone_and_neck_equal_grounding_dinos(tmp_path):
@@ -301,7 +307,8 @@ def test_a_grounding_dino_folder_loads_every_tensor_by_name(tmp_path):
     oracle = save_tiny_grounding_dino(tmp_path)
     model, report = load_grounding_dino(tmp_path, kernel="torch")
     config = model.config
-    assert (config.hidden_dim, config.num_heads, config.ffn_dim, config.num_queries) == (64, 4, 256, 20)
+    sizes = (config.hidden_dim, config.num_heads, config.ffn_dim, config.num_queries)
+    assert sizes == (64, 4, 256, 20)
     assert (config.swin_embed_dim, config.swin_depths, config.swin_heads) == (24, (1, 2, 1, 2),
                                                                               (2, 2, 4, 4))
     assert (config.image_size, config.max_size, config.class_head) == (800, 1333, "dot")
@@ -503,3 +510,137 @@ def test_long_lists_of_names_split_into_captions_of_at_most_256_tokens(tmp_path)
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         for start, end in ranges:
             assert len(model.text_encoder.caption_ids(names[start:end])[0]) <= 256
+
+
+# The public conversion script's renames (IDEA's release -> transformers), inverted, to write a
+# checkpoint with the original release's names from a random transformers model: the real
+# groundingdino_swint_ogc.pth cannot be downloaded here.
+TO_ORIGINAL = [
+    (r"model\.backbone\.conv_encoder\.model\.embeddings\.patch_embeddings\.projection\.",
+     "backbone.0.patch_embed.proj."),
+    (r"model\.backbone\.conv_encoder\.model\.embeddings\.norm\.", "backbone.0.patch_embed.norm."),
+    (r"model\.backbone\.conv_encoder\.model\.hidden_states_norms\.stage(\d)\.",
+     lambda m: f"backbone.0.norm{int(m[1]) - 1}."),
+    (r"model\.backbone\.conv_encoder\.model\.encoder\.layers\.", "backbone.0.layers."),
+    (r"(backbone\.0\.layers\.\d+\.blocks\.\d+\.)layernorm_before", r"\1norm1"),
+    (r"(backbone\.0\.layers\.\d+\.blocks\.\d+\.)layernorm_after", r"\1norm2"),
+    (r"(backbone\.0\.layers\.\d+\.blocks\.\d+\.)attention\.self\.(query|key|value)",
+     r"\1attn.qkv.\2"),
+    (r"(backbone\.0\.layers\.\d+\.blocks\.\d+\.)attention\.self\.", r"\1attn."),
+    (r"(backbone\.0\.layers\.\d+\.blocks\.\d+\.)attention\.output\.dense", r"\1attn.proj"),
+    (r"(backbone\.0\.layers\.\d+\.blocks\.\d+\.)intermediate\.dense", r"\1mlp.fc1"),
+    (r"(backbone\.0\.layers\.\d+\.blocks\.\d+\.)output\.dense", r"\1mlp.fc2"),
+    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn_layer_norm",
+     r"transformer.encoder.layers.\1.norm1"),
+    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.final_layer_norm",
+     r"transformer.encoder.layers.\1.norm2"),
+    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.fc",
+     r"transformer.encoder.layers.\1.linear"),
+    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.", r"transformer.encoder.layers.\1."),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.self_attn\.(query|key|value)",
+     r"transformer.encoder.text_layers.\1.self_attn.in_proj.\2"),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_before",
+     r"transformer.encoder.text_layers.\1.norm1"),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_after",
+     r"transformer.encoder.text_layers.\1.norm2"),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.fc",
+     r"transformer.encoder.text_layers.\1.linear"),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.",
+     r"transformer.encoder.text_layers.\1."),
+    (r"model\.encoder\.layers\.(\d+)\.fusion_layer\.vision_param",
+     r"transformer.encoder.fusion_layers.\1.gamma_v"),
+    (r"model\.encoder\.layers\.(\d+)\.fusion_layer\.text_param",
+     r"transformer.encoder.fusion_layers.\1.gamma_l"),
+    (r"model\.encoder\.layers\.(\d+)\.fusion_layer\.layer_norm_vision",
+     r"transformer.encoder.fusion_layers.\1.layer_norm_v"),
+    (r"model\.encoder\.layers\.(\d+)\.fusion_layer\.layer_norm_text",
+     r"transformer.encoder.fusion_layers.\1.layer_norm_l"),
+    (r"model\.encoder\.layers\.(\d+)\.fusion_layer\.attn\.(values_|out_)?vision_proj",
+     r"transformer.encoder.fusion_layers.\1.attn.\2v_proj"),
+    (r"model\.encoder\.layers\.(\d+)\.fusion_layer\.attn\.(values_|out_)?text_proj",
+     r"transformer.encoder.fusion_layers.\1.attn.\2l_proj"),
+    (r"model\.decoder\.layers\.(\d+)\.encoder_attn_text\.(query|key|value)",
+     r"transformer.decoder.layers.\1.ca_text.in_proj.\2"),
+    (r"model\.decoder\.layers\.(\d+)\.encoder_attn_text_layer_norm",
+     r"transformer.decoder.layers.\1.catext_norm"),
+    (r"model\.decoder\.layers\.(\d+)\.encoder_attn_text\.",
+     r"transformer.decoder.layers.\1.ca_text."),
+    (r"model\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm",
+     r"transformer.decoder.layers.\1.norm1"),
+    (r"model\.decoder\.layers\.(\d+)\.encoder_attn\.",
+     r"transformer.decoder.layers.\1.cross_attn."),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.(query|key|value)",
+     r"transformer.decoder.layers.\1.self_attn.in_proj.\2"),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn_layer_norm",
+     r"transformer.decoder.layers.\1.norm2"),
+    (r"model\.decoder\.layers\.(\d+)\.final_layer_norm", r"transformer.decoder.layers.\1.norm3"),
+    (r"model\.decoder\.layers\.(\d+)\.fc", r"transformer.decoder.layers.\1.linear"),
+    (r"model\.decoder\.layers\.", "transformer.decoder.layers."),
+    (r"model\.text_backbone\.", "bert."), (r"model\.input_proj_vision\.", "input_proj."),
+    (r"model\.text_projection\.", "feat_map."),
+    (r"model\.decoder\.reference_points_head\.", "transformer.decoder.ref_point_head."),
+    (r"model\.decoder\.layer_norm\.", "transformer.decoder.norm."),
+    (r"model\.enc_output", "transformer.enc_output"),
+    (r"model\.encoder_output_bbox_embed\.", "transformer.enc_out_bbox_embed."),
+    (r"model\.level_embed", "transformer.level_embed"),
+    (r"model\.query_position_embeddings\.", "transformer.tgt_embed."),
+]
+
+
+def original_state(state: dict) -> dict:
+    """transformers' names -> the original release's: renamed, q/k/v packed again, the box
+    head tied into every decoder layer as the release saves it, "module." in front."""
+    import re
+
+    renamed = {}
+    for name, tensor in state.items():
+        if name.startswith("model.backbone.conv_encoder.model.swin.layernorm"):
+            continue
+        for pattern, replacement in TO_ORIGINAL:
+            name = re.sub("^" + pattern if pattern.startswith("model") else pattern, replacement,
+                          name)
+        renamed[name] = tensor
+    packed = {}
+    for name, tensor in renamed.items():
+        match = re.fullmatch(r"(.*)\.(qkv|in_proj)\.(query|key|value)\.(weight|bias)", name)
+        if match is None:
+            packed[name] = tensor
+        elif match[3] == "query":
+            prefix, packing, kind = match[1], match[2], match[4]
+            parts = [renamed[f"{prefix}.{packing}.{p}.{kind}"] for p in ("query", "key", "value")]
+            target = f"{prefix}.qkv.{kind}" if packing == "qkv" else f"{prefix}.in_proj_{kind}"
+            packed[target] = torch.cat(parts)
+    for name in [n for n in packed if n.startswith("bbox_embed.0.")]:
+        for layer in range(2):
+            packed[f"transformer.decoder.bbox_embed.{layer}.{name[13:]}"] = packed[name]
+        packed[f"bbox_embed.1.{name[13:]}"] = packed[name]
+    return {f"module.{name}": tensor for name, tensor in packed.items()}
+
+
+def test_the_original_release_checkpoint_loads_as_its_hub_folder_does(shapes, tmp_path):
+    """A checkpoint with the original release's names (written from a random transformers
+    model by the inverse of the public conversion's renames) loads into the same weights as
+    the hub folder of that model; the model must be Swin with BERT, else one line says how."""
+    from model import (DINOR1, grounding_dino_config, load_checkpoint, load_grounding_dino,
+                       load_original_grounding_dino_weights)
+
+    folder = tmp_path / "gd"
+    save_tiny_grounding_dino(folder, decoder_layers=2)
+    state = saved_state_file(folder)
+    torch.save({"model": original_state(state)}, tmp_path / "groundingdino.pth")
+    expected, _ = load_grounding_dino(folder, kernel="torch")
+    checkpoint = load_checkpoint(str(tmp_path / "groundingdino.pth"))
+    model = DINOR1(grounding_dino_config(folder))
+    loaded = load_original_grounding_dino_weights(model, tmp_path / "groundingdino.pth", checkpoint)
+    assert loaded.fresh == ["dn_content", "logit_scale", "prompt_encoder"]
+    fresh = ("dn_content", "logit_scale", "prompt_encoder")
+    for name, tensor in expected.state_dict().items():
+        if not name.startswith(fresh):
+            assert torch.equal(model.state_dict()[name], tensor), name
+    import train_sft
+    from conftest import run_args
+
+    with pytest.raises(SystemExit, match="groundingdino.pth is the original Grounding DINO "
+                                         "checkpoint: start from it with --model swin_t"):
+        train_sft.main(run_args(shapes, tmp_path / "run", "--init",
+                                str(tmp_path / "groundingdino.pth")))

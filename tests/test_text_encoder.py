@@ -103,13 +103,22 @@ def test_parameter_names_are_hugging_face_s():
     assert set(our_bert(reference).state_dict()) == names
 
 
+def padded_batch(tokenizer: WordPieceTokenizer, texts: list[str]):
+    """Texts -> input_ids (B, T) padded with [PAD] and attention_mask (B, T), 1 = a token."""
+    encoded = [tokenizer.encode(text) for text in texts]
+    length = max(map(len, encoded))
+    input_ids = torch.tensor([ids + [tokenizer.pad_id] * (length - len(ids)) for ids in encoded])
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in encoded])
+    return input_ids, attention_mask
+
+
 def test_bert_matches_hugging_face_on_a_padded_batch(tmp_path):
     reference = hf_bert()
     bert = our_bert(reference)
     assert load_bert_weights(bert, reference.state_dict()) == ["pooler.dense.weight",
                                                                "pooler.dense.bias"]
-    input_ids, attention_mask = WordPieceTokenizer.from_file(write_vocab(tmp_path))(
-        ["red circle . blue star .", "cat"])
+    input_ids, attention_mask = padded_batch(WordPieceTokenizer.from_file(write_vocab(tmp_path)),
+                                             ["red circle . blue star .", "cat"])
     assert attention_mask[1].sum() < attention_mask.shape[1]        # the second one is padded
     with torch.no_grad():
         expected = reference(input_ids, attention_mask=attention_mask).last_hidden_state
@@ -184,9 +193,7 @@ def test_load_bert_folder(bert_folder):
     folder, reference = bert_folder
     tokenizer, bert, unused = load_bert(folder)
     assert sorted(unused) == ["pooler.dense.bias", "pooler.dense.weight"]
-    first, second = tokenizer.encode("Red circle . blue star ."), tokenizer.encode("猫と犬")
-    input_ids = torch.tensor([first, second + [0] * (len(first) - len(second))])
-    attention_mask = (torch.arange(len(first)) < torch.tensor([[len(first)], [len(second)]])).long()
+    input_ids, attention_mask = padded_batch(tokenizer, ["Red circle . blue star .", "猫と犬"])
     with torch.no_grad():
         expected = reference(input_ids, attention_mask=attention_mask).last_hidden_state
         assert (bert(input_ids, attention_mask) - expected).abs().max() < 1e-5
