@@ -28,8 +28,8 @@ from tqdm import tqdm
 from data import (Batch, DataError, ReplaceUnreadable, TextPrompts, VisualInstructions,
                   build_dataset, collate, resolve_data_root, sample_prompts,
                   sample_text_prompts, split_files)
-from model import (CHECKPOINT_FORMAT, PRESETS, DINOR1, HungarianMatcher, SetCriterion,
-                   checkpoint_config_differences, grounding_dino_config,
+from model import (CHECKPOINT_FORMAT, PRESETS, DINOR1, DetectorConfig, HungarianMatcher,
+                   SetCriterion, checkpoint_config_differences, grounding_dino_config,
                    is_original_grounding_dino, load_checkpoint, load_grounding_dino_weights,
                    load_original_grounding_dino_weights, resolve_device)
 
@@ -112,16 +112,25 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 def finish_args(args: argparse.Namespace, script: str) -> argparse.Namespace:
-    """Fill preset-dependent defaults. A Grounding DINO folder given to --init brings its own
-    model (its training defaults are swin_t's): SystemExit if --model, --pretrained-backbone
-    or --text-encoder asks for another."""
+    """Fill preset-dependent defaults. The model comes from --model, else from what --init or
+    --resume names (args.model_from): a Grounding DINO folder (training defaults swin_t's) or
+    a checkpoint of this project (its own settings). SystemExit if --model,
+    --pretrained-backbone or --text-encoder asks for another than such a source brings."""
+    args.model_from, saved_model = None, None
     if args.init and Path(args.init).is_dir():
+        args.model_from, saved_model = args.init, "swin_t"
+    elif args.model is None and Path(args.resume or args.init or "").is_file():
+        saved = load_checkpoint(args.resume or args.init)
+        if isinstance(saved, dict) and {"config", "args"} <= saved.keys():
+            args.model_from, saved_model = args.resume or args.init, saved["args"].get("model")
+    if args.model_from:
         given = [flag for flag, value in (("--model", args.model), ("--text-encoder",
                  args.text_encoder), ("--pretrained-backbone", args.pretrained_backbone)) if value]
         if given:
-            raise SystemExit(f"--init {args.init} is a Grounding DINO folder, which brings its "
-                             f"own backbone and text encoder: drop {' and '.join(given)}")
-        args.model = "swin_t"
+            kind = "Grounding DINO folder" if Path(args.model_from).is_dir() else "checkpoint"
+            raise SystemExit(f"{args.model_from} is a {kind}, which brings its own backbone "
+                             f"and text encoder: drop {' and '.join(given)}")
+        args.model = saved_model
     args.model = args.model or "tiny"
     args.text_encoder = args.text_encoder or "bytes"
     for key, value in TRAIN_DEFAULTS[args.model].items():
@@ -216,13 +225,17 @@ def setup_distributed(device_name: str) -> tuple[torch.device, int, int]:
 
 
 def build_detector(args) -> DINOR1:
-    """The --model preset (or the Grounding DINO of an --init folder) with the command line's
-    kernel, backbone weights, text encoder and, if given, DN label noise."""
-    if args.init and Path(args.init).is_dir():
+    """The --model preset with the command line's backbone weights and text encoder, or the
+    model args.model_from brings (see finish_args); the command line's kernel and, if given,
+    DN label noise."""
+    if args.model_from and Path(args.model_from).is_dir():
         try:
-            config = replace(grounding_dino_config(args.init), kernel=args.kernel)
+            config = replace(grounding_dino_config(args.model_from), kernel=args.kernel)
         except (OSError, ValueError) as error:
-            raise SystemExit(f"cannot start from --init {args.init}: {error}") from error
+            raise SystemExit(f"cannot start from --init {args.model_from}: {error}") from error
+    elif args.model_from:
+        saved = load_checkpoint(args.model_from)["config"]
+        config = DetectorConfig(**{**saved, "kernel": args.kernel, "pretrained_backbone": False})
     else:
         config = replace(PRESETS[args.model], kernel=args.kernel, text_encoder=args.text_encoder,
                          pretrained_backbone=args.pretrained_backbone)

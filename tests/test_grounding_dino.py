@@ -2,6 +2,8 @@
 Face transformers' GroundingDino (the oracle, a test-only dependency) on tiny random
 configurations, every weight perturbed where a module has any."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -405,6 +407,14 @@ def test_fine_tuning_starts_from_a_grounding_dino_folder_and_evaluate_reads_it(s
     tuned = train_sft.main(run_args(shapes, tmp_path / "run", "--init", str(folder),
                                     "--max-steps", "1", "--kernel", "torch"))
     assert tuned.config.num_queries == 20 and tuned.config.image_size == 128
+    # The next stage starts from that checkpoint, which brings its own (GD-sized) model.
+    chained = train_sft.main(run_args(shapes, tmp_path / "next", "--init",
+                                      str(tmp_path / "run" / "last.pt"), "--max-steps", "1"))
+    assert chained.config == replace(tuned.config, kernel="auto")
+    with pytest.raises(SystemExit, match="last.pt is a checkpoint, which brings its own "
+                                         "backbone and text encoder: drop --text-encoder"):
+        train_sft.main(run_args(shapes, tmp_path / "next", "--init",
+                                str(tmp_path / "run" / "last.pt"), "--text-encoder", "bytes"))
     before = oracle.state_dict()["model.level_embed"]
     after = tuned.state_dict()["backbone.level_embed"]
     assert not torch.equal(before, after) and torch.allclose(before, after, atol=1e-3)

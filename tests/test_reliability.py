@@ -444,7 +444,7 @@ def test_checkpoint_of_another_preset_names_the_mismatch(shapes, trained, tmp_pa
     for option in ("--resume", "--init"):
         with pytest.raises(SystemExit) as error:
             train_sft.main(run_args(shapes, tmp_path / "run", option,
-                                    str(tmp_path / "swin_t.pt")))
+                                    str(tmp_path / "swin_t.pt"), "--model", "tiny"))
         message = str(error.value)
         assert message.startswith(f"{tmp_path / 'swin_t.pt'} was written with other model "
                                   f"settings (backbone: 'swin' there, 'tiny' here, "
