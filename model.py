@@ -927,15 +927,23 @@ class BertTextEncoder(nn.Module):
             length += cost
         return ranges + [(start, len(names))] if names else ranges
 
+    def encode_ids(self, input_ids: Tensor, padding: Tensor | None = None
+                   ) -> tuple[Tensor, Phrases]:
+        """Token ids of captions (B, T), padding (B, T) True = padding -> each token's state
+        projected to d (B, T, d), and the captions' phrases (caption_phrases): BERT reads
+        them with GD's sub-sentence mask and phrase positions."""
+        if padding is None:
+            padding = torch.zeros_like(input_ids, dtype=torch.bool)
+        phrases = caption_phrases(input_ids, padding, self.delimiters, self.out.out_features)
+        states = self.bert(input_ids, phrases.attention.long(), phrases.position_ids)
+        return self.out(states), phrases
+
     def caption(self, names: list[str]) -> PromptTokens:
         """K class names -> their caption as the prompts of a batch of one: its T tokens'
         states projected to d, its phrases, each class's tokens and their mean."""
         device = self.out.weight.device
         ids, spans = self.caption_ids(names)
-        input_ids = torch.tensor([ids], device=device)
-        phrases = caption_phrases(input_ids, torch.zeros_like(input_ids, dtype=torch.bool),
-                                  self.delimiters, self.out.out_features)
-        tokens = self.out(self.bert(input_ids, phrases.attention.long(), phrases.position_ids))
+        tokens, phrases = self.encode_ids(torch.tensor([ids], device=device))
         width = max(end - start for start, end in spans)
         slots = torch.arange(width, device=device)
         starts, ends = (torch.tensor(part, device=device) for part in zip(*spans))
@@ -1395,18 +1403,17 @@ class DINOR1(nn.Module):
 
     # -- the two passes ------------------------------------------------------------------
 
-    def encode(self, images: Tensor, mask: Tensor, prompts: Tensor | None = None,
+    def encode(self, images: Tensor, mask: Tensor, prompts: Tensor | PromptTokens | None = None,
                prompt_mask: Tensor | None = None,
                instructions: "VisualInstructions | None" = None,
-               class_names: list[str] | None = None,
-               phrases: Phrases | None = None) -> Encoded:
+               class_names: list[str] | None = None) -> Encoded:
         """Backbone, prompts, feature enhancer and token scores: all that comes before the
         decoder, shared by `forward` and `objectness_logits`. Prompts come ready-made
-        (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g. generic prototypes), as
-        `instructions` (training: exemplar boxes of this batch, one per class becomes the
-        prompt of every image) or as K `class_names` through the text encoder, shown to
-        every image; exactly one of the three. Each prompt is a phrase of its own unless
-        ready-made prompts come with their `phrases` (tokens of Grounding DINO's captions)."""
+        (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g. generic prototypes, each a token
+        and phrase of its own; or PromptTokens as they are), as `instructions` (training:
+        exemplar boxes of this batch, one per class becomes the prompt of every image) or as
+        K `class_names` through the text encoder, shown to every image; exactly one of the
+        three."""
         if sum(given is not None for given in (prompts, instructions, class_names)) != 1:
             raise ValueError("give the detector prompts (B, K, d), visual instructions or "
                              "class names, exactly one of them")
@@ -1416,13 +1423,13 @@ class DINOR1(nn.Module):
             prompts, exemplars = self.instruction_prompts(features, instructions)
         if class_names is not None:
             tokens = self.text_prompts(class_names, images.shape[0])
+        elif isinstance(prompts, PromptTokens):
+            tokens = prompts
         else:
             if prompt_mask is None:
                 prompt_mask = torch.zeros(prompts.shape[:2], dtype=torch.bool,
                                           device=prompts.device)
             tokens = one_token_per_class(prompts, prompt_mask)
-            if phrases is not None:
-                tokens = tokens._replace(phrases=phrases)
         memory, enhanced = self.enhance(features, tokens.tokens, tokens.phrases)
         anchors, valid = token_anchors(features)
         proposal_features, token_logits, objectness_logits = self.score_tokens(
@@ -1431,7 +1438,8 @@ class DINOR1(nn.Module):
                        proposal_features, token_logits, objectness_logits)
 
     def objectness_logits(self, images: Tensor, mask: Tensor, indices: Tensor,
-                          prompts: Tensor | None = None, prompt_mask: Tensor | None = None,
+                          prompts: Tensor | PromptTokens | None = None,
+                          prompt_mask: Tensor | None = None,
                           instructions: "VisualInstructions | None" = None,
                           class_names: list[str] | None = None) -> Tensor:
         """The light path for the GRQO reference model (no decoder): the objectness logits
@@ -1439,18 +1447,16 @@ class DINOR1(nn.Module):
         encoded = self.encode(images, mask, prompts, prompt_mask, instructions, class_names)
         return encoded.objectness_logits.gather(1, indices)
 
-    def forward(self, images: Tensor, mask: Tensor, prompts: Tensor | None = None,
+    def forward(self, images: Tensor, mask: Tensor, prompts: Tensor | PromptTokens | None = None,
                 prompt_mask: Tensor | None = None,
                 instructions: "VisualInstructions | None" = None,
                 dn_targets: list["Target"] | None = None,
                 generator: torch.Generator | None = None,
-                class_names: list[str] | None = None,
-                phrases: Phrases | None = None) -> DetectorOutput:
+                class_names: list[str] | None = None) -> DetectorOutput:
         """images (B, 3, H, W) normalised, mask (B, H, W) True = padding; prompts as in
         `encode` (instructions also yield the contrastive logits). `dn_targets` (training
         only) adds denoising queries, their noise drawn from `generator`."""
-        encoded = self.encode(images, mask, prompts, prompt_mask, instructions, class_names,
-                              phrases)
+        encoded = self.encode(images, mask, prompts, prompt_mask, instructions, class_names)
         features, prompts = encoded.features, encoded.prompts
         token_padding = prompts.phrases.padding
         selection = self.select_queries(encoded.objectness_logits)

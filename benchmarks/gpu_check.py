@@ -301,20 +301,22 @@ def same_weights_check(kernel: str, device: str, height: int, width: int, steps:
         gd.generate_masks_with_special_tokens_and_transfer_map = lambda input_ids: (
             phrases.attention, phrases.position_ids)
     try:
-        return compare_and_time(oracle, ours, batch, ids, phrases, steps, warmup, device, patched,
+        return compare_and_time(oracle, ours, batch, ids, steps, warmup, device, patched,
                                 forward_only)
     finally:
         gd.generate_masks_with_special_tokens_and_transfer_map = original_masks
 
 
-def compare_and_time(oracle, ours, batch, ids, phrases, steps: int, warmup: int, device: str,
+def compare_and_time(oracle, ours, batch, ids, steps: int, warmup: int, device: str,
                      patched: bool, forward_only: bool) -> dict:
     """same_weights_check's measurements (see there)."""
+    from model import one_token_per_class
+
     pixel_mask = (~batch.mask).long()
 
-    def my_text():          # this project's BERT over the caption, GD's masks, text_projection
-        return ours.text_encoder.out(ours.text_encoder.bert(ids, phrases.attention.long(),
-                                                            phrases.position_ids))
+    def my_tokens():        # this project's BERT over the caption, GD's masks, text_projection
+        text, phrases = ours.text_encoder.encode_ids(ids)
+        return one_token_per_class(text, phrases.padding)._replace(phrases=phrases)
 
     def theirs():
         output = oracle(pixel_values=batch.images, input_ids=ids,
@@ -322,8 +324,7 @@ def compare_and_time(oracle, ours, batch, ids, phrases, steps: int, warmup: int,
         return output.logits[..., :ids.shape[1]], output.pred_boxes
 
     def mine():
-        output = ours(batch.images, batch.mask, prompts=my_text(), prompt_mask=phrases.padding,
-                      phrases=phrases)
+        output = ours(batch.images, batch.mask, prompts=my_tokens())
         return output.logits[-1], output.boxes[-1]
 
     oracle.eval(), ours.eval()
@@ -331,8 +332,7 @@ def compare_and_time(oracle, ours, batch, ids, phrases, steps: int, warmup: int,
     with torch.no_grad():
         full = oracle(pixel_values=batch.images, input_ids=ids,
                       attention_mask=torch.ones_like(ids), pixel_mask=pixel_mask)
-        encoded = ours.encode(batch.images, batch.mask, prompts=my_text(),
-                              prompt_mask=phrases.padding, phrases=phrases)
+        encoded = ours.encode(batch.images, batch.mask, prompts=my_tokens())
         (their_logits, their_boxes), (my_logits, my_boxes) = theirs(), mine()
     their_scores = full.enc_outputs_class[..., :ids.shape[1]].max(-1).values
     their_selection = their_scores.topk(ours.config.num_queries, dim=1).indices

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from model import (PRESETS, Backbone, Decoder, DetectorConfig, EnhancerLayer, build_model,
-                   caption_phrases, rename_grounding_dino, scale_reference, sine_encoding,
-                   sine_positions, token_anchors, token_centres)
+                   caption_phrases, one_token_per_class, rename_grounding_dino,
+                   scale_reference, sine_encoding, sine_positions, token_anchors, token_centres)
 
 transformers = pytest.importorskip("transformers")
 grounding_dino = pytest.importorskip("transformers.models.grounding_dino.modeling_grounding_dino")
@@ -372,17 +372,15 @@ def test_from_the_text_features_on_the_detector_equals_grounding_dino_end_to_end
     input_ids = torch.tensor([[101, 2000, 1012, 2001, 1012, 2003, 2004, 1012, 102],
                               [101, 2008, 1012, 102, 0, 0, 0, 0, 0]])
     attention_mask = (input_ids != 0).long()
-    phrases = caption_phrases(input_ids, attention_mask == 0, SPECIAL_IDS, 64)
     torch.manual_seed(0)
     images, mask = torch.randn(2, 3, 230, 262), torch.zeros(2, 230, 262, dtype=torch.bool)
     mask[1, 190:], mask[1, :, 203:] = True, True
     with torch.no_grad():
         expected = oracle(pixel_values=images, input_ids=input_ids, attention_mask=attention_mask,
                           pixel_mask=(~mask).long())
-        states = model.text_encoder.bert(input_ids, phrases.attention.long(),
-                                         phrases.position_ids)
-        text = model.text_encoder.out(states)
-        output = model(images, mask, prompts=text, prompt_mask=phrases.padding, phrases=phrases)
+        text, phrases = model.text_encoder.encode_ids(input_ids, attention_mask == 0)
+        tokens = one_token_per_class(text, phrases.padding)._replace(phrases=phrases)
+        output = model(images, mask, prompts=tokens)
     real = attention_mask.bool()[:, None, :].expand(-1, 20, -1)
     torch.testing.assert_close(output.logits[-1][real], expected.logits[..., :9][real],
                                atol=1e-4, rtol=1e-4)
