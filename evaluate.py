@@ -38,7 +38,7 @@ from tqdm import tqdm
 from data import (Batch, CocoDetection, DataError, build_dataset, collate,
                   instance_image_index, resolve_data_root, sample_exemplars, split_files)
 from model import (CHECKPOINT_FORMAT, DINOR1, UNTRAINED_VISUAL_PROMPTS, Detections,
-                   load_detector, postprocess, resolve_device)
+                   PromptTokens, expand_prompts, load_detector, postprocess, resolve_device)
 
 SUMMARY_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # Box colours, one per class or prompt: light, for black label text, and unlike the
@@ -97,25 +97,32 @@ def default_support_split(data: str) -> str:
 
 
 @torch.no_grad()
-def detect(model: DINOR1, batch: Batch, prompts: torch.Tensor | list[str],
-           prompt_classes: list[int], chunk_size: int, top_k: int = 300) -> list[Detections]:
-    """Run shared prompts over a batch: C vectors (C, d), or C class names read as text (with
-    BERT, one Grounding DINO caption per chunk, within its 256 tokens). At most `chunk_size`
-    prompts at a time (LVIS has 1,203 classes); merges the chunks and keeps each image's
-    top_k. Labels become class indices."""
+def text_prompt_chunks(model: DINOR1, names: list[str], chunk_size: int
+                       ) -> list[tuple[int, PromptTokens]]:
+    """Class names read as text once, for every batch: chunks of at most `chunk_size` names
+    (with BERT, one Grounding DINO caption each, within its 256 tokens), as (index of the
+    chunk's first name, its prompts for a batch of one)."""
+    return [(start, model.text_prompts(names[start:end], 1))
+            for start, end in model.text_chunks(names, chunk_size)]
+
+
+@torch.no_grad()
+def detect(model: DINOR1, batch: Batch,
+           prompts: torch.Tensor | list[tuple[int, PromptTokens]], prompt_classes: list[int],
+           chunk_size: int, top_k: int = 300) -> list[Detections]:
+    """Run shared prompts over a batch: C vectors (C, d), `chunk_size` at a time (LVIS has
+    1,203 classes), or the chunks of text_prompt_chunks; merges the chunks and keeps each
+    image's top_k. Labels become class indices (prompt_classes: one per prompt)."""
     merged = [[] for _ in batch.targets]
     classes = torch.tensor(prompt_classes, device=batch.images.device)
+    size = len(batch.targets)
     if isinstance(prompts, list):
-        chunks = model.text_chunks(prompts, chunk_size)
+        chunks = [(start, expand_prompts(tokens, size)) for start, tokens in prompts]
     else:
-        chunks = [(start, start + chunk_size) for start in range(0, len(prompts), chunk_size)]
-    for start, end in chunks:
-        chunk = prompts[start:end]
-        if isinstance(chunk, list):
-            output = model(batch.images, batch.mask, class_names=chunk)
-        else:
-            output = model(batch.images, batch.mask,
-                           prompts=chunk[None].expand(len(batch.targets), -1, -1))
+        chunks = [(start, prompts[start:start + chunk_size][None].expand(size, -1, -1))
+                  for start in range(0, len(prompts), chunk_size)]
+    for start, chunk in chunks:
+        output = model(batch.images, batch.mask, prompts=chunk)
         found = postprocess(output.logits[-1], output.boxes[-1], original_sizes(batch), top_k)
         for b, detections in enumerate(found):
             merged[b].append(Detections(detections.boxes, detections.scores,
@@ -322,7 +329,8 @@ def evaluate(model: DINOR1, data: str, *, split: str = "val", prompt: str = "gen
         detect_batch = partial(detect, model, prompts=prompts, prompt_classes=classes,
                                chunk_size=chunk_size)
     elif prompt == "text":
-        prompts, classes = list(dataset.class_names), list(range(len(dataset.class_names)))
+        prompts = text_prompt_chunks(model, list(dataset.class_names), chunk_size)
+        classes = list(range(len(dataset.class_names)))
         detect_batch = partial(detect, model, prompts=prompts, prompt_classes=classes,
                                chunk_size=chunk_size)
     elif prompt == "interactive":

@@ -186,6 +186,14 @@ def one_token_per_class(prompts: Tensor, prompt_mask: Tensor) -> PromptTokens:
                         prompt_mask, None, None)
 
 
+def expand_prompts(prompts: PromptTokens, batch: int) -> PromptTokens:
+    """Prompts of a batch of one, shown to every image of a batch of `batch` (no copy)."""
+    def expand(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.expand(batch, *x.shape[1:])
+    return PromptTokens(expand(prompts.tokens), Phrases(*map(expand, prompts.phrases)),
+                        *map(expand, prompts[2:]))
+
+
 def class_logits(token_logits: Tensor, prompts: PromptTokens) -> Tensor:
     """Per-token logits (..., B, Q, T) -> per-class logits (..., B, Q, K): the logit of the mean
     of the sigmoids over each class's tokens (Grounding DINO's COCO rule; a one-token class
@@ -1348,10 +1356,7 @@ class DINOR1(nn.Module):
             prompts = self.encode_text(names)[None].expand(batch, -1, -1)
             padding = prompts.new_zeros(prompts.shape[:2], dtype=torch.bool)
             return one_token_per_class(prompts, padding)
-        caption = self.text_encoder.caption(names)
-        expand = lambda x: x.expand(batch, *x.shape[1:])           # noqa: E731
-        return PromptTokens(*(Phrases(*map(expand, part)) if isinstance(part, Phrases)
-                              else expand(part) for part in caption))
+        return expand_prompts(self.text_encoder.caption(names), batch)
 
     def encode_exemplars(self, images: Tensor, mask: Tensor, image_index: Tensor,
                          boxes: Tensor) -> Tensor:
@@ -1942,7 +1947,9 @@ def grounding_dino_config(folder: str | Path) -> DetectorConfig:
     """The detector a Grounding DINO folder describes: its config.json (an absent key takes
     Hugging Face's default) and preprocessor_config.json's image sizes (GD's 800 and 1333 when
     there is none); the rest from the swin_t preset. ValueError naming the file and the first
-    setting this detector does not compute."""
+    setting this detector does not compute. The training-only regularisers (dropout, the
+    fusion's and Swin's drop paths) are not read: this detector trains without dropout, with
+    torchvision's stochastic depth 0.2 in Swin."""
     folder = Path(folder)
     path = required_file(folder, "config.json")
     settings = json.loads(path.read_text())

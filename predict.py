@@ -38,7 +38,7 @@ from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
 from data import Batch, DataError, collate, make_sample, make_transforms, read_rgb_image
-from evaluate import coco_results, detect, draw_detections, keep_top
+from evaluate import coco_results, detect, draw_detections, keep_top, text_prompt_chunks
 from model import (DINOR1, UNTRAINED_VISUAL_PROMPTS, Detections, check_format, load_detector,
                    resolve_device)
 
@@ -236,7 +236,8 @@ def predict(model: DINOR1, image: str | Path | Image.Image | Tensor, prompts: Pr
         parts.append(detect(model, batch, vectors, list(range(len(names))), chunk_size, top_k)[0])
     if prompts.text:
         classes = list(range(len(names), len(names) + len(prompts.text)))
-        parts.append(detect(model, batch, prompts.text, classes, chunk_size, top_k)[0])
+        text = text_prompt_chunks(model, prompts.text, chunk_size)
+        parts.append(detect(model, batch, text, classes, chunk_size, top_k)[0])
         names = names + prompts.text
     found = keep_top(parts, top_k)
     keep = found.scores >= threshold
