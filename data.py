@@ -597,13 +597,23 @@ def make_transforms(train: bool, image_size: int, max_size: int) -> Compose:
 # Batching
 # ----------------------------------------------------------------------------------------
 
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
 
-def collate(samples: list[tuple[torch.Tensor, Target]]) -> Batch:
-    """Pad images (3, h_i, w_i) into one (B, 3, H, W) tensor with its padding mask: H and W
-    are the batch maxima, as Grounding DINO pads (a lone picture is not padded at all)."""
+
+
+def collate(samples: list[tuple[torch.Tensor, Target]], pad_multiple: int = 32) -> Batch:
+    """Pad images (3, h_i, w_i) into one (B, 3, H, W) tensor with its padding mask.
+
+    H and W are the batch maxima rounded up to a multiple of `pad_multiple` (the model's,
+    DetectorConfig.pad_multiple). 32, the backbone's total stride, makes every stage halve
+    the padded size exactly, so feature maps line up with the image and the mask downsamples
+    to each level without rounding (which the tiny preset's coarse levels need); 1 pads to the
+    maxima only, as Grounding DINO's processor does (a lone picture is not padded at all).
+    """
     images, targets = zip(*samples)
-    height = max(image.shape[1] for image in images)
-    width = max(image.shape[2] for image in images)
+    height = _round_up(max(image.shape[1] for image in images), pad_multiple)
+    width = _round_up(max(image.shape[2] for image in images), pad_multiple)
     padded = images[0].new_zeros((len(images), 3, height, width))
     mask = torch.ones((len(images), height, width), dtype=torch.bool)
     for position, image in enumerate(images):

@@ -66,7 +66,8 @@ def generic_prototypes(model: DINOR1, support: CocoDetection, shots: int | None,
     d = model.config.hidden_dim
     sums = torch.zeros(len(support.class_names), d, device=device)
     counts = torch.zeros(len(support.class_names), device=device)
-    loader = DataLoader(Subset(support, image_indices), batch_size=batch_size, collate_fn=collate)
+    loader = DataLoader(Subset(support, image_indices), batch_size=batch_size,
+                        collate_fn=partial(collate, pad_multiple=model.config.pad_multiple))
     position = 0
     for batch in tqdm(loader, desc="prototypes", leave=False):
         batch = batch.to(device)
@@ -337,7 +338,8 @@ def evaluate(model: DINOR1, data: str, *, split: str = "val", prompt: str = "gen
         detect_batch = partial(detect_interactive, model)
     else:
         raise ValueError(f"unknown prompt mode {prompt!r}")
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size,
+                        collate_fn=partial(collate, pad_multiple=model.config.pad_multiple))
     results, position, confident, duplicates = [], 0, 0, 0
     for batch in tqdm(loader, desc=f"evaluate {split} ({prompt})"):
         batch = batch.to(device)

@@ -76,6 +76,8 @@ class DetectorConfig:
     kernel: str = "auto"                # deformable attention backend: auto | torch | triton
     position_temperature: float = 10000.0   # of the image tokens' sine positions (GD: 20)
     class_head: str = "scaled"          # "dot" (GD) | "scaled" (the release's; see ContrastiveHead)
+    pad_multiple: int = 32              # batches padded to a multiple of this (data.collate):
+                                        # 32 aligns every level with the masks; GD pads to 1
 
     def __post_init__(self):
         self.swin_depths, self.swin_heads = tuple(self.swin_depths), tuple(self.swin_heads)
@@ -1776,7 +1778,7 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> DINOR1:
 
 
 # Settings that do not change the weights a checkpoint holds.
-NOT_ARCHITECTURE = ("kernel", "pretrained_backbone")
+NOT_ARCHITECTURE = ("kernel", "pretrained_backbone", "pad_multiple")
 
 
 def checkpoint_config_differences(saved: dict, config: DetectorConfig) -> str:
@@ -1986,7 +1988,7 @@ def grounding_dino_config(folder: str | Path) -> DetectorConfig:
         swin_heads=tuple(swin.get("num_heads", (3, 6, 12, 24))),
         swin_window=swin.get("window_size", 7),
         text_encoder=str(folder), image_size=size.get("shortest_edge", 800),
-        max_size=size.get("longest_edge", 1333))
+        max_size=size.get("longest_edge", 1333), pad_multiple=1)
 
 
 class GroundingDinoWeights(NamedTuple):

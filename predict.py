@@ -141,7 +141,8 @@ def prepare(model: DINOR1, picture: Image.Image, boxes: list) -> Batch:
     transforms = make_transforms(False, model.config.image_size, model.config.max_size)
     pixels = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     labels = torch.zeros(len(pixels), dtype=torch.long)
-    batch = collate([make_sample(picture, pixels, labels, transforms, image_id=0)])
+    batch = collate([make_sample(picture, pixels, labels, transforms, image_id=0)],
+                    model.config.pad_multiple)
     return batch.to(next(model.parameters()).device)
 
 

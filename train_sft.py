@@ -16,6 +16,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -586,7 +587,8 @@ def make_loader(run: Run, skip_batches: int) -> DataLoader:
         4 if run.device.type == "cuda" else 0)
     indices = list(run.sampler)[skip_batches * args.batch_size:]
     return DataLoader(run.samples, batch_size=args.batch_size, sampler=indices, drop_last=True,
-                      collate_fn=collate, num_workers=workers)
+                      num_workers=workers,
+                      collate_fn=partial(collate, pad_multiple=run.model.config.pad_multiple))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -246,7 +246,8 @@ def test_collate_pads_and_masks():
     first = (torch.ones(3, 40, 50), make_target([0]))
     second = (torch.ones(3, 70, 20), make_target([1, 2]))
     batch = data.collate([first, second])
-    assert batch.images.shape == (2, 3, 70, 50) and batch.mask.shape == (2, 70, 50)
+    assert batch.images.shape == (2, 3, 96, 64) and batch.mask.shape == (2, 96, 64)
+    assert data.collate([first, second], pad_multiple=1).images.shape == (2, 3, 70, 50)
     assert not batch.mask[0, :40, :50].any() and batch.mask[0, 40:].all() and batch.mask[0, :, 50:].all()
     assert not batch.mask[1, :70, :20].any() and batch.mask[1, 70:].all() and batch.mask[1, :, 20:].all()
     assert torch.equal(batch.images.sum(dim=1) == 0, batch.mask)
@@ -325,7 +326,7 @@ def test_replacements_are_counted_across_workers(tmp_path):
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=1,
                                          collate_fn=data.collate)
     batches = list(loader)
-    assert len(batches) == 1 and batches[0].images.shape == (2, 3, 30, 40)
+    assert len(batches) == 1 and batches[0].images.shape == (2, 3, 32, 64)
     assert [target.image_id for target in batches[0].targets] == [2, 3]  # sample 0 replaced by 1
     assert dataset.num_replaced == 1                 # counted in the worker, seen here
 
