@@ -224,30 +224,41 @@ def time_huggingface_steps(device: str, height: int, width: int, steps: int, war
             "token_type_ids": torch.zeros_like(ids), "pixel_mask": (~batch.mask).long()}
     labels = [{"class_labels": t.labels, "boxes": t.boxes} for t in targets]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda")
-    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     result = {"model": "transformers GroundingDino", "image": f"{height}x{width}", "batch": 2,
               "bf16": amp}
-    for phase in ("forward", "step"):
+    losses = []
+
+    def forward():
+        with torch.no_grad(), autocast:
+            model(batch.images, **text)
+
+    def step():
+        with autocast:
+            losses.append(model(batch.images, **text, labels=labels).loss)
+        optimizer.zero_grad(set_to_none=True)
+        losses[-1].backward()
+        optimizer.step()
+
+    for phase, action in (("forward", forward), ("step", step)):
         model.train(phase == "step")
-        times = []
-        for index in range(warmup + steps):
-            synchronize()
-            started = time.perf_counter()
-            if phase == "forward":
-                with torch.no_grad(), autocast:
-                    model(batch.images, **text)
-            else:
-                with autocast:
-                    loss = model(batch.images, **text, labels=labels).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            synchronize()
-            if index >= warmup:
-                times.append(time.perf_counter() - started)
-        result[f"median_{phase}_s"] = statistics.median(times)
-    result["loss_finite"] = bool(torch.isfinite(loss))
+        result[f"median_{phase}_s"] = median_seconds(action, steps, warmup, device)
+    result["loss_finite"] = bool(torch.isfinite(losses[-1]))
     return result
+
+
+def median_seconds(action, steps: int, warmup: int, device: str) -> float:
+    """Median wall seconds of `action()` over `steps` calls after `warmup` untimed ones,
+    synchronising CUDA around each."""
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for index in range(warmup + steps):
+        synchronize()
+        started = time.perf_counter()
+        action()
+        synchronize()
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def save_grounding_dino(folder: Path, tiny: bool) -> None:
@@ -353,30 +364,26 @@ def compare_and_time(oracle, ours, batch, ids, steps: int, warmup: int, device: 
               "boxes_max_abs_diff_fp32": (my_boxes - their_boxes).abs().max().item(),
               "logits_scale": their_logits.abs().max().item()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     timed = [("transformers", oracle, theirs), ("ours", ours, mine)] if steps else []
     for name, model, run in timed:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        for phase in ("forward",) if forward_only else ("forward", "step"):
+
+        def forward():
+            with torch.no_grad(), autocast:
+                run()
+
+        def step():
+            with autocast:
+                logits, boxes = run()
+            loss = logits.float().clamp(min=-100).sum() + boxes.float().sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        phases = [("forward", forward)] + ([] if forward_only else [("step", step)])
+        for phase, action in phases:
             model.train(phase == "step")
-            times = []
-            for index in range(warmup + steps):
-                synchronize()
-                started = time.perf_counter()
-                if phase == "forward":
-                    with torch.no_grad(), autocast:
-                        run()
-                else:
-                    with autocast:
-                        logits, boxes = run()
-                    loss = logits.float().clamp(min=-100).sum() + boxes.float().sum()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                synchronize()
-                if index >= warmup:
-                    times.append(time.perf_counter() - started)
-            result[f"{name}_median_{phase}_s"] = statistics.median(times)
+            result[f"{name}_median_{phase}_s"] = median_seconds(action, steps, warmup, device)
     return result
 
 
