@@ -33,6 +33,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -660,18 +661,26 @@ def sample_prompts(batch: Batch, class_names: list[str],
 
 
 def sample_text_prompts(batch: Batch, class_names: list[str], candidates: list[int],
-                        generator: torch.Generator, max_prompts: int = 80
-                        ) -> tuple[TextPrompts, list[Target]]:
+                        generator: torch.Generator, max_prompts: int = 80,
+                        name_tokens: "Callable[[str], int] | None" = None,
+                        max_tokens: float = math.inf) -> tuple[TextPrompts, list[Target]]:
     """The text prompts of a training batch: every class present, and negatives drawn
     from `candidates` (class indices; training passes the base classes, so that a novel
-    name is never a negative) up to `max_prompts` names in all (80, COCO's class count),
-    shuffled. Returns the prompts and the targets with the prompt indices as labels (M,)
-    long, on the device of the batch's targets. generator: a CPU torch.Generator."""
+    name is never a negative) up to `max_prompts` names in all (80, COCO's class count) and
+    `max_tokens` caption tokens, a name costing name_tokens(name) (the text encoder's count:
+    so that one caption holds them all), shuffled. Returns the prompts and the targets with the
+    prompt indices as labels (M,) long, on the device of the batch's targets. generator: a CPU
+    torch.Generator."""
     present = sorted(set(torch.cat([t.labels.cpu() for t in batch.targets]
                                    + [torch.zeros(0, dtype=torch.long)]).tolist()))
     others = [c for c in candidates if c not in present]
-    drawn = torch.randperm(len(others), generator=generator)[:max(max_prompts - len(present), 0)]
-    chosen = present + [others[i] for i in drawn.tolist()]
+    cost = name_tokens or (lambda name: 0)
+    chosen, budget = list(present), max_tokens - sum(cost(class_names[c]) for c in present)
+    for index in torch.randperm(len(others), generator=generator).tolist():
+        budget -= cost(class_names[others[index]])
+        if len(chosen) >= max_prompts or budget < 0:
+            break
+        chosen.append(others[index])
     order = [chosen[i] for i in torch.randperm(len(chosen), generator=generator).tolist()]
     position = {class_index: k for k, class_index in enumerate(order)}
     targets = [replace(t, labels=torch.tensor([position[c] for c in t.labels.tolist()],

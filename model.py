@@ -6,7 +6,7 @@ Read top to bottom:
     DetectorConfig / PRESETS / build_model      settings: the `tiny`, `swin_t` and `r50` scales
     Backbone, sine_encoding                     multi-scale image features, L levels of width d
     MultiScaleDeformableAttention               the hot spot, through kernels.ms_deform_attn
-    ByteTextEncoder, BertTextEncoder            class names: pooled, or a GD caption (2.3)
+    WordPieceTokenizer, Bert, BertTextEncoder   class names as a GD caption (2.3)
     VisualPromptEncoder, contrastive_logits     one embedding per exemplar box (2.2), L_contra (2.4)
     PromptTokens, caption_phrases, class_logits the prompts as one token sequence (2.3)
     BiAttention, EnhancerLayer                  image <-> prompt fusion (METHOD 2.6)
@@ -69,7 +69,8 @@ class DetectorConfig:
     num_dn_queries: int = 40            # contrastive denoising queries (METHOD 2.10)
     dn_label_noise: float = 0.25        # probability of a wrong prompt on a DN query
     dn_box_noise: float = 1.0           # lambda of DINO's box noise
-    text_encoder: str = "bytes"         # "bytes" or a local BERT folder (see load_bert)
+    text_encoder: str = "generated"     # "generated" (a small BERT, vocabulary made in code)
+                                        # or a local BERT folder (see load_bert)
     text_layers: int = 2
     image_size: int = 128               # short side at evaluation
     max_size: int = 171                 # long side cap
@@ -78,6 +79,7 @@ class DetectorConfig:
     class_head: str = "scaled"          # "dot" (GD) | "scaled" (the release's; see ContrastiveHead)
     pad_multiple: int = 32              # batches padded to a multiple of this (data.collate):
                                         # 32 aligns every level with the masks; GD pads to 1
+    select_invalid_tokens: bool = False  # GD: True (see DINOR1.select_queries)
 
     def __post_init__(self):
         self.swin_depths, self.swin_heads = tuple(self.swin_depths), tuple(self.swin_heads)
@@ -92,7 +94,8 @@ PRESETS = {
     "swin_t": DetectorConfig(backbone="swin", hidden_dim=256, num_heads=8,
                              num_encoder_layers=6, num_decoder_layers=6, ffn_dim=2048,
                              num_queries=900, num_dn_queries=100, image_size=800,
-                             max_size=1333, position_temperature=20.0, class_head="dot"),
+                             max_size=1333, position_temperature=20.0, class_head="dot",
+                             select_invalid_tokens=True),
 }
 PRESETS["r50"] = replace(PRESETS["swin_t"], backbone="r50")     # the same with a ResNet-50
 
@@ -134,9 +137,9 @@ class Phrases(NamedTuple):
 
 
 def single_token_phrases(prompt_mask: Tensor, dim: int) -> Phrases:
-    """Every prompt a phrase of its own, one token at position 0: how a visual prompt (and a
-    class name pooled by the byte encoder) enters the enhancer, so visual prompts do not
-    attend to each other there. prompt_mask (B, K)."""
+    """Every prompt a phrase of its own, one token at position 0: how a visual prompt (or any
+    ready-made class vector) enters the enhancer, so visual prompts do not attend to each other
+    there. prompt_mask (B, K)."""
     batch, num_prompts = prompt_mask.shape
     alone = torch.eye(num_prompts, dtype=torch.bool, device=prompt_mask.device)
     at_zero = torch.zeros(batch, num_prompts, dtype=torch.long, device=prompt_mask.device)
@@ -531,36 +534,6 @@ def scale_reference(boxes: Tensor, valid_ratios: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- text encoder
 
-class ByteTextEncoder(nn.Module):
-    """A small transformer over UTF-8 bytes: any class name, in any script, no download
-    (METHOD 2.3). One embedding per name: the mean of its token states."""
-    max_bytes = 48
-
-    def __init__(self, dim: int, num_layers: int, num_heads: int):
-        super().__init__()
-        self.byte_embed = nn.Embedding(256, dim)
-        self.position_embed = nn.Parameter(torch.randn(self.max_bytes, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, num_heads, dim * 4, dropout=0.0,
-                                           batch_first=True)
-        self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, names: list[str]) -> Tensor:
-        """K names -> (K, d)."""
-        device = self.position_embed.device
-        encoded = [list(name.encode("utf-8"))[: self.max_bytes] or [0] for name in names]
-        length = max((len(e) for e in encoded), default=1)
-        byte_ids = torch.zeros(len(names), length, dtype=torch.long, device=device)
-        padding = torch.ones(len(names), length, dtype=torch.bool, device=device)
-        for i, e in enumerate(encoded):
-            byte_ids[i, : len(e)] = torch.tensor(e, device=device)
-            padding[i, : len(e)] = False
-        x = self.byte_embed(byte_ids) + self.position_embed[:length]
-        x = self.layers(x, src_key_padding_mask=padding)
-        keep = (~padding).float()[..., None]
-        return self.out((x * keep).sum(1) / keep.sum(1))
-
-
 # BERT, the text encoder of Grounding DINO: the project's own WordPiece tokenizer and encoder,
 # loading Hugging Face's bert-base-uncased files (config.json, weights, vocab.txt) by their
 # names. `transformers` is only the tests' oracle: nothing here imports it.
@@ -605,14 +578,19 @@ class WordPieceTokenizer:
     """BERT's uncased tokenizer, as Hugging Face's BertTokenizer(do_lower_case=True) computes
     it: basic tokenisation (`words`), then greedy longest-match-first WordPiece with "##"
     continuations (`word_pieces`). For captions and class names: a literal "[SEP]" in the text
-    is tokenised as text, not recognised as the special token."""
+    is tokenised as text, not recognised as the special token. With `byte_fallback` (the
+    generated vocabulary's, not BERT's) a character that no token covers is spelled by its
+    UTF-8 bytes, tokens "<0x00>" to "<0xFF>", instead of turning its word into [UNK]."""
     special_tokens = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
     max_word_chars = 100    # a longer word is one [UNK], as in Hugging Face's WordpieceTokenizer
 
-    def __init__(self, tokens: list[str]):
+    def __init__(self, tokens: list[str], byte_fallback: bool = False):
         """`tokens[i]` is the token of id i; a repeated token keeps its last id, as in Hugging
         Face's load_vocab."""
         self.ids = {token: index for index, token in enumerate(tokens)}
+        self.byte_fallback = byte_fallback
+        if byte_fallback and any(f"<0x{byte:02X}>" not in self.ids for byte in range(256)):
+            raise ValueError("a vocabulary with byte fallback needs the 256 byte tokens")
         missing = [token for token in self.special_tokens if token not in self.ids]
         if missing:
             raise ValueError(f"the vocabulary has no {missing[0]} token")
@@ -637,7 +615,7 @@ class WordPieceTokenizer:
 
     def word_pieces(self, word: str) -> list[int]:
         """One word -> its ids: "unaffable" -> [un, ##aff, ##able]; one [UNK] when some part of
-        it matches nothing or it is longer than `max_word_chars`."""
+        it matches nothing (without byte fallback) or it is longer than `max_word_chars`."""
         if len(word) > self.max_word_chars:
             return [self.unk_id]
         pieces, start = [], 0
@@ -645,8 +623,12 @@ class WordPieceTokenizer:
             prefix = "##" if start else ""
             end = next((end for end in range(len(word), start, -1)
                         if prefix + word[start:end] in self.ids), None)
-            if end is None:
+            if end is None and not self.byte_fallback:
                 return [self.unk_id]
+            if end is None:
+                pieces += [self.ids[f"<0x{byte:02X}>"] for byte in word[start].encode("utf-8")]
+                start += 1
+                continue
             pieces.append(self.ids[prefix + word[start:end]])
             start = end
         return pieces
@@ -879,29 +861,63 @@ def load_bert(folder: str | Path) -> LoadedBert:
 MAX_TEXT_TOKENS = 256      # Grounding DINO's max_text_len
 
 
-class BertTextEncoder(nn.Module):
-    """BERT from a local Hugging Face folder: a BERT folder (`--text-encoder
-    path/to/bert-base-uncased`, its weights loaded here, see load_bert) or a Grounding DINO
-    folder (its config's text_config and its vocab.txt; the weights come with the detector's,
-    see load_grounding_dino). Class names are read as Grounding DINO reads them: one caption
-    "[CLS] cat . remote control . [SEP]", each name a phrase, every token's state projected
-    to d (GD's text_projection); a class is embedded as the mean of its tokens."""
+def generated_vocabulary() -> list[str]:
+    """The tiny preset's WordPiece vocabulary, made in code so that it needs no file: BERT's
+    special tokens ([PAD] first), ASCII punctuation, digits, every lower-case letter and letter
+    pair as a word start and as a "##" continuation, and the 256 byte tokens with which a
+    character outside these is spelled (WordPieceTokenizer's byte_fallback). Any name
+    composes: "purple pentagon" -> pu ##rp ##le pe ##nt ##ag ##on, "猫" -> its three bytes;
+    1,717 tokens."""
+    letters, digits = string.ascii_lowercase, string.digits
+    pairs = [first + second for first in letters for second in letters]
+    words = [*digits, *letters, *pairs]
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *words,
+            *(f"##{word}" for word in words), *(f"<0x{byte:02X}>" for byte in range(256))]
 
-    def __init__(self, folder: str, dim: int):
+
+class BertTextEncoder(nn.Module):
+    """Grounding DINO's text side: a tokenizer and a BERT. Class names are read as Grounding
+    DINO reads them: one caption "[CLS] cat . remote control . [SEP]", each name a phrase,
+    every token's state projected to d (GD's text_projection); a class is embedded as the mean
+    of its tokens. Built from a local Hugging Face folder (`from_folder`), or, for the tiny
+    preset, at a small size with a vocabulary generated in code (`generated`)."""
+
+    def __init__(self, tokenizer: WordPieceTokenizer, bert: "Bert", dim: int):
         super().__init__()
-        path = required_file(Path(folder), "config.json")
-        settings = json.loads(path.read_text())
-        if settings.get("model_type") == "grounding-dino":
-            self.tokenizer = WordPieceTokenizer.from_file(required_file(Path(folder), "vocab.txt"))
-            self.bert = Bert(BertConfig.from_dict(settings.get("text_config", {}),
-                                                  f"{path} text_config"))
-        else:
-            self.tokenizer, self.bert, _ = load_bert(folder)      # the pooler is not used
+        self.tokenizer, self.bert = tokenizer, bert
         self.out = nn.Linear(self.bert.config.hidden_size, dim)
         ids = self.tokenizer.ids
         self.register_buffer("delimiters", torch.tensor(
             [ids[token] for token in ("[CLS]", "[SEP]", ".", "?") if token in ids]),
             persistent=False)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, dim: int) -> "BertTextEncoder":
+        """A BERT folder (`--text-encoder path/to/bert-base-uncased`, its weights loaded here,
+        see load_bert) or a Grounding DINO folder (its config's text_config and its vocab.txt;
+        the weights come with the detector's, see load_grounding_dino)."""
+        path = required_file(Path(folder), "config.json")
+        settings = json.loads(path.read_text())
+        if settings.get("model_type") != "grounding-dino":
+            tokenizer, bert, _ = load_bert(folder)      # the pooler is not used
+            return cls(tokenizer, bert, dim)
+        tokenizer = WordPieceTokenizer.from_file(required_file(Path(folder), "vocab.txt"))
+        bert = Bert(BertConfig.from_dict(settings.get("text_config", {}), f"{path} text_config"))
+        return cls(tokenizer, bert, dim)
+
+    @classmethod
+    def generated(cls, dim: int, num_layers: int, num_heads: int) -> "BertTextEncoder":
+        """The tiny preset's: a BERT of width d, FFN 4d, trained from scratch, over
+        generated_vocabulary() with byte fallback (no download, any script)."""
+        tokenizer = WordPieceTokenizer(generated_vocabulary(), byte_fallback=True)
+        bert = Bert(BertConfig(vocab_size=len(tokenizer.ids), hidden_size=dim,
+                               num_layers=num_layers, num_heads=num_heads,
+                               intermediate_size=4 * dim, max_positions=MAX_TEXT_TOKENS))
+        return cls(tokenizer, bert, dim)
+
+    def name_tokens(self, name: str) -> int:
+        """What a name costs in a caption: its pieces and its "."."""
+        return len(self.tokenizer.pieces(name)) + 1
 
     def caption_ids(self, names: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
         """The caption's token ids and each name's span [start, end) among them. ValueError for
@@ -930,7 +946,7 @@ class BertTextEncoder(nn.Module):
         caption [CLS] and [SEP])."""
         ranges, start, length = [], 0, 2
         for index, name in enumerate(names):
-            cost = len(self.tokenizer.pieces(name)) + 1
+            cost = self.name_tokens(name)
             if index > start and (length + cost > MAX_TEXT_TOKENS or index - start == max_names):
                 ranges.append((start, index))
                 start, length = index, 2
@@ -1319,10 +1335,10 @@ class DINOR1(nn.Module):
         self.config = config
         d = config.hidden_dim
         self.backbone = Backbone(config)
-        if config.text_encoder == "bytes":
-            self.text_encoder = ByteTextEncoder(d, config.text_layers, config.num_heads)
+        if config.text_encoder == "generated":
+            self.text_encoder = BertTextEncoder.generated(d, config.text_layers, config.num_heads)
         else:
-            self.text_encoder = BertTextEncoder(config.text_encoder, d)
+            self.text_encoder = BertTextEncoder.from_folder(config.text_encoder, d)
         self.prompt_encoder = VisualPromptEncoder(config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))    # METHOD 2.4
         self.enhancer = nn.ModuleList(EnhancerLayer(config)
@@ -1338,26 +1354,18 @@ class DINOR1(nn.Module):
     # -- prompts ------------------------------------------------------------------------
 
     def encode_text(self, names: list[str]) -> Tensor:
-        """K class names -> (K, d), one embedding per class (METHOD 2.3): the byte encoder's
-        pooled name, or the mean of the name's tokens in a BERT caption."""
+        """K class names -> (K, d), one embedding per class (METHOD 2.3): the mean of the name's
+        tokens in their caption."""
         return self.text_encoder(names)
 
     def text_chunks(self, names: list[str], max_names: int) -> list[tuple[int, int]]:
-        """[start, end) ranges of `names` to prompt with at once: at most `max_names`, and with
-        BERT a caption within Grounding DINO's 256 tokens (see BertTextEncoder.caption_chunks)."""
-        if isinstance(self.text_encoder, BertTextEncoder):
-            return self.text_encoder.caption_chunks(names, max_names)
-        return [(start, min(start + max_names, len(names)))
-                for start in range(0, len(names), max_names)]
+        """[start, end) ranges of `names` to prompt with at once: at most `max_names`, in a
+        caption within Grounding DINO's 256 tokens (see BertTextEncoder.caption_chunks)."""
+        return self.text_encoder.caption_chunks(names, max_names)
 
     def text_prompts(self, names: list[str], batch: int) -> PromptTokens:
-        """K class names as the prompts of every image of a batch: with BERT, Grounding DINO's
-        caption ("cat . remote control .", see BertTextEncoder.caption); with the byte encoder,
-        one pooled token per name."""
-        if not isinstance(self.text_encoder, BertTextEncoder):
-            prompts = self.encode_text(names)[None].expand(batch, -1, -1)
-            padding = prompts.new_zeros(prompts.shape[:2], dtype=torch.bool)
-            return one_token_per_class(prompts, padding)
+        """K class names as the prompts of every image of a batch: Grounding DINO's caption
+        ("cat . remote control .", see BertTextEncoder.caption)."""
         return expand_prompts(self.text_encoder.caption(names), batch)
 
     def encode_exemplars(self, images: Tensor, mask: Tensor, image_index: Tensor,
@@ -1402,11 +1410,21 @@ class DINOR1(nn.Module):
             objectness_logits = logits.new_zeros(logits.shape[:2])
         return proposal_features, logits, objectness_logits.float()
 
-    def select_queries(self, objectness_logits: Tensor) -> Selection:
-        """The top N_q tokens by objectness logit s_n, in descending order (METHOD 2.7)."""
-        selected, indices = objectness_logits.topk(
-            min(self.config.num_queries, objectness_logits.shape[1]), dim=1)
-        return Selection(indices=indices, objectness_logits=selected)
+    def select_queries(self, objectness_logits: Tensor, valid: Tensor) -> Selection:
+        """The top N_q tokens by objectness logit s_n, in descending order (METHOD 2.7).
+        valid (B, S): tokens with a valid anchor (token_anchors).
+
+        Grounding DINO ranks every token, so padding and edge tokens, at their constant score,
+        compete too (`select_invalid_tokens`, set for swin_t and GD's weights): harmless with
+        900 of some 20,000 tokens. The tiny preset selects 100 of about 340, and in its
+        multi-scale training batches 39% of the tokens are padding: ranked with the rest they
+        took half of the queries (main job, seed 1: AP 34.3). There invalid tokens come last,
+        only where an image has fewer valid tokens than queries."""
+        ranked = objectness_logits
+        if not self.config.select_invalid_tokens:
+            ranked = objectness_logits.masked_fill(~valid, -math.inf)
+        indices = ranked.topk(min(self.config.num_queries, ranked.shape[1]), dim=1).indices
+        return Selection(indices=indices, objectness_logits=objectness_logits.gather(1, indices))
 
     # -- the two passes ------------------------------------------------------------------
 
@@ -1466,7 +1484,8 @@ class DINOR1(nn.Module):
         encoded = self.encode(images, mask, prompts, prompt_mask, instructions, class_names)
         features, prompts = encoded.features, encoded.prompts
         token_padding = prompts.phrases.padding
-        selection = self.select_queries(encoded.objectness_logits)
+        selection = self.select_queries(encoded.objectness_logits,
+                                        encoded.anchors.isfinite().all(-1))
         anchors = gather_tokens(encoded.anchors, selection.indices)
         proposals = gather_tokens(encoded.proposal_features, selection.indices)
         encoder_boxes = (self.encoder_box_head(proposals).float() + anchors).sigmoid()
@@ -1729,17 +1748,16 @@ def resolve_device(name: str) -> torch.device:
 
 # The checkpoints' (and prototype files') format: 2 since the model became Grounding DINO's
 # module for module. A file of another format holds weights this model cannot take.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3      # 2: Grounding DINO's modules; 3: the tiny preset's text encoder a BERT
 
 
 def check_format(saved: dict, path: str | Path, kind: str) -> None:
     """ValueError naming `path` when it was written in another format than this code's."""
     found = saved.get("format", 1)
     if found != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is a {kind} of format {found}, written before the detector "
-                         f"became Grounding DINO's module for module; this version reads "
-                         f"format {CHECKPOINT_FORMAT}: train again, or use the version that "
-                         f"wrote it")
+        raise ValueError(f"{path} is a {kind} of format {found}, written by an earlier version "
+                         f"of the detector; this version reads format {CHECKPOINT_FORMAT}: "
+                         f"train again, or use the version that wrote it")
 
 
 def load_checkpoint(path: str) -> dict:
@@ -1778,7 +1796,7 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> DINOR1:
 
 
 # Settings that do not change the weights a checkpoint holds.
-NOT_ARCHITECTURE = ("kernel", "pretrained_backbone", "pad_multiple")
+NOT_ARCHITECTURE = ("kernel", "pretrained_backbone", "pad_multiple", "select_invalid_tokens")
 
 
 def checkpoint_config_differences(saved: dict, config: DetectorConfig) -> str:

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from data import (Batch, DataError, ReplaceUnreadable, TextPrompts, VisualInstructions,
                   build_dataset, collate, resolve_data_root, sample_prompts,
                   sample_text_prompts, split_files)
-from model import (CHECKPOINT_FORMAT, PRESETS, DINOR1, DetectorConfig, HungarianMatcher,
+from model import (CHECKPOINT_FORMAT, MAX_TEXT_TOKENS, PRESETS, DINOR1, DetectorConfig, HungarianMatcher,
                    SetCriterion, checkpoint_config_differences, grounding_dino_config,
                    is_original_grounding_dino, load_checkpoint, load_grounding_dino_weights,
                    load_original_grounding_dino_weights, resolve_device)
@@ -85,7 +85,9 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--novel", help="comma-separated novel class names (else split.json)")
     parser.add_argument("--pretrained-backbone", action="store_true",
                         help="start the backbone from torchvision's ImageNet weights")
-    parser.add_argument("--text-encoder", help="bytes (default) or a local BERT folder")
+    parser.add_argument("--text-encoder",
+                        help="generated (default: a small BERT, its vocabulary made in code) "
+                             "or a local BERT folder")
     parser.add_argument("--freeze", action="append", default=[], choices=["backbone", "text"],
                         help="keep the backbone (Swin, its stage norms) or the text encoder "
                              "as they start (repeatable)")
@@ -133,7 +135,7 @@ def finish_args(args: argparse.Namespace, script: str) -> argparse.Namespace:
                              f"and text encoder: drop {' and '.join(given)}")
         args.model = saved_model
     args.model = args.model or "tiny"
-    args.text_encoder = args.text_encoder or "bytes"
+    args.text_encoder = args.text_encoder or "generated"
     for key, value in TRAIN_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -201,7 +203,7 @@ def set_up(args, objective: "SFTObjective") -> tuple[Run, int, int]:
               network=network, optimizer=optimizer, scheduler=scheduler, objective=objective,
               samples=samples, sampler=sampler,
               prompt_sampler=PromptSampler(args.prompts, dataset.class_names,
-                                           dataset.base_classes),
+                                           dataset.base_classes, model.text_encoder.name_tokens),
               steps_per_epoch=steps_per_epoch,
               total_steps=min(args.epochs * steps_per_epoch, args.max_steps or math.inf),
               out=out, log=open(out / "log.jsonl", "a") if rank == 0 else None,
@@ -387,8 +389,11 @@ class PromptSampler:
     step's generator and the coin's; returns (prompts, targets with prompt indices as
     labels)."""
 
-    def __init__(self, mode: str, class_names: list[str], base_classes: list[int]):
+    def __init__(self, mode: str, class_names: list[str], base_classes: list[int],
+                 name_tokens: Callable[[str], int]):
+        """name_tokens: what a class name costs in a caption (BertTextEncoder.name_tokens)."""
         self.mode, self.class_names, self.base_classes = mode, class_names, base_classes
+        self.name_tokens = name_tokens
 
     def __call__(self, batch: Batch, generator: torch.Generator, coin: torch.Generator):
         mode = self.mode
@@ -396,7 +401,9 @@ class PromptSampler:
             mode = "visual" if torch.rand((), generator=coin).item() < 0.5 else "text"
         if mode == "visual":
             return sample_prompts(batch, self.class_names, generator)
-        return sample_text_prompts(batch, self.class_names, self.base_classes, generator)
+        return sample_text_prompts(batch, self.class_names, self.base_classes, generator,
+                                   name_tokens=self.name_tokens,
+                                   max_tokens=MAX_TEXT_TOKENS - 2)     # [CLS] and [SEP]
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -605,4 +605,13 @@ def test_text_prompts_hold_the_batch_classes_and_base_negatives_only(shapes_root
     capped, _ = sample(0, max_prompts=len(present) + 2)
     assert len(capped.class_names) == len(present) + 2 and present <= set(capped.class_names)
     assert sample(0)[0].class_names == prompts.class_names           # the generator decides
+    # A token budget: every class present, then negatives while their captions fit.
+    length = {name: len(name) for name in dataset.class_names}        # any cost will do
+    budget = sum(length[name] for name in present) + 20
+    fitted, _ = data.sample_text_prompts(batch, dataset.class_names, dataset.base_classes,
+                                         torch.Generator().manual_seed(0),
+                                         name_tokens=length.get, max_tokens=budget)
+    assert present <= set(fitted.class_names) and len(fitted.class_names) > len(present)
+    assert sum(map(length.get, fitted.class_names)) <= budget
+    assert sum(map(length.get, fitted.class_names)) + max(length.values()) > budget
     assert any(sample(seed)[0].class_names != prompts.class_names for seed in range(1, 5))

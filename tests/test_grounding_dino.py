@@ -412,7 +412,7 @@ def test_fine_tuning_starts_from_a_grounding_dino_folder_and_evaluate_reads_it(s
     with pytest.raises(SystemExit, match="last.pt is a checkpoint, which brings its own "
                                          "backbone and text encoder: drop --text-encoder"):
         train_sft.main(run_args(shapes, tmp_path / "next", "--init",
-                                str(tmp_path / "run" / "last.pt"), "--text-encoder", "bytes"))
+                                str(tmp_path / "run" / "last.pt"), "--text-encoder", "generated"))
     before = oracle.state_dict()["model.level_embed"]
     after = tuned.state_dict()["backbone.level_embed"]
     assert not torch.equal(before, after) and torch.allclose(before, after, atol=1e-3)

@@ -146,11 +146,31 @@ def test_objectness_is_the_max_prompt_logit_and_selection_takes_its_top_tokens(t
     d = tiny.config.hidden_dim
     by_hand = torch.einsum("bsd,bkd->bsk", encoded.proposal_features, encoded.enhanced)
     by_hand = (by_hand / d ** 0.5 + tiny.encoder_class_head.bias).max(-1).values
-    by_hand = by_hand.masked_fill(encoded.features.padding_mask, -1e4)
-    expected, indices = by_hand.topk(tiny.config.num_queries, dim=1)
-    torch.testing.assert_close(out.selection.objectness_logits, expected)
+    valid = encoded.anchors.isfinite().all(-1)
+    assert not valid[1].all()     # the padded image has tokens that are not proposals
+    _, indices = by_hand.masked_fill(~valid, -math.inf).topk(tiny.config.num_queries, dim=1)
+    torch.testing.assert_close(out.selection.objectness_logits, by_hand.gather(1, indices))
     assert torch.equal(out.selection.indices, indices)
     torch.testing.assert_close(light, by_hand.gather(1, shuffled))
+
+
+@pytest.mark.parametrize("select_invalid", [False, True])
+def test_tokens_without_a_valid_anchor_are_selected_only_as_in_grounding_dino(tiny, select_invalid):
+    """Padding and edge tokens score a constant (their features enter as zeros). Grounding
+    DINO ranks them with the rest (select_invalid_tokens, swin_t's setting); the tiny preset
+    takes them only after every valid token, as they would otherwise crowd out its 100
+    queries."""
+    logits = torch.tensor([[5.0, 1.0, 4.0, 3.0, 2.0], [0.0, 9.0, 8.0, 1.0, 2.0]])
+    valid = torch.tensor([[False, True, True, True, True], [True, False, True, False, True]])
+    tiny.config.select_invalid_tokens, num_queries = select_invalid, tiny.config.num_queries
+    tiny.config.num_queries = 3
+    try:
+        selection = tiny.select_queries(logits, valid)
+    finally:
+        tiny.config.select_invalid_tokens, tiny.config.num_queries = False, num_queries
+    expected = [[0, 2, 3], [1, 2, 4]] if select_invalid else [[2, 3, 4], [2, 4, 0]]
+    assert selection.indices.tolist() == expected
+    assert torch.equal(selection.objectness_logits, logits.gather(1, selection.indices))
 
 
 # ----------------------------------------------------------------------------- matcher
@@ -354,3 +374,40 @@ def test_r50_batchnorm_is_frozen():
         assert torch.equal(value, before[name]), name          # no running statistics
     trainable = {name.rsplit(".", 1)[0] for name, p in body.named_parameters()}
     assert all(isinstance(body.get_submodule(name), torch.nn.Conv2d) for name in trainable)
+
+
+# ----------------------------------------------------------------------------- tiny text side
+
+NEVER_SEEN = ["purple pentagon", "猫", "кошка", "собака", "Café au lait", "🐱", "R2-D2"]
+
+
+def test_the_generated_vocabulary_composes_any_name_without_unk():
+    """The tiny preset's tokenizer needs no file and spells every name, in any script: letters
+    and letter pairs, then the UTF-8 bytes of what they do not cover (never [UNK])."""
+    from model import WordPieceTokenizer, generated_vocabulary
+
+    tokenizer = WordPieceTokenizer(generated_vocabulary(), byte_fallback=True)
+    token = {index: name for name, index in tokenizer.ids.items()}
+    spelled = [tokenizer.pieces(name) for name in NEVER_SEEN]
+    assert all(pieces and tokenizer.unk_id not in pieces for pieces in spelled)
+    assert len({tuple(pieces) for pieces in spelled}) == len(NEVER_SEEN)
+    assert [token[i] for i in spelled[0]] == ["pu", "##rp", "##le", "pe", "##nt", "##ag", "##on"]
+    assert bytes(int(token[i][3:5], 16) for i in spelled[1]).decode("utf-8") == "猫"
+    assert [token[i] for i in spelled[4]] == ["ca", "##fe", "au", "la", "##it"]
+    # Without the fallback, the same vocabulary loses the name, as BERT's does.
+    assert WordPieceTokenizer(generated_vocabulary()).pieces("猫") == [tokenizer.unk_id]
+
+
+def test_the_tiny_preset_reads_names_as_a_caption_of_tokens(tiny):
+    """The tiny preset's text encoder is Grounding DINO's text side at a small size: one
+    caption "[CLS] purple pentagon . 猫 . [SEP]", a prompt per token, each class the mean of
+    its tokens."""
+    names = NEVER_SEEN[:2]
+    with torch.no_grad():
+        prompts = tiny.text_prompts(names, batch=2)
+    assert prompts.tokens.shape == (2, 1 + 7 + 1 + 3 + 1 + 1, tiny.config.hidden_dim)
+    assert prompts.class_tokens[0, 0].tolist() == list(range(1, 8))
+    assert prompts.class_tokens[0, 1, :3].tolist() == [9, 10, 11]
+    assert prompts.class_token_padding[0].tolist() == [[False] * 7, [False] * 3 + [True] * 4]
+    torch.testing.assert_close(prompts.classes[0, 1], prompts.tokens[0, 9:12].mean(0))
+    assert prompts.phrases.position_ids[0].tolist() == [0, *range(8), *range(4), 0]

@@ -187,7 +187,7 @@ def test_prototypes_saved_by_evaluate_and_text_prompts(shapes, checkpoint, model
     message = failure(["--ckpt", str(checkpoint), "--image", str(val_picture(shapes)),
                        "--classes", str(tmp_path / "old.pt"), "--out", str(tmp_path / "out")])
     assert message.startswith(f"{tmp_path / 'old.pt'} is a prototype file of format 1, "
-                              f"written before the detector became Grounding DINO's")
+                              f"written by an earlier version of the detector")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -344,7 +344,8 @@ def test_resident_memory_does_not_grow_step_after_step(shapes):
         model, objective, optimizer, scheduler, enumerate(itertools.islice(
             itertools.cycle(batches), 60)), torch.device("cpu"), 0, seed=0, rank=0,
         prompt_sampler=train_sft.PromptSampler("visual", dataset.class_names,
-                                               dataset.base_classes),
+                                               dataset.base_classes,
+                                               model.text_encoder.name_tokens),
         clip_grad=0.1, after_step=measure)
     assert len(resident) == 60 and resident[0] > 0
     slope = np.polyfit(np.arange(20, 60), resident[20:], 1)[0]
@@ -475,11 +476,11 @@ def test_checkpoint_of_a_pretrained_backbone_run_needs_no_download(shapes, train
 def test_a_checkpoint_of_an_earlier_format_is_refused_in_one_line(shapes, trained, tmp_path):
     """Written before checkpoints recorded their format (the model changed since)."""
     checkpoint = torch.load(trained / "last.pt", weights_only=True)
-    assert checkpoint.pop("format") == 2
+    assert checkpoint.pop("format") == 3
     torch.save(checkpoint, tmp_path / "old.pt")
-    expected = (f"{tmp_path / 'old.pt'} is a checkpoint of format 1, written before the "
-                f"detector became Grounding DINO's module for module; this version reads "
-                f"format 2: train again, or use the version that wrote it")
+    expected = (f"{tmp_path / 'old.pt'} is a checkpoint of format 1, written by an earlier "
+                f"version of the detector; this version reads format 3: train again, or use "
+                f"the version that wrote it")
     for command in (lambda: train_sft.main(run_args(shapes, tmp_path / "run", "--init",
                                                     str(tmp_path / "old.pt"))),
                     lambda: evaluate.main(["--ckpt", str(tmp_path / "old.pt")])):

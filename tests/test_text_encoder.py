@@ -249,7 +249,7 @@ def test_text_encoder_reads_names_as_one_grounding_dino_caption(bert_folder):
     from model import caption_phrases
 
     folder, reference = bert_folder
-    encoder = BertTextEncoder(str(folder), dim=8)
+    encoder = BertTextEncoder.from_folder(folder, dim=8)
     ids = encoder.tokenizer.ids
     names = ["red circle", "cat"]
     caption_ids, spans = encoder.caption_ids(names)
