@@ -173,8 +173,8 @@ def caption_phrases(input_ids: Tensor, padding: Tensor, delimiters: Tensor, dim:
 
 class PromptTokens(NamedTuple):
     """The K prompts every image reads, as one sequence of T tokens (METHOD 2.3): a visual
-    prompt (or a class name pooled to one vector) is one token; a Grounding DINO caption gives
-    each class a phrase of tokens. A class's score is read from its tokens (class_logits)."""
+    prompt (or any ready-made class vector) is one token; a Grounding DINO caption gives each
+    class a phrase of tokens. A class's score is read from its tokens (class_logits)."""
     tokens: Tensor                    # (B, T, d), before the enhancer
     phrases: Phrases                  # over the T tokens; phrases.padding (B, T) True = padding
     classes: Tensor                   # (B, K, d) one embedding per class: its tokens' mean
@@ -197,6 +197,19 @@ def expand_prompts(prompts: PromptTokens, batch: int) -> PromptTokens:
         return None if x is None else x.expand(batch, *x.shape[1:])
     return PromptTokens(expand(prompts.tokens), Phrases(*map(expand, prompts.phrases)),
                         *map(expand, prompts[2:]))
+
+
+def outside_tokens(prompts: PromptTokens) -> Tensor | None:
+    """(B, T) True = a token of no class: a caption's [CLS], [SEP] and "." (padding excluded);
+    None when every token is a class's (visual prompts). Training reads them as negatives for
+    every query, as Grounding DINO's per-token loss does, since class scores never do."""
+    if prompts.class_tokens is None:
+        return None
+    inside = torch.zeros(prompts.phrases.padding.shape, dtype=torch.long,
+                         device=prompts.class_tokens.device)
+    inside.scatter_add_(1, prompts.class_tokens.flatten(1),      # padding slots add 0
+                        (~prompts.class_token_padding).flatten(1).long())
+    return (inside == 0) & ~prompts.phrases.padding
 
 
 def class_logits(token_logits: Tensor, prompts: PromptTokens) -> Tensor:
@@ -244,6 +257,10 @@ class DetectorOutput:
     dn_boxes: Tensor | None = None        # (layers, B, N_dn, 4)
     dn_targets: "DenoisingTargets | None" = None
     contrastive_logits: Tensor | None = None  # (K, K) visual class means x text (METHOD 2.4)
+    outside_logits: Tensor | None = None  # (layers + 1, B, Q, U) the queries' logits (decoder
+                                          # layers, then the encoder's) at the U tokens of no
+                                          # class, zero where `outside_tokens` says padding
+    outside_mask: Tensor | None = None    # (B, U) True = a real token of no class
 
 
 # ----------------------------------------------------------------------------- small parts
@@ -1327,6 +1344,21 @@ def gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:
     return tokens.gather(1, indices[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
+def outside_token_logits(token_logits: Tensor, encoder_token_logits: Tensor,
+                         prompts: PromptTokens) -> dict:
+    """DetectorOutput's outside_logits and outside_mask (empty with visual prompts): the
+    decoder's (layers, B, Q, T) and the encoder's (B, Q, T) token logits at the tokens of no
+    class, gathered to the width U of the image with the most."""
+    outside = outside_tokens(prompts)
+    if outside is None or not outside.any():
+        return {}
+    width = int(outside.sum(1).max())
+    index = outside.long().argsort(dim=1, descending=True, stable=True)[:, :width]  # (B, U)
+    every = torch.cat([token_logits, encoder_token_logits[None]])       # (layers + 1, B, Q, T)
+    gathered = every.gather(-1, index[None, :, None].expand(*every.shape[:-1], -1))
+    return {"outside_logits": gathered, "outside_mask": outside.gather(1, index)}
+
+
 class DINOR1(nn.Module):
     """Grounding DINO with a visual prompt encoder and prompt-guided query selection."""
 
@@ -1505,6 +1537,7 @@ class DINOR1(nn.Module):
         token_logits = self.decoder_class_head(hidden, encoded.enhanced, token_padding).float()
         logits = class_logits(token_logits, prompts)
         num_dn = 0 if denoising is None else denoising.reference.shape[1]
+        encoder_token_logits = gather_tokens(encoded.token_logits, selection.indices).float()
         contrast = None
         if instructions is not None:
             contrast = contrastive_logits(encoded.exemplars, instructions.labels,
@@ -1512,13 +1545,13 @@ class DINOR1(nn.Module):
                                           self.logit_scale)
         return DetectorOutput(
             logits=logits[:, :, num_dn:], boxes=boxes[:, :, num_dn:],
-            encoder_logits=class_logits(
-                gather_tokens(encoded.token_logits, selection.indices).float(), prompts),
+            encoder_logits=class_logits(encoder_token_logits, prompts),
             encoder_boxes=encoder_boxes, selection=selection, prompt_mask=prompts.class_mask,
             dn_logits=logits[:, :, :num_dn] if num_dn else None,
             dn_boxes=boxes[:, :, :num_dn] if num_dn else None,
             dn_targets=None if denoising is None else denoising.targets,
-            contrastive_logits=contrast)
+            contrastive_logits=contrast,
+            **outside_token_logits(token_logits[:, :, num_dn:], encoder_token_logits, prompts))
 
 
 # ----------------------------------------------------------------------------- matching
@@ -1624,7 +1657,8 @@ class HungarianMatcher:
 class SetCriterion:
     """The SFT losses (METHOD section 3): per decoder layer, on the selected encoder proposals
     and on the DN queries, sigmoid focal loss over the prompt logits (unmatched queries: an
-    all-zero target), L1 x 5 and GIoU x 2 on matched boxes; plus L_contra (METHOD 2.4).
+    all-zero target), L1 x 5 and GIoU x 2 on matched boxes; with a caption, the focal loss of
+    its tokens of no class as negatives; plus L_contra (METHOD 2.4).
     Losses are normalised by `num_boxes`, the number of ground truths per process (averaged
     over processes under DDP)."""
 
@@ -1696,6 +1730,13 @@ class SetCriterion:
             terms["denoising"] = sum(
                 self.denoising_loss(logits, boxes, output.dn_targets, mask, num_boxes)
                 for logits, boxes in zip(output.dn_logits, output.dn_boxes))
+        if output.outside_logits is not None:
+            # Grounding DINO's per-token loss: a caption's [CLS], [SEP] and "." are negatives
+            # for every query (no class score reads them, but objectness does, METHOD 2.7).
+            keep = output.outside_mask[None, :, None, :].expand_as(output.outside_logits)
+            terms["outside_tokens"] = self.class_weight * self.focal(
+                output.outside_logits, torch.zeros_like(output.outside_logits), keep.float(),
+                num_boxes)
         if output.contrastive_logits is not None and output.contrastive_logits.shape[0] > 0:
             terms["contrastive"] = self.contrastive_weight * self.contrastive_loss(
                 output.contrastive_logits.float())

@@ -2,9 +2,11 @@
 learning on a fixed batch, and the light objectness path."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+import torchvision
 from scipy.optimize import linear_sum_assignment
 
 from data import Target, VisualInstructions, collate
@@ -411,3 +413,34 @@ def test_the_tiny_preset_reads_names_as_a_caption_of_tokens(tiny):
     assert prompts.class_token_padding[0].tolist() == [[False] * 7, [False] * 3 + [True] * 4]
     torch.testing.assert_close(prompts.classes[0, 1], prompts.tokens[0, 9:12].mean(0))
     assert prompts.phrases.position_ids[0].tolist() == [0, *range(8), *range(4), 0]
+
+
+def test_a_caption_s_tokens_of_no_class_are_negatives_for_every_query(tiny):
+    """[CLS], "." and [SEP] belong to no class, so no class score reads them; but objectness
+    is the max over every token (METHOD 2.7), so training holds them down for every query, as
+    Grounding DINO's per-token loss does: the encoder's and each decoder layer's logits at
+    those tokens, focal loss with target 0. Visual prompts have no such tokens."""
+    from model import outside_tokens
+
+    batch, instructions, targets = tiny_batch()
+    names = NEVER_SEEN[:2]                   # [CLS] pu ##rp ##le pe ##nt ##ag ##on . 3 bytes . [SEP]
+    prompts = tiny.text_prompts(names, batch=2)
+    assert outside_tokens(prompts).nonzero()[:, 1].tolist() == [0, 8, 12, 13] * 2
+    tiny.eval()
+    with torch.no_grad():
+        encoded = tiny.encode(batch.images, batch.mask, class_names=names)
+        output = tiny(batch.images, batch.mask, class_names=names)
+    layers = tiny.config.num_decoder_layers
+    assert output.outside_logits.shape == (layers + 1, 2, tiny.config.num_queries, 4)
+    selected = encoded.token_logits.gather(
+        1, output.selection.indices[..., None].expand(-1, -1, encoded.token_logits.shape[-1]))
+    torch.testing.assert_close(output.outside_logits[-1], selected[..., [0, 8, 12, 13]])
+    criterion = SetCriterion()
+    terms = criterion(output, [replace(t, labels=t.labels % 2) for t in targets], num_boxes=4)
+    expected = sum(torchvision.ops.sigmoid_focal_loss(
+        logits, torch.zeros_like(logits), reduction="sum") for logits in output.outside_logits) / 4
+    torch.testing.assert_close(terms["outside_tokens"], expected)
+    assert terms["sft"] > sum(v for k, v in terms.items() if k not in ("sft", "outside_tokens"))
+    with torch.no_grad():
+        visual = tiny(batch.images, batch.mask, instructions=instructions)
+    assert visual.outside_logits is None and "outside_tokens" not in criterion(visual, targets, 4)
