@@ -676,6 +676,10 @@ def sample_text_prompts(batch: Batch, class_names: list[str], candidates: list[i
     others = [c for c in candidates if c not in present]
     cost = name_tokens or (lambda name: 0)
     chosen, budget = list(present), max_tokens - sum(cost(class_names[c]) for c in present)
+    if budget < 0:
+        raise DataError(f"the {len(present)} classes of a training batch take "
+                        f"{max_tokens - budget} caption tokens, more than {max_tokens}: train "
+                        f"with a smaller --batch-size")
     for index in torch.randperm(len(others), generator=generator).tolist():
         budget -= cost(class_names[others[index]])
         if len(chosen) >= max_prompts or budget < 0:

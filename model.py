@@ -122,7 +122,7 @@ class ImageFeatures:
 
 @dataclass
 class Selection:
-    """Prompt-guided query selection (METHOD 2.7); queries are in descending score order."""
+    """Prompt-guided query selection (METHOD 2.7); queries in rank order (see select_queries)."""
     indices: Tensor             # (B, Q) long, token index into the S encoder tokens
     objectness_logits: Tensor   # (B, Q) s_i; O_i = sigmoid(s_i)
 
@@ -257,10 +257,10 @@ class DetectorOutput:
     dn_boxes: Tensor | None = None        # (layers, B, N_dn, 4)
     dn_targets: "DenoisingTargets | None" = None
     contrastive_logits: Tensor | None = None  # (K, K) visual class means x text (METHOD 2.4)
-    outside_logits: Tensor | None = None  # (layers + 1, B, Q, U) the queries' logits (decoder
-                                          # layers, then the encoder's) at the U tokens of no
-                                          # class, zero where `outside_tokens` says padding
-    outside_mask: Tensor | None = None    # (B, U) True = a real token of no class
+    outside_logits: Tensor | None = None  # (layers + 1, B, Q, U) in training with a caption:
+                                          # the queries' logits (decoder layers, then the
+                                          # encoder's) at its U tokens of no class
+    outside_mask: Tensor | None = None    # (B, U) True = such a token (False: a filler slot)
 
 
 # ----------------------------------------------------------------------------- small parts
@@ -597,7 +597,8 @@ class WordPieceTokenizer:
     continuations (`word_pieces`). For captions and class names: a literal "[SEP]" in the text
     is tokenised as text, not recognised as the special token. With `byte_fallback` (the
     generated vocabulary's, not BERT's) a character that no token covers is spelled by its
-    UTF-8 bytes, tokens "<0x00>" to "<0xFF>", instead of turning its word into [UNK]."""
+    UTF-8 bytes, tokens "<0x00>" to "<0xFF>" ("##<0x00>"... within a word), instead of turning
+    its word into [UNK]."""
     special_tokens = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
     max_word_chars = 100    # a longer word is one [UNK], as in Hugging Face's WordpieceTokenizer
 
@@ -606,8 +607,9 @@ class WordPieceTokenizer:
         Face's load_vocab."""
         self.ids = {token: index for index, token in enumerate(tokens)}
         self.byte_fallback = byte_fallback
-        if byte_fallback and any(f"<0x{byte:02X}>" not in self.ids for byte in range(256)):
-            raise ValueError("a vocabulary with byte fallback needs the 256 byte tokens")
+        if byte_fallback and any(f"{prefix}<0x{byte:02X}>" not in self.ids
+                                 for prefix in ("", "##") for byte in range(256)):
+            raise ValueError("a vocabulary with byte fallback needs the 512 byte tokens")
         missing = [token for token in self.special_tokens if token not in self.ids]
         if missing:
             raise ValueError(f"the vocabulary has no {missing[0]} token")
@@ -631,9 +633,9 @@ class WordPieceTokenizer:
         return words
 
     def word_pieces(self, word: str) -> list[int]:
-        """One word -> its ids: "unaffable" -> [un, ##aff, ##able]; one [UNK] when some part of
-        it matches nothing (without byte fallback) or it is longer than `max_word_chars`."""
-        if len(word) > self.max_word_chars:
+        """One word -> its ids: "unaffable" -> [un, ##aff, ##able]; without byte fallback, one
+        [UNK] when some part of it matches nothing or it is longer than `max_word_chars`."""
+        if len(word) > self.max_word_chars and not self.byte_fallback:
             return [self.unk_id]
         pieces, start = [], 0
         while start < len(word):
@@ -643,7 +645,8 @@ class WordPieceTokenizer:
             if end is None and not self.byte_fallback:
                 return [self.unk_id]
             if end is None:
-                pieces += [self.ids[f"<0x{byte:02X}>"] for byte in word[start].encode("utf-8")]
+                pieces += [self.ids[f"{prefix}<0x{byte:02X}>"]
+                           for byte in word[start].encode("utf-8")]
                 start += 1
                 continue
             pieces.append(self.ids[prefix + word[start:end]])
@@ -881,15 +884,16 @@ MAX_TEXT_TOKENS = 256      # Grounding DINO's max_text_len
 def generated_vocabulary() -> list[str]:
     """The tiny preset's WordPiece vocabulary, made in code so that it needs no file: BERT's
     special tokens ([PAD] first), ASCII punctuation, digits, every lower-case letter and letter
-    pair as a word start and as a "##" continuation, and the 256 byte tokens with which a
-    character outside these is spelled (WordPieceTokenizer's byte_fallback). Any name
+    pair as a word start and as a "##" continuation, and the 256 bytes, both ways too, with
+    which a character outside these is spelled (WordPieceTokenizer's byte_fallback). Any name
     composes: "purple pentagon" -> pu ##rp ##le pe ##nt ##ag ##on, "猫" -> its three bytes;
-    1,717 tokens."""
+    1,973 tokens."""
     letters, digits = string.ascii_lowercase, string.digits
     pairs = [first + second for first in letters for second in letters]
     words = [*digits, *letters, *pairs]
+    words += [f"<0x{byte:02X}>" for byte in range(256)]
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *words,
-            *(f"##{word}" for word in words), *(f"<0x{byte:02X}>" for byte in range(256))]
+            *(f"##{word}" for word in words)]
 
 
 class BertTextEncoder(nn.Module):
@@ -998,8 +1002,11 @@ class BertTextEncoder(nn.Module):
                             class_tokens, padding)
 
     def forward(self, names: list[str]) -> Tensor:
-        """K names -> (K, d): each the mean of its tokens in their caption."""
-        return self.caption(names).classes[0]
+        """K names -> (K, d): each the mean of its tokens in their caption (as many captions
+        as MAX_TEXT_TOKENS asks for; a name's tokens attend only to its phrase, so the split
+        changes nothing)."""
+        return torch.cat([self.caption(names[start:end]).classes[0]
+                          for start, end in self.caption_chunks(names, len(names))])
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -1345,18 +1352,19 @@ def gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:
 
 
 def outside_token_logits(token_logits: Tensor, encoder_token_logits: Tensor,
-                         prompts: PromptTokens) -> dict:
-    """DetectorOutput's outside_logits and outside_mask (empty with visual prompts): the
-    decoder's (layers, B, Q, T) and the encoder's (B, Q, T) token logits at the tokens of no
-    class, gathered to the width U of the image with the most."""
+                         prompts: PromptTokens) -> tuple[Tensor | None, Tensor | None]:
+    """DetectorOutput's outside_logits and outside_mask ((None, None) with visual prompts):
+    the decoder's (layers, B, Q, T) and the encoder's (B, Q, T) token logits at the tokens of
+    no class, gathered to the width U of the image with the most; outside_mask (B, U) says
+    which slots hold such a token."""
     outside = outside_tokens(prompts)
     if outside is None or not outside.any():
-        return {}
+        return None, None
     width = int(outside.sum(1).max())
     index = outside.long().argsort(dim=1, descending=True, stable=True)[:, :width]  # (B, U)
     every = torch.cat([token_logits, encoder_token_logits[None]])       # (layers + 1, B, Q, T)
     gathered = every.gather(-1, index[None, :, None].expand(*every.shape[:-1], -1))
-    return {"outside_logits": gathered, "outside_mask": outside.gather(1, index)}
+    return gathered, outside.gather(1, index)
 
 
 class DINOR1(nn.Module):
@@ -1449,9 +1457,10 @@ class DINOR1(nn.Module):
         Grounding DINO ranks every token, so padding and edge tokens, at their constant score,
         compete too (`select_invalid_tokens`, set for swin_t and GD's weights): harmless with
         900 of some 20,000 tokens. The tiny preset selects 100 of about 340, and in its
-        multi-scale training batches 39% of the tokens are padding: ranked with the rest they
-        took half of the queries (main job, seed 1: AP 34.3). There invalid tokens come last,
-        only where an image has fewer valid tokens than queries."""
+        multi-scale training batches a third of the tokens are padding: ranked with the rest
+        they took half of the queries (docs/EXPERIMENTS.md). There invalid tokens are ranked
+        after every valid one (selected only where an image has fewer valid tokens than
+        queries), so the order is by score among the valid, then among the invalid."""
         ranked = objectness_logits
         if not self.config.select_invalid_tokens:
             ranked = objectness_logits.masked_fill(~valid, -math.inf)
@@ -1538,6 +1547,10 @@ class DINOR1(nn.Module):
         logits = class_logits(token_logits, prompts)
         num_dn = 0 if denoising is None else denoising.reference.shape[1]
         encoder_token_logits = gather_tokens(encoded.token_logits, selection.indices).float()
+        outside_logits, outside_mask = None, None
+        if self.training:
+            outside_logits, outside_mask = outside_token_logits(
+                token_logits[:, :, num_dn:], encoder_token_logits, prompts)
         contrast = None
         if instructions is not None:
             contrast = contrastive_logits(encoded.exemplars, instructions.labels,
@@ -1550,8 +1563,8 @@ class DINOR1(nn.Module):
             dn_logits=logits[:, :, :num_dn] if num_dn else None,
             dn_boxes=boxes[:, :, :num_dn] if num_dn else None,
             dn_targets=None if denoising is None else denoising.targets,
-            contrastive_logits=contrast,
-            **outside_token_logits(token_logits[:, :, num_dn:], encoder_token_logits, prompts))
+            contrastive_logits=contrast, outside_logits=outside_logits,
+            outside_mask=outside_mask)
 
 
 # ----------------------------------------------------------------------------- matching
@@ -1657,8 +1670,8 @@ class HungarianMatcher:
 class SetCriterion:
     """The SFT losses (METHOD section 3): per decoder layer, on the selected encoder proposals
     and on the DN queries, sigmoid focal loss over the prompt logits (unmatched queries: an
-    all-zero target), L1 x 5 and GIoU x 2 on matched boxes; with a caption, the focal loss of
-    its tokens of no class as negatives; plus L_contra (METHOD 2.4).
+    all-zero target), L1 x 5 and GIoU x 2 on matched boxes; with a caption in training, the
+    focal loss of its tokens of no class as negatives; plus L_contra (METHOD 2.4).
     Losses are normalised by `num_boxes`, the number of ground truths per process (averaged
     over processes under DDP)."""
 
@@ -1732,7 +1745,8 @@ class SetCriterion:
                 for logits, boxes in zip(output.dn_logits, output.dn_boxes))
         if output.outside_logits is not None:
             # Grounding DINO's per-token loss: a caption's [CLS], [SEP] and "." are negatives
-            # for every query (no class score reads them, but objectness does, METHOD 2.7).
+            # for every matching and encoder query (no class score reads them, but
+            # objectness does, METHOD 2.7); the DN queries learn classes only.
             keep = output.outside_mask[None, :, None, :].expand_as(output.outside_logits)
             terms["outside_tokens"] = self.class_weight * self.focal(
                 output.outside_logits, torch.zeros_like(output.outside_logits), keep.float(),
@@ -1788,8 +1802,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 # The checkpoints' (and prototype files') format: 2 since the model became Grounding DINO's
-# module for module. A file of another format holds weights this model cannot take.
-CHECKPOINT_FORMAT = 3      # 2: Grounding DINO's modules; 3: the tiny preset's text encoder a BERT
+# module for module, 3 since the tiny preset's text encoder is a BERT. A file of another format
+# holds weights this model cannot take.
+CHECKPOINT_FORMAT = 3
 
 
 def check_format(saved: dict, path: str | Path, kind: str) -> None:

@@ -29,10 +29,11 @@ from tqdm import tqdm
 from data import (Batch, DataError, ReplaceUnreadable, TextPrompts, VisualInstructions,
                   build_dataset, collate, resolve_data_root, sample_prompts,
                   sample_text_prompts, split_files)
-from model import (CHECKPOINT_FORMAT, MAX_TEXT_TOKENS, PRESETS, DINOR1, DetectorConfig, HungarianMatcher,
-                   SetCriterion, checkpoint_config_differences, grounding_dino_config,
-                   is_original_grounding_dino, load_checkpoint, load_grounding_dino_weights,
-                   load_original_grounding_dino_weights, resolve_device)
+from model import (CHECKPOINT_FORMAT, MAX_TEXT_TOKENS, PRESETS, DINOR1, DetectorConfig,
+                   HungarianMatcher, SetCriterion, checkpoint_config_differences,
+                   grounding_dino_config, is_original_grounding_dino, load_checkpoint,
+                   load_grounding_dino_weights, load_original_grounding_dino_weights,
+                   resolve_device)
 
 # Training defaults per model preset (any of them can be overridden on the command line).
 TRAIN_DEFAULTS = {

@@ -614,4 +614,8 @@ def test_text_prompts_hold_the_batch_classes_and_base_negatives_only(shapes_root
     assert present <= set(fitted.class_names) and len(fitted.class_names) > len(present)
     assert sum(map(length.get, fitted.class_names)) <= budget
     assert sum(map(length.get, fitted.class_names)) + max(length.values()) > budget
+    with pytest.raises(data.DataError, match="smaller --batch-size"):
+        data.sample_text_prompts(batch, dataset.class_names, dataset.base_classes,
+                                 torch.Generator().manual_seed(0), name_tokens=length.get,
+                                 max_tokens=budget - 21)
     assert any(sample(seed)[0].class_names != prompts.class_names for seed in range(1, 5))

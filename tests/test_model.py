@@ -157,19 +157,17 @@ def test_objectness_is_the_max_prompt_logit_and_selection_takes_its_top_tokens(t
 
 
 @pytest.mark.parametrize("select_invalid", [False, True])
-def test_tokens_without_a_valid_anchor_are_selected_only_as_in_grounding_dino(tiny, select_invalid):
+def test_tokens_without_a_valid_anchor_are_selected_only_as_in_grounding_dino(tiny, select_invalid,
+                                                                              monkeypatch):
     """Padding and edge tokens score a constant (their features enter as zeros). Grounding
     DINO ranks them with the rest (select_invalid_tokens, swin_t's setting); the tiny preset
     takes them only after every valid token, as they would otherwise crowd out its 100
     queries."""
     logits = torch.tensor([[5.0, 1.0, 4.0, 3.0, 2.0], [0.0, 9.0, 8.0, 1.0, 2.0]])
     valid = torch.tensor([[False, True, True, True, True], [True, False, True, False, True]])
-    tiny.config.select_invalid_tokens, num_queries = select_invalid, tiny.config.num_queries
-    tiny.config.num_queries = 3
-    try:
-        selection = tiny.select_queries(logits, valid)
-    finally:
-        tiny.config.select_invalid_tokens, tiny.config.num_queries = False, num_queries
+    monkeypatch.setattr(tiny.config, "select_invalid_tokens", select_invalid)
+    monkeypatch.setattr(tiny.config, "num_queries", 3)
+    selection = tiny.select_queries(logits, valid)
     expected = [[0, 2, 3], [1, 2, 4]] if select_invalid else [[2, 3, 4], [2, 4, 0]]
     assert selection.indices.tolist() == expected
     assert torch.equal(selection.objectness_logits, logits.gather(1, selection.indices))
@@ -386,7 +384,7 @@ NEVER_SEEN = ["purple pentagon", "猫", "кошка", "собака", "Café au 
 def test_the_generated_vocabulary_composes_any_name_without_unk():
     """The tiny preset's tokenizer needs no file and spells every name, in any script: letters
     and letter pairs, then the UTF-8 bytes of what they do not cover (never [UNK])."""
-    from model import WordPieceTokenizer, generated_vocabulary
+    from model import BertTextEncoder, WordPieceTokenizer, generated_vocabulary
 
     tokenizer = WordPieceTokenizer(generated_vocabulary(), byte_fallback=True)
     token = {index: name for name, index in tokenizer.ids.items()}
@@ -396,6 +394,13 @@ def test_the_generated_vocabulary_composes_any_name_without_unk():
     assert [token[i] for i in spelled[0]] == ["pu", "##rp", "##le", "pe", "##nt", "##ag", "##on"]
     assert bytes(int(token[i][3:5], 16) for i in spelled[1]).decode("utf-8") == "猫"
     assert [token[i] for i in spelled[4]] == ["ca", "##fe", "au", "la", "##it"]
+    # Bytes within a word are continuations, so words stay apart; a long word is spelled too.
+    assert tokenizer.pieces("кошка собака") != tokenizer.pieces("кошкасобака")
+    assert len(tokenizer.pieces("x" * 150)) == 75
+    # What a name costs in a caption is what the caption spends on it.
+    encoder = BertTextEncoder.generated(8, num_layers=1, num_heads=2)
+    ids, _ = encoder.caption_ids(NEVER_SEEN)
+    assert len(ids) == 2 + sum(map(encoder.name_tokens, NEVER_SEEN))
     # Without the fallback, the same vocabulary loses the name, as BERT's does.
     assert WordPieceTokenizer(generated_vocabulary()).pieces("猫") == [tokenizer.unk_id]
 
@@ -423,10 +428,10 @@ def test_a_caption_s_tokens_of_no_class_are_negatives_for_every_query(tiny):
     from model import outside_tokens
 
     batch, instructions, targets = tiny_batch()
-    names = NEVER_SEEN[:2]                   # [CLS] pu ##rp ##le pe ##nt ##ag ##on . 3 bytes . [SEP]
+    names = NEVER_SEEN[:2]          # [CLS] pu ##rp ##le pe ##nt ##ag ##on . 3 bytes . [SEP]
     prompts = tiny.text_prompts(names, batch=2)
     assert outside_tokens(prompts).nonzero()[:, 1].tolist() == [0, 8, 12, 13] * 2
-    tiny.eval()
+    tiny.train()
     with torch.no_grad():
         encoded = tiny.encode(batch.images, batch.mask, class_names=names)
         output = tiny(batch.images, batch.mask, class_names=names)
@@ -443,4 +448,7 @@ def test_a_caption_s_tokens_of_no_class_are_negatives_for_every_query(tiny):
     assert terms["sft"] > sum(v for k, v in terms.items() if k not in ("sft", "outside_tokens"))
     with torch.no_grad():
         visual = tiny(batch.images, batch.mask, instructions=instructions)
+        tiny.eval()
+        evaluated = tiny(batch.images, batch.mask, class_names=names)
     assert visual.outside_logits is None and "outside_tokens" not in criterion(visual, targets, 4)
+    assert evaluated.outside_logits is None            # only training reads them

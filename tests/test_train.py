@@ -332,10 +332,12 @@ def test_training_with_text_prompts_learns_through_the_text_encoder(shapes, tmp_
     moved = {name.split(".")[0] for name, value in trained.state_dict().items()
              if not torch.equal(value, start[name])}
     assert "text_encoder" in moved
-    if mode == "text":
-        assert with_contrast == 0 and "prompt_encoder" not in moved
+    with_outside = sum("outside_tokens" in line for line in lines)   # a caption's [CLS], ".",
+    if mode == "text":                                               # [SEP] as negatives
+        assert with_contrast == 0 and "prompt_encoder" not in moved and with_outside == 4
     else:
         assert 0 < with_contrast < 4 and "prompt_encoder" in moved
+        assert with_outside == 4 - with_contrast
     if script is train_grqo:       # the reference scores the same prompts: no KL at step 1
         assert lines[0]["grqo_kl"] == pytest.approx(0.0, abs=1e-6)
 
