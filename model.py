@@ -128,23 +128,27 @@ class Selection:
 
 
 class Phrases(NamedTuple):
-    """How the K prompt tokens of each image group into phrases (Grounding DINO's sub-sentence
-    structure): a token attends only to the tokens of its own phrase in the enhancer."""
+    """How the T prompt tokens of each image group into phrases (Grounding DINO's sub-sentence
+    structure): in the enhancer a token attends only to the tokens of its own phrase (visual
+    prompts: one phrase of them all, see visual_phrases)."""
     padding: Tensor        # (B, T) True = padding token
     attention: Tensor      # (B, T, T) True = token i may attend to token j
     position_ids: Tensor   # (B, T) long, each token's position within its phrase
     pos: Tensor            # (B, T, d) their sines
 
 
-def single_token_phrases(prompt_mask: Tensor, dim: int) -> Phrases:
-    """Every prompt a phrase of its own, one token at position 0: how a visual prompt (or any
-    ready-made class vector) enters the enhancer, so visual prompts do not attend to each other
-    there. prompt_mask (B, K)."""
+def visual_phrases(prompt_mask: Tensor, dim: int) -> Phrases:
+    """Visual prompts (or any ready-made class vectors) as one set: one token each, all at
+    position 0 (a set has no order), each attending in the enhancer to every real prompt and
+    to itself. Seeing the other classes is what tells similar ones apart: kept each in a phrase
+    of its own, the tiny preset lost 4 AP with generic prompts (docs/EXPERIMENTS.md).
+    prompt_mask (B, K) True = padding."""
     batch, num_prompts = prompt_mask.shape
-    alone = torch.eye(num_prompts, dtype=torch.bool, device=prompt_mask.device)
+    itself = torch.eye(num_prompts, dtype=torch.bool, device=prompt_mask.device)
+    attention = itself | ~prompt_mask[:, None, :]                            # (B, K, K)
     at_zero = torch.zeros(batch, num_prompts, dtype=torch.long, device=prompt_mask.device)
-    return Phrases(padding=prompt_mask, attention=alone.expand(batch, -1, -1),
-                   position_ids=at_zero, pos=sine_encoding(at_zero[..., None].float(), dim))
+    return Phrases(padding=prompt_mask, attention=attention, position_ids=at_zero,
+                   pos=sine_encoding(at_zero[..., None].float(), dim))
 
 
 def caption_phrases(input_ids: Tensor, padding: Tensor, delimiters: Tensor, dim: int) -> Phrases:
@@ -185,9 +189,9 @@ class PromptTokens(NamedTuple):
 
 
 def one_token_per_class(prompts: Tensor, prompt_mask: Tensor) -> PromptTokens:
-    """Prompts (B, K, d) with prompt_mask (B, K) True = padding, each one token of a phrase of
-    its own."""
-    return PromptTokens(prompts, single_token_phrases(prompt_mask, prompts.shape[-1]), prompts,
+    """Prompts (B, K, d) with prompt_mask (B, K) True = padding, one token each, as one set
+    (visual_phrases)."""
+    return PromptTokens(prompts, visual_phrases(prompt_mask, prompts.shape[-1]), prompts,
                         prompt_mask, None, None)
 
 
@@ -1475,8 +1479,8 @@ class DINOR1(nn.Module):
                class_names: list[str] | None = None) -> Encoded:
         """Backbone, prompts, feature enhancer and token scores: all that comes before the
         decoder, shared by `forward` and `objectness_logits`. Prompts come ready-made
-        (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g. generic prototypes, each a token
-        and phrase of its own; or PromptTokens as they are), as `instructions` (training:
+        (`prompts` (B, K, d) with `prompt_mask` (B, K), e.g. generic prototypes, one token each
+        in one set, see visual_phrases; or PromptTokens as they are), as `instructions` (training:
         exemplar boxes of this batch, one per class becomes the prompt of every image) or as
         K `class_names` through the text encoder, shown to every image; exactly one of the
         three."""

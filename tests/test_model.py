@@ -452,3 +452,21 @@ def test_a_caption_s_tokens_of_no_class_are_negatives_for_every_query(tiny):
         evaluated = tiny(batch.images, batch.mask, class_names=names)
     assert visual.outside_logits is None and "outside_tokens" not in criterion(visual, targets, 4)
     assert evaluated.outside_logits is None            # only training reads them
+
+
+def test_visual_prompts_see_each_other_in_the_enhancer_and_padding_is_unseen(tiny):
+    """Visual prompts (and ready-made class vectors) form one set: changing one prompt changes
+    what the others become in the enhancer, while a padding prompt changes nothing."""
+    batch, _, _ = tiny_batch()
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randn(2, 4, tiny.config.hidden_dim, generator=generator)
+    padding = torch.tensor([[False, False, False, True]] * 2)
+    changed_real, changed_padding = prompts.clone(), prompts.clone()
+    changed_real[:, 2] = torch.randn(2, tiny.config.hidden_dim, generator=generator)
+    changed_padding[:, 3] = torch.randn(2, tiny.config.hidden_dim, generator=generator)
+    tiny.eval()
+    with torch.no_grad():
+        enhanced = [tiny.encode(batch.images, batch.mask, prompts=p, prompt_mask=padding).enhanced
+                    for p in (prompts, changed_real, changed_padding)]
+    assert (enhanced[1][:, 0] - enhanced[0][:, 0]).abs().max() > 1e-3
+    torch.testing.assert_close(enhanced[2][:, :3], enhanced[0][:, :3])
