@@ -348,6 +348,7 @@ def compare_and_time(oracle, ours, batch, ids, steps: int, warmup: int, device: 
     their_scores = full.enc_outputs_class[..., :ids.shape[1]].max(-1).values
     their_selection = their_scores.topk(ours.config.num_queries, dim=1).indices
     my_selection = encoded.objectness_logits.topk(ours.config.num_queries, dim=1).indices
+    same = my_selection == their_selection                                  # (B, Q)
     torch.backends.cudnn.allow_tf32 = True            # PyTorch's default, for the timings
     result = {"image": "x".join(map(str, batch.images.shape[-2:])), "batch": 2,
               "tokens": ids.shape[1],
@@ -360,8 +361,15 @@ def compare_and_time(oracle, ours, batch, ids, steps: int, warmup: int, device: 
               "token_scores_max_abs_diff_fp32": (encoded.objectness_logits - their_scores
                                                  ).abs().max().item(),
               "same_selection_in_order": (my_selection == their_selection).float().mean().item(),
-              "logits_max_abs_diff_fp32": (my_logits - their_logits).abs().max().item(),
-              "boxes_max_abs_diff_fp32": (my_boxes - their_boxes).abs().max().item(),
+              # Tokens whose scores tie within the rounding above may trade places; such a
+              # pair's queries are compared with each other's, so the heads compare where the
+              # same token sits at the same place.
+              "selection_places_differing": int((my_selection != their_selection).sum()),
+              "score_gap_where_differing": (their_scores.gather(1, their_selection)
+                                            - their_scores.gather(1, my_selection)
+                                            ).abs().max().item(),
+              "logits_max_abs_diff_fp32": (my_logits - their_logits)[same].abs().max().item(),
+              "boxes_max_abs_diff_fp32": (my_boxes - their_boxes)[same].abs().max().item(),
               "logits_scale": their_logits.abs().max().item()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     timed = [("transformers", oracle, theirs), ("ours", ours, mine)] if steps else []
