@@ -470,3 +470,7 @@ def test_visual_prompts_see_each_other_in_the_enhancer_and_padding_is_unseen(tin
                     for p in (prompts, changed_real, changed_padding)]
     assert (enhanced[1][:, 0] - enhanced[0][:, 0]).abs().max() > 1e-3
     torch.testing.assert_close(enhanced[2][:, :3], enhanced[0][:, :3])
+    nothing = torch.tensor([[False, False, False, True], [True] * 4])    # image 2: no prompt
+    with torch.no_grad():
+        output = tiny(batch.images, batch.mask, prompts=prompts, prompt_mask=nothing)
+    assert output.boxes.isfinite().all() and output.logits[:, 0, :, :3].isfinite().all()
