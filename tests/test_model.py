@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 
 from data import Target, VisualInstructions, collate
 from model import (DetectorOutput, HungarianMatcher, SetCriterion, build_denoising_queries,
-                   build_model, postprocess)
+                   build_model, postprocess, visual_phrases)
 
 
 def make_target(boxes, labels, size=(96, 128)):
@@ -474,3 +474,9 @@ def test_visual_prompts_see_each_other_in_the_enhancer_and_padding_is_unseen(tin
     with torch.no_grad():
         output = tiny(batch.images, batch.mask, prompts=prompts, prompt_mask=nothing)
     assert output.boxes.isfinite().all() and output.logits[:, 0, :, :3].isfinite().all()
+    # Each token attends to every real prompt and to itself, so that no row of the enhancer's
+    # attention is empty, not even where an image has no prompt (an empty row is NaN in some
+    # attention kernels).
+    attention = visual_phrases(nothing, 8).attention.long()
+    torch.testing.assert_close(attention[0], torch.tensor([[1, 1, 1, 0]] * 3 + [[1, 1, 1, 1]]))
+    torch.testing.assert_close(attention[1], torch.eye(4, dtype=torch.long))
