@@ -504,6 +504,11 @@ def run_epoch(run: Run, epoch: int, first_batch: int) -> None:
     except FloatingPointError as error:
         raise FloatingPointError(f"{error}; stopped, {run.out / 'last.pt'} is left as it was "
                                  f"(--skip-nonfinite skips such steps instead)") from None
+    except DataError as error:          # a batch the data cannot serve, e.g. a caption's budget
+        kept = run.out / "last.pt"
+        raise SystemExit(f"training stopped after step {run.step}: {error}"
+                         + (f"; {kept} holds the last checkpoint" if kept.is_file() else "")
+                         ) from error
     run.step = end.step
     end.faults.report(run.is_main, epoch, run.samples.num_replaced - replaced_before)
     next_batch = first_batch if end.next_batch is None else end.next_batch

@@ -342,6 +342,18 @@ def test_training_with_text_prompts_learns_through_the_text_encoder(shapes, tmp_
         assert lines[0]["grqo_kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_caption_over_budget_mid_training_stops_in_one_line(shapes, tmp_path, monkeypatch):
+    """A batch whose classes overflow the caption is refused in one line that says what to
+    change and where the last checkpoint is, not in a traceback."""
+    argv = ["--data", str(shapes), "--out", str(tmp_path / "run"), "--batch-size", "2",
+            "--no-eval", "--prompts", "text", "--epochs", "1"]
+    train_sft.main([*argv, "--max-steps", "1"])
+    monkeypatch.setattr(train_sft, "MAX_TEXT_TOKENS", 3)      # no class name fits any more
+    with pytest.raises(SystemExit, match=r"after step 1: .* smaller --batch-size; .*last.pt "
+                                         r"holds the last checkpoint"):
+        train_sft.main([*argv, "--max-steps", "2", "--resume", str(tmp_path / "run" / "last.pt")])
+
+
 def test_freeze_keeps_the_backbone_and_the_text_encoder_as_they_start(shapes, tmp_path):
     """--freeze backbone --freeze text: those parameters leave training unchanged (and hold
     no optimiser state); the rest moves."""
