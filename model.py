@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d, box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import (FrozenBatchNorm2d, box_convert, generalized_box_iou,
+                             sigmoid_focal_loss, stochastic_depth)
 
 from kernels import ms_deform_attn
 
@@ -80,6 +81,8 @@ class DetectorConfig:
     pad_multiple: int = 32              # batches padded to a multiple of this (data.collate):
                                         # 32 aligns every level with the masks; GD pads to 1
     select_invalid_tokens: bool = False  # GD: True (see DINOR1.select_queries)
+    fusion_drop_path: float = 0.0       # training only: drop path on the enhancer's image <->
+                                        # prompt fusion, per sample (GD: 0.1)
 
     def __post_init__(self):
         self.swin_depths, self.swin_heads = tuple(self.swin_depths), tuple(self.swin_heads)
@@ -95,7 +98,7 @@ PRESETS = {
                              num_encoder_layers=6, num_decoder_layers=6, ffn_dim=2048,
                              num_queries=900, num_dn_queries=100, image_size=800,
                              max_size=1333, position_temperature=20.0, class_head="dot",
-                             select_invalid_tokens=True),
+                             select_invalid_tokens=True, fusion_drop_path=0.1),
 }
 PRESETS["r50"] = replace(PRESETS["swin_t"], backbone="r50")     # the same with a ResNet-50
 
@@ -680,13 +683,16 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0       # its word embedding gets no gradient, as in Hugging Face's
+    hidden_dropout: float = 0.1     # training only: on the embeddings and each sublayer's output
+    attention_dropout: float = 0.1  # training only: on the attention weights
 
     # our field -> its key in Hugging Face's config.json
     json_keys = dict(vocab_size="vocab_size", hidden_size="hidden_size",
                      num_layers="num_hidden_layers", num_heads="num_attention_heads",
                      intermediate_size="intermediate_size", max_positions="max_position_embeddings",
                      type_vocab_size="type_vocab_size", layer_norm_eps="layer_norm_eps",
-                     pad_token_id="pad_token_id")
+                     pad_token_id="pad_token_id", hidden_dropout="hidden_dropout_prob",
+                     attention_dropout="attention_probs_dropout_prob")
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -713,7 +719,7 @@ class BertConfig:
 
 
 class BertEmbeddings(nn.Module):
-    """Word + token type + position embeddings, then LayerNorm, as in Hugging Face's
+    """Word + token type + position embeddings, then LayerNorm and dropout, as in Hugging Face's
     BertEmbeddings. Every token is of type 0: one caption, as Grounding DINO passes it."""
 
     def __init__(self, config: BertConfig):
@@ -723,25 +729,28 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_positions, d)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)    # Hugging Face's name
+        self.dropout = config.hidden_dropout
 
     def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         """input_ids (B, T), position_ids (B|1, T) -> (B, T, hidden)."""
         x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
-        return self.LayerNorm(x + self.position_embeddings(position_ids))
+        x = self.LayerNorm(x + self.position_embeddings(position_ids))
+        return F.dropout(x, self.dropout, self.training)
 
 
 class BertResidual(nn.Module):
-    """LayerNorm(dense(x) + residual): BERT's post-LN sublayer ending, as in Hugging Face's
-    BertSelfOutput and BertOutput."""
+    """LayerNorm(dropout(dense(x)) + residual): BERT's post-LN sublayer ending, as in Hugging
+    Face's BertSelfOutput and BertOutput."""
 
-    def __init__(self, in_dim: int, dim: int, eps: float):
+    def __init__(self, in_dim: int, dim: int, eps: float, dropout: float):
         super().__init__()
         self.dense = nn.Linear(in_dim, dim)
         self.LayerNorm = nn.LayerNorm(dim, eps=eps)
+        self.dropout = dropout
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         """x (B, T, in_dim), residual (B, T, dim) -> (B, T, dim)."""
-        return self.LayerNorm(self.dense(x) + residual)
+        return self.LayerNorm(F.dropout(self.dense(x), self.dropout, self.training) + residual)
 
 
 class BertLayer(nn.Module):
@@ -750,19 +759,21 @@ class BertLayer(nn.Module):
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        d, eps = config.hidden_size, config.layer_norm_eps
-        self.num_heads = config.num_heads
+        d, eps, dropout = config.hidden_size, config.layer_norm_eps, config.hidden_dropout
+        self.num_heads, self.attention_dropout = config.num_heads, config.attention_dropout
         self.attention = nn.ModuleDict({
             "self": nn.ModuleDict({name: nn.Linear(d, d) for name in ("query", "key", "value")}),
-            "output": BertResidual(d, d, eps)})
+            "output": BertResidual(d, d, eps, dropout)})
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(d, config.intermediate_size)})
-        self.output = BertResidual(config.intermediate_size, d, eps)
+        self.output = BertResidual(config.intermediate_size, d, eps, dropout)
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """x (B, T, hidden), bias (B, 1, 1|T, T) added to the attention scores -> (B, T, hidden)."""
         query, key, value = (rearrange(self.attention["self"][name](x), "b t (h c) -> b h t c",
                                        h=self.num_heads) for name in ("query", "key", "value"))
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        attended = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias,
+            dropout_p=self.attention_dropout if self.training else 0.0)
         x = self.attention["output"](rearrange(attended, "b h t c -> b t (h c)"), x)
         return self.output(F.gelu(self.intermediate["dense"](x)), x)
 
@@ -780,8 +791,8 @@ def attention_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class Bert(nn.Module):
-    """BERT's encoder: what Hugging Face's BertModel returns as last_hidden_state (in eval mode;
-    there is no dropout here), under its parameter names, so its weights load as they are."""
+    """BERT's encoder: what Hugging Face's BertModel returns as last_hidden_state, dropout in
+    training included, under its parameter names, so its weights load as they are."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -934,12 +945,13 @@ class BertTextEncoder(nn.Module):
 
     @classmethod
     def generated(cls, dim: int, num_layers: int, num_heads: int) -> "BertTextEncoder":
-        """The tiny preset's: a BERT of width d, FFN 4d, trained from scratch, over
-        generated_vocabulary() with byte fallback (no download, any script)."""
+        """The tiny preset's: a BERT of width d, FFN 4d, trained from scratch without dropout,
+        over generated_vocabulary() with byte fallback (no download, any script)."""
         tokenizer = WordPieceTokenizer(generated_vocabulary(), byte_fallback=True)
         bert = Bert(BertConfig(vocab_size=len(tokenizer.ids), hidden_size=dim,
                                num_layers=num_layers, num_heads=num_heads,
-                               intermediate_size=4 * dim, max_positions=MAX_TEXT_TOKENS))
+                               intermediate_size=4 * dim, max_positions=MAX_TEXT_TOKENS,
+                               hidden_dropout=0.0, attention_dropout=0.0))
         return cls(tokenizer, bert, dim)
 
     def name_tokens(self, name: str) -> int:
@@ -1127,6 +1139,7 @@ class EnhancerLayer(nn.Module):
         self.fusion = BiAttention(d, ffn // 2, heads // 2)
         self.image_scale = nn.Parameter(torch.full((d,), 1e-4))
         self.prompt_scale = nn.Parameter(torch.full((d,), 1e-4))
+        self.drop_path = config.fusion_drop_path
         self.prompt_self_attention = nn.MultiheadAttention(d, heads // 2, batch_first=True)
         self.prompt_norm = nn.LayerNorm(d)
         self.prompt_ffn = FeedForward(d, ffn // 2)
@@ -1143,8 +1156,8 @@ class EnhancerLayer(nn.Module):
             image, prompts = self.fusion_image_norm(image), self.fusion_prompt_norm(prompts)
             image_read, prompts_read = self.fusion(image, prompts, features.padding_mask,
                                                    phrases.padding)
-            image = image + self.image_scale * image_read
-            prompts = prompts + self.prompt_scale * prompts_read
+            image = image + self.fusion_drop_path(self.image_scale * image_read)
+            prompts = prompts + self.fusion_drop_path(self.prompt_scale * prompts_read)
             positioned = prompts + phrases.pos.to(prompts.dtype)
             elsewhere = ~phrases.attention.repeat_interleave(
                 self.prompt_self_attention.num_heads, dim=0)      # (B * heads, K, K)
@@ -1155,6 +1168,12 @@ class EnhancerLayer(nn.Module):
                                              value=image)
         image = self.image_ffn(self.image_norm(image + attended))
         return image, prompts
+
+
+    def fusion_drop_path(self, x: Tensor) -> Tensor:
+        """In training, the fusion's update of each image is dropped with probability
+        fusion_drop_path and the kept ones scaled up to match, as GD's DropPath does."""
+        return stochastic_depth(x, self.drop_path, "row", self.training)
 
 
 def token_centres(features: ImageFeatures) -> Tensor:
@@ -1858,7 +1877,8 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> DINOR1:
 
 
 # Settings that do not change the weights a checkpoint holds.
-NOT_ARCHITECTURE = ("kernel", "pretrained_backbone", "pad_multiple", "select_invalid_tokens")
+NOT_ARCHITECTURE = ("kernel", "pretrained_backbone", "pad_multiple", "select_invalid_tokens",
+                    "fusion_drop_path")
 
 
 def checkpoint_config_differences(saved: dict, config: DetectorConfig) -> str:
@@ -2029,9 +2049,9 @@ def grounding_dino_config(folder: str | Path) -> DetectorConfig:
     """The detector a Grounding DINO folder describes: its config.json (an absent key takes
     Hugging Face's default) and preprocessor_config.json's image sizes (GD's 800 and 1333 when
     there is none); the rest from the swin_t preset. ValueError naming the file and the first
-    setting this detector does not compute. The training-only regularisers (dropout, the
-    fusion's and Swin's drop paths) are not read: this detector trains without dropout, with
-    torchvision's stochastic depth 0.2 in Swin."""
+    setting this detector does not compute. Of the training-only regularisers, the fusion's
+    drop path is read (and BERT's dropout from text_config); the transformer's dropout is not
+    computed (GD's own training used none) and Swin has torchvision's stochastic depth 0.2."""
     folder = Path(folder)
     path = required_file(folder, "config.json")
     settings = json.loads(path.read_text())
@@ -2067,6 +2087,7 @@ def grounding_dino_config(folder: str | Path) -> DetectorConfig:
         swin_depths=tuple(swin.get("depths", (2, 2, 6, 2))),
         swin_heads=tuple(swin.get("num_heads", (3, 6, 12, 24))),
         swin_window=swin.get("window_size", 7),
+        fusion_drop_path=float(settings.get("fusion_droppath", 0.1)),
         text_encoder=str(folder), image_size=size.get("shortest_edge", 800),
         max_size=size.get("longest_edge", 1333), pad_multiple=1)
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from model import (PRESETS, Backbone, Decoder, DetectorConfig, EnhancerLayer, build_model,
-                   caption_phrases, one_token_per_class, rename_grounding_dino,
-                   scale_reference, sine_encoding, sine_positions, token_anchors, token_centres)
+                   caption_phrases, grounding_dino_config, one_token_per_class,
+                   rename_grounding_dino, scale_reference, sine_encoding, sine_positions,
+                   token_anchors, token_centres)
 
 transformers = pytest.importorskip("transformers")
 grounding_dino = pytest.importorskip("transformers.models.grounding_dino.modeling_grounding_dino")
@@ -141,6 +142,45 @@ def test_the_enhancer_layer_equals_grounding_dinos_encoder_layer():
         our_image, our_text = ours(features.tokens, prompts, phrases, features, reference)
     torch.testing.assert_close(our_image, image, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(our_text, text, atol=1e-4, rtol=1e-4)
+
+
+def test_the_fusions_drop_path_drops_each_images_update_in_training_only(tmp_path):
+    """fusion_drop_path 1 drops the fusion's update of every image in training: the layer then
+    computes as with zero layer scales; 0.5 drops some images' and keeps the others' (scaled);
+    evaluation drops nothing. GD's rate is read from a folder's config.json (default 0.1)."""
+    features, (phrases, _) = padded_features(), two_captions(64)
+    prompts = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    reference = scale_reference(token_centres(features), features.valid_ratios)
+
+    def run(drop_path: float, scale: float, training: bool, draw: int = 0) -> torch.Tensor:
+        torch.manual_seed(0)
+        layer = EnhancerLayer(DetectorConfig(kernel="torch", fusion_drop_path=drop_path))
+        layer.image_scale.data.fill_(scale)
+        layer.prompt_scale.data.fill_(scale)
+        torch.manual_seed(draw)                             # the drop path's draw
+        with torch.no_grad():
+            return layer.train(training)(features.tokens, prompts, phrases, features,
+                                         reference)[0]
+
+    fused, unfused = run(0.0, 1.0, True), run(0.0, 0.0, True)
+    assert not torch.allclose(fused, unfused)
+    torch.testing.assert_close(run(1.0, 1.0, True), unfused)
+    torch.testing.assert_close(run(1.0, 1.0, False), fused)
+    doubled = run(0.0, 2.0, True)                       # kept at rate 0.5: scaled by 2
+    fates = set()
+    for draw in range(8):                               # each image dropped or kept whole,
+        dropped = [torch.allclose(image, unfused[i])    # on its own
+                   for i, image in enumerate(run(0.5, 1.0, True, draw))]
+        assert all(gone or torch.allclose(image, doubled[i], atol=1e-5)
+                   for i, (gone, image) in enumerate(zip(dropped, run(0.5, 1.0, True, draw))))
+        fates.add(tuple(dropped))
+    assert (True, False) in fates or (False, True) in fates
+    (tmp_path / "config.json").write_text('{"model_type": "grounding-dino"}')
+    assert grounding_dino_config(tmp_path).fusion_drop_path == 0.1 == \
+        PRESETS["swin_t"].fusion_drop_path
+    (tmp_path / "config.json").write_text('{"model_type": "grounding-dino", '
+                                          '"fusion_droppath": 0.3}')
+    assert grounding_dino_config(tmp_path).fusion_drop_path == 0.3
 
 
 def test_the_decoder_equals_grounding_dinos_with_its_shared_box_head():

@@ -58,13 +58,25 @@ def hf_bert(seed: int = 0, cls=None) -> torch.nn.Module:
 
 
 def our_bert(reference) -> Bert:
-    """Ours at the sizes of a Hugging Face model, with random weights."""
-    config = reference.config
-    return Bert(BertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                           num_layers=config.num_hidden_layers,
-                           num_heads=config.num_attention_heads,
-                           intermediate_size=config.intermediate_size,
-                           layer_norm_eps=config.layer_norm_eps))
+    """Ours from a Hugging Face model's settings, with random weights, in eval mode."""
+    return Bert(BertConfig.from_dict(reference.config.to_dict(), "the reference")).eval()
+
+
+def test_bert_dropout_acts_in_training_only_and_reads_hugging_faces_rates():
+    """Dropout on the embeddings and sublayer outputs (hidden_dropout_prob) and on the
+    attention weights (attention_probs_dropout_prob), each on its own, in training only."""
+    reference = hf_bert()
+    assert (our_bert(reference).config.hidden_dropout,
+            our_bert(reference).config.attention_dropout) == (0.1, 0.1)      # BERT's defaults
+    input_ids = torch.randint(len(VOCAB), (2, 9), generator=torch.Generator().manual_seed(0))
+    for hidden, attention, layers in [(0.5, 0.0, 2), (0.0, 0.5, 2), (0.0, 0.0, 2),
+                                      (0.5, 0.0, 0)]:           # 0 layers: the embeddings'
+        settings = {**reference.config.to_dict(), "hidden_dropout_prob": hidden,
+                    "attention_probs_dropout_prob": attention, "num_hidden_layers": layers}
+        bert = Bert(BertConfig.from_dict(settings, "the reference"))
+        with torch.no_grad():
+            trained, evaluated = bert(input_ids), bert.eval()(input_ids)
+        assert torch.equal(trained, evaluated) == (hidden == attention == 0.0)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -193,6 +205,7 @@ def test_load_bert_folder(bert_folder):
     folder, reference = bert_folder
     tokenizer, bert, unused = load_bert(folder)
     assert sorted(unused) == ["pooler.dense.bias", "pooler.dense.weight"]
+    bert.eval()                                         # as the reference: no dropout
     input_ids, attention_mask = padded_batch(tokenizer, ["Red circle . blue star .", "猫と犬"])
     with torch.no_grad():
         expected = reference(input_ids, attention_mask=attention_mask).last_hidden_state
@@ -203,7 +216,7 @@ def test_load_bert_folder_with_pytorch_weights(bert_folder):
     folder, reference = bert_folder
     (folder / "model.safetensors").unlink()
     torch.save(reference.state_dict(), folder / "pytorch_model.bin")
-    _, bert, _ = load_bert(folder)
+    bert = load_bert(folder).bert.eval()
     input_ids = torch.tensor([[101, 110, 111, 102]])
     with torch.no_grad():
         expected = reference(input_ids).last_hidden_state
@@ -249,7 +262,7 @@ def test_text_encoder_reads_names_as_one_grounding_dino_caption(bert_folder):
     from model import caption_phrases
 
     folder, reference = bert_folder
-    encoder = BertTextEncoder.from_folder(folder, dim=8)
+    encoder = BertTextEncoder.from_folder(folder, dim=8).eval()      # as the reference
     ids = encoder.tokenizer.ids
     names = ["red circle", "cat"]
     caption_ids, spans = encoder.caption_ids(names)
