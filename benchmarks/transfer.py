@@ -92,16 +92,19 @@ def ap(row: dict, evaluation: str, metric: str = "AP") -> float | None:
     return None if value is None else 100 * value
 
 
-def columns(row: dict, text_reference: float | None, prompt: str = "generic") -> dict:
-    """A run's numbers: default val AP / base / novel, each domain's AP, their mean, and the
-    text AP on the default val retained from P's (%)."""
+def columns(row: dict, text_reference: float | None, prompt: str = "generic",
+            trained_on: str | None = None) -> dict:
+    """A run's numbers: default val AP / base / novel, each domain's AP, the mean over the
+    domains (but `trained_on`, whose train split the users' stage fine-tunes on: "other
+    domains" then), and the text AP on the default val retained from P's (%)."""
     numbers = {"AP": ap(row, f"default_{prompt}"),
                "AP_base": ap(row, f"default_{prompt}", "AP_base"),
                "AP_novel": ap(row, f"default_{prompt}", "AP_novel")}
     domains = {domain: ap(row, f"{domain}_{prompt}") for domain in DOMAINS}
     numbers.update(domains)
-    known = [value for value in domains.values() if value is not None]
-    numbers["domains"] = statistics.mean(known) if len(known) == len(domains) else None
+    unseen = [value for domain, value in domains.items() if domain != trained_on]
+    numbers["other domains" if trained_on else "domains"] = (
+        statistics.mean(unseen) if None not in unseen else None)
     text = ap(row, "default_text")
     numbers["text kept %"] = (100 * text / text_reference
                               if text is not None and text_reference else None)
@@ -117,36 +120,42 @@ def cell(values: list) -> str:
     return f"{statistics.mean(known):.1f}{spread}"
 
 
-def table(rows: list[dict], pretrained: dict | None, domain_first: str | None = None) -> list[str]:
-    """Mean ± std over seeds per setting; P's row (text prompts) first."""
+def table(rows: list[dict], pretrained: dict | None, trained_on: str | None = None) -> list[str]:
+    """Mean ± std over seeds per setting; P's row (text prompts) first; the domain trained on
+    (the users' stage) in the first column."""
     reference = ap(pretrained, "default_text") if pretrained else None
-    names = list(columns({}, None))
-    if domain_first:
-        names.remove(domain_first)
-        names.insert(0, domain_first)
+    names = list(columns({}, None, trained_on=trained_on))
+    if trained_on:
+        names.remove(trained_on)
+        names.insert(0, trained_on)
     lines = ["| run | seeds | " + " | ".join(names) + " |",
              "|---|---:|" + "---:|" * len(names)]
     if pretrained:
-        numbers = columns(pretrained, reference, prompt="text")
+        numbers = columns(pretrained, reference, prompt="text", trained_on=trained_on)
         lines.append("| P (text prompts) | 1 | "
                      + " | ".join(cell([numbers[name]]) for name in names) + " |")
     for setting in SETTINGS:
         done = [row for row in rows if row["setting"] == setting and row["status"] == "done"]
         if done:
-            numbers = [columns(row, reference) for row in done]
+            numbers = [columns(row, reference, trained_on=trained_on) for row in done]
             lines.append(f"| {setting} | {len(done)} | "
                          + " | ".join(cell([n[name] for n in numbers]) for name in names) + " |")
     return lines
 
 
-def paired(rows: list[dict], pretrained: dict | None, gained: str = "domains") -> list[str]:
+def paired(rows: list[dict], pretrained: dict | None, trained_on: str | None = None
+           ) -> list[str]:
     """Each GRQO setting minus the SFT run of the same seed and matching cost: mean ± std
-    over seeds of the differences, `gained` per seed, and the step-time ratio."""
+    over seeds of the differences, the gain per seed (over the domains; the users' stage: on
+    the domain trained on, then over the others too), and the step-time ratio."""
     reference = ap(pretrained, "default_text") if pretrained else None
     done = {(row["setting"], row["seed"]): row for row in rows if row["status"] == "done"}
-    names = [gained, "AP_base", "AP_novel", "text kept %"]
+    gained = trained_on or "domains"
+    names = [gained, *(["other domains"] if trained_on else []), "AP_base", "AP_novel",
+             "text kept %"]
     lines = ["| setting | against | seeds | " + " | ".join(f"Δ {n}" for n in names)
-             + f" | Δ {gained} per seed | step time ratio |", "|---|---|---:|" + "---:|" * 6]
+             + f" | Δ {gained} per seed | step time ratio |",
+             "|---|---|---:|" + "---:|" * (len(names) + 2)]
     for setting, (script, arguments) in SETTINGS.items():
         if script != "train_grqo.py":
             continue
@@ -155,7 +164,8 @@ def paired(rows: list[dict], pretrained: dict | None, gained: str = "domains") -
                  if name == setting and (base, seed) in done]
         if not pairs:
             continue
-        numbers = [(columns(grqo, reference), columns(sft, reference)) for grqo, sft in pairs]
+        numbers = [(columns(grqo, reference, trained_on=trained_on),
+                    columns(sft, reference, trained_on=trained_on)) for grqo, sft in pairs]
         deltas = {name: [None if ours[name] is None or theirs[name] is None
                          else ours[name] - theirs[name] for ours, theirs in numbers]
                   for name in names}
@@ -172,11 +182,12 @@ def render(stage: str, pretrained: dict | None, rows: list[dict]) -> str:
     if stage == "pretrained":
         return "\n".join(["P, text prompts on every val (AP points):", ""]
                          + table([], rows[0] if rows else None))
-    gained = "domains" if stage == "finetune" else USERS_DOMAIN
+    trained_on = None if stage == "finetune" else USERS_DOMAIN
     return "\n".join(
         [f"{stage}: generic prompts, 10 shots a class (AP points, mean ± std over seeds):",
-         "", *table(rows, pretrained, None if stage == "finetune" else USERS_DOMAIN), "",
-         "Paired by seed, GRQO minus its SFT baseline:", "", *paired(rows, pretrained, gained)])
+         "", *table(rows, pretrained, trained_on), "",
+         "Paired by seed, GRQO minus its SFT baseline:", "",
+         *paired(rows, pretrained, trained_on)])
 
 
 def pretrained_row(study: runner.Study) -> dict | None:

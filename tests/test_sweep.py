@@ -347,3 +347,22 @@ def test_transfer_tables_pair_each_grqo_setting_with_its_sft_seed_by_seed(tmp_pa
     # release minus sft_focal: domains +3 and +2 (2.5 ± 0.7), AP_base +1, text kept 0
     assert "| release | sft_focal | 2 | 2.5 ± 0.7 | 1.0 ± 0.0 | 1.0 ± 0.0 | 0.0 ± 0.0 | " \
            "+3.0, +2.0 | 1.00x |" in text
+
+
+def test_the_users_table_puts_the_domain_trained_on_apart_from_the_others(tmp_path):
+    """The users' stage fine-tunes on outlines' train split: outlines comes first, and the
+    mean over the domains ("other domains", what transfer survives) leaves it out."""
+    stages = transfer_studies(tmp_path)
+    users, others = stages["users"], len(transfer.DOMAINS) - 1
+    assert next(iter(transfer.DOMAINS)) == transfer.USERS_DOMAIN    # first, as written below
+    for setting, (trained, elsewhere) in (("sft_focal", (0.5, 0.1)), ("release", (0.6, 0.12))):
+        folder = runner.run_folder(users, setting, 0)
+        write_run(folder, {0: [None]}, 0.3)
+        write_evaluations(folder, "generic", 0.3, [trained] + [elsewhere] * others, text=0.2)
+    text = transfer.render("users", None, runner.collect(users, set()))
+    assert "| run | seeds | outlines | AP | AP_base | AP_novel | " in text
+    assert "| other domains | text kept % |" in text
+    assert "| sft_focal | 1 | 50.0 | 30.0 | 31.0 | 29.0 | " + "10.0 | " * others + "10.0 | - |" \
+        in text
+    # release minus sft_focal: outlines +10, the other domains +2, the default val 0
+    assert "| release | sft_focal | 1 | 10.0 | 2.0 | 0.0 | 0.0 | - | +10.0 | 1.00x |" in text
