@@ -84,6 +84,15 @@ class DetectorConfig:
     fusion_drop_path: float = 0.0       # training only: drop path on the enhancer's image <->
                                         # prompt fusion, per sample (GD: 0.1)
 
+    @classmethod
+    def from_saved(cls, saved: dict, **overrides) -> "DetectorConfig":
+        """A checkpoint's config. A training-only setting added after it was written takes the
+        value of the preset it came from (the tiny backbone: tiny's; any other: swin_t's),
+        not the field's default."""
+        preset = PRESETS["tiny" if saved.get("backbone", "tiny") == "tiny" else "swin_t"]
+        added = {name: getattr(preset, name) for name in ("fusion_drop_path",) if name not in saved}
+        return cls(**{**saved, **added, **overrides})
+
     def __post_init__(self):
         self.swin_depths, self.swin_heads = tuple(self.swin_depths), tuple(self.swin_heads)
         if self.num_levels < 1:
@@ -1130,7 +1139,8 @@ class EnhancerLayer(nn.Module):
     prompt attention, its result added with layer scale 1e-4 to the layer-normed inputs; prompt
     self-attention (positions on queries and keys, each prompt token within its phrase) + FFN;
     image deformable self-attention + FFN. The prompt side runs at half the heads and half the
-    FFN width, as in GD."""
+    FFN width, as in GD. In training, the fusion's updates pass a drop path (fusion_drop_path).
+    """
 
     def __init__(self, config: DetectorConfig):
         super().__init__()
@@ -1139,7 +1149,7 @@ class EnhancerLayer(nn.Module):
         self.fusion = BiAttention(d, ffn // 2, heads // 2)
         self.image_scale = nn.Parameter(torch.full((d,), 1e-4))
         self.prompt_scale = nn.Parameter(torch.full((d,), 1e-4))
-        self.drop_path = config.fusion_drop_path
+        self.fusion_drop_rate = config.fusion_drop_path
         self.prompt_self_attention = nn.MultiheadAttention(d, heads // 2, batch_first=True)
         self.prompt_norm = nn.LayerNorm(d)
         self.prompt_ffn = FeedForward(d, ffn // 2)
@@ -1169,11 +1179,11 @@ class EnhancerLayer(nn.Module):
         image = self.image_ffn(self.image_norm(image + attended))
         return image, prompts
 
-
     def fusion_drop_path(self, x: Tensor) -> Tensor:
-        """In training, the fusion's update of each image is dropped with probability
-        fusion_drop_path and the kept ones scaled up to match, as GD's DropPath does."""
-        return stochastic_depth(x, self.drop_path, "row", self.training)
+        """x (B, N, d): one side's fusion update. In training each sample's is dropped with
+        probability fusion_drop_path, the kept ones scaled up to match, as GD's DropPath does
+        (the image side and the prompt side draw apart)."""
+        return stochastic_depth(x, self.fusion_drop_rate, "row", self.training)
 
 
 def token_centres(features: ImageFeatures) -> Tensor:
@@ -1869,8 +1879,8 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> DINOR1:
 
     The backbone is built without ImageNet weights even when training started from them:
     the checkpoint's weights replace them anyway, and fetching them would fail offline."""
-    config = DetectorConfig(**{**checkpoint["config"], "pretrained_backbone": False,
-                               **overrides})
+    config = DetectorConfig.from_saved(checkpoint["config"],
+                                       **{"pretrained_backbone": False, **overrides})
     model = DINOR1(config)
     model.load_state_dict(checkpoint["model"])
     return model

@@ -239,7 +239,7 @@ def build_detector(args) -> DINOR1:
             raise SystemExit(f"cannot start from --init {args.model_from}: {error}") from error
     elif args.model_from:
         saved = load_checkpoint(args.model_from)["config"]
-        config = DetectorConfig(**{**saved, "kernel": args.kernel, "pretrained_backbone": False})
+        config = DetectorConfig.from_saved(saved, kernel=args.kernel, pretrained_backbone=False)
     else:
         config = replace(PRESETS[args.model], kernel=args.kernel, text_encoder=args.text_encoder,
                          pretrained_backbone=args.pretrained_backbone)
@@ -505,8 +505,10 @@ def run_epoch(run: Run, epoch: int, first_batch: int) -> None:
         raise FloatingPointError(f"{error}; stopped, {run.out / 'last.pt'} is left as it was "
                                  f"(--skip-nonfinite skips such steps instead)") from None
     except DataError as error:          # a batch the data cannot serve, e.g. a caption's budget
+        # From a loader worker, the message holds the worker's traceback: its last line says why.
+        reason = str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]
         kept = run.out / "last.pt"
-        raise SystemExit(f"training stopped after step {run.step}: {error}"
+        raise SystemExit(f"training stopped after step {run.step}: {reason}"
                          + (f"; {kept} holds the last checkpoint" if kept.is_file() else "")
                          ) from error
     run.step = end.step

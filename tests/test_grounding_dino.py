@@ -144,37 +144,41 @@ def test_the_enhancer_layer_equals_grounding_dinos_encoder_layer():
     torch.testing.assert_close(our_text, text, atol=1e-4, rtol=1e-4)
 
 
-def test_the_fusions_drop_path_drops_each_images_update_in_training_only(tmp_path):
-    """fusion_drop_path 1 drops the fusion's update of every image in training: the layer then
-    computes as with zero layer scales; 0.5 drops some images' and keeps the others' (scaled);
-    evaluation drops nothing. GD's rate is read from a folder's config.json (default 0.1)."""
+def test_the_fusions_drop_path_drops_each_samples_update_in_training_only(tmp_path):
+    """fusion_drop_path 1 drops the fusion's update of every sample, image side and prompt
+    side, in training: the layer then computes as with zero layer scales; at 0.5 each sample's
+    update on each side is dropped or kept (scaled up) on its own; evaluation drops nothing.
+    GD's rate is read from a folder's config.json (default 0.1)."""
     features, (phrases, _) = padded_features(), two_captions(64)
     prompts = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
     reference = scale_reference(token_centres(features), features.valid_ratios)
 
-    def run(drop_path: float, scale: float, training: bool, draw: int = 0) -> torch.Tensor:
+    def run(drop_path: float, scale: float, training: bool, draw: int = 0):
+        """The layer's (image, prompts)."""
         torch.manual_seed(0)
         layer = EnhancerLayer(DetectorConfig(kernel="torch", fusion_drop_path=drop_path))
         layer.image_scale.data.fill_(scale)
         layer.prompt_scale.data.fill_(scale)
         torch.manual_seed(draw)                             # the drop path's draw
         with torch.no_grad():
-            return layer.train(training)(features.tokens, prompts, phrases, features,
-                                         reference)[0]
+            return layer.train(training)(features.tokens, prompts, phrases, features, reference)
 
-    fused, unfused = run(0.0, 1.0, True), run(0.0, 0.0, True)
-    assert not torch.allclose(fused, unfused)
-    torch.testing.assert_close(run(1.0, 1.0, True), unfused)
-    torch.testing.assert_close(run(1.0, 1.0, False), fused)
-    doubled = run(0.0, 2.0, True)                       # kept at rate 0.5: scaled by 2
+    fused, unfused, doubled = run(0.0, 1.0, True), run(0.0, 0.0, True), run(0.0, 2.0, True)
+    for side in (0, 1):                                 # image, prompts
+        assert not torch.allclose(fused[side], unfused[side])
+        torch.testing.assert_close(run(1.0, 1.0, True)[side], unfused[side])
+        torch.testing.assert_close(run(1.0, 1.0, False)[side], fused[side])
     fates = set()
-    for draw in range(8):                               # each image dropped or kept whole,
-        dropped = [torch.allclose(image, unfused[i])    # on its own
-                   for i, image in enumerate(run(0.5, 1.0, True, draw))]
-        assert all(gone or torch.allclose(image, doubled[i], atol=1e-5)
-                   for i, (gone, image) in enumerate(zip(dropped, run(0.5, 1.0, True, draw))))
-        fates.add(tuple(dropped))
-    assert (True, False) in fates or (False, True) in fates
+    for draw in range(8):
+        outputs = run(0.5, 1.0, True, draw)
+        for side in (0, 1):
+            dropped = tuple(torch.allclose(sample, unfused[side][i])
+                            for i, sample in enumerate(outputs[side]))
+            assert all(gone or torch.allclose(sample, doubled[side][i], atol=1e-5)
+                       for i, (gone, sample) in enumerate(zip(dropped, outputs[side])))
+            fates.add((side, dropped))
+    for side in (0, 1):                                 # samples apart, not the batch at once
+        assert (side, (True, False)) in fates or (side, (False, True)) in fates
     (tmp_path / "config.json").write_text('{"model_type": "grounding-dino"}')
     assert grounding_dino_config(tmp_path).fusion_drop_path == 0.1 == \
         PRESETS["swin_t"].fusion_drop_path
@@ -695,3 +699,25 @@ def test_the_original_release_checkpoint_loads_as_its_hub_folder_does(shapes, tm
                                          "checkpoint: start from it with --model swin_t"):
         train_sft.main(run_args(shapes, tmp_path / "run", "--init",
                                 str(tmp_path / "groundingdino.pth")))
+
+
+def test_a_checkpoint_from_before_the_drop_path_gets_its_presets_rate(tmp_path):
+    """A config saved before fusion_drop_path existed takes its preset's rate (a Swin model:
+    swin_t's 0.1; tiny: 0), in --init / --resume (train_sft.build_detector) as in
+    model_from_checkpoint; a saved rate is kept."""
+    import argparse
+    from dataclasses import asdict
+
+    import train_sft
+    from model import CHECKPOINT_FORMAT
+
+    small_swin = DetectorConfig(backbone="swin", swin_embed_dim=8, swin_depths=(1, 1, 1, 1),
+                                swin_heads=(1, 1, 1, 1), kernel="torch")
+    for config, rate in ((small_swin, 0.1), (DetectorConfig(kernel="torch"), 0.0)):
+        saved = {k: v for k, v in asdict(config).items() if k != "fusion_drop_path"}
+        torch.save({"format": CHECKPOINT_FORMAT, "config": saved, "model": {}}, tmp_path / "c.pt")
+        args = argparse.Namespace(model_from=str(tmp_path / "c.pt"), kernel="torch",
+                                  dn_label_noise=None)
+        assert train_sft.build_detector(args).config.fusion_drop_path == rate
+        assert DetectorConfig.from_saved({**saved, "fusion_drop_path": 0.3}).fusion_drop_path \
+            == 0.3

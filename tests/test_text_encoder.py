@@ -62,21 +62,28 @@ def our_bert(reference) -> Bert:
     return Bert(BertConfig.from_dict(reference.config.to_dict(), "the reference")).eval()
 
 
-def test_bert_dropout_acts_in_training_only_and_reads_hugging_faces_rates():
-    """Dropout on the embeddings and sublayer outputs (hidden_dropout_prob) and on the
-    attention weights (attention_probs_dropout_prob), each on its own, in training only."""
-    reference = hf_bert()
-    assert (our_bert(reference).config.hidden_dropout,
-            our_bert(reference).config.attention_dropout) == (0.1, 0.1)      # BERT's defaults
-    input_ids = torch.randint(len(VOCAB), (2, 9), generator=torch.Generator().manual_seed(0))
-    for hidden, attention, layers in [(0.5, 0.0, 2), (0.0, 0.5, 2), (0.0, 0.0, 2),
-                                      (0.5, 0.0, 0)]:           # 0 layers: the embeddings'
-        settings = {**reference.config.to_dict(), "hidden_dropout_prob": hidden,
-                    "attention_probs_dropout_prob": attention, "num_hidden_layers": layers}
-        bert = Bert(BertConfig.from_dict(settings, "the reference"))
-        with torch.no_grad():
-            trained, evaluated = bert(input_ids), bert.eval()(input_ids)
-        assert torch.equal(trained, evaluated) == (hidden == attention == 0.0)
+def test_bert_dropout_equals_hugging_faces_in_training(tmp_path):
+    """In training, dropout on the embeddings, the attention weights and each sublayer's
+    output, at the rates of Hugging Face's config, drawn as BertModel draws them: the same
+    seed gives the same states, padded or not. Without dropout, training computes as
+    evaluation does."""
+    reference = hf_bert().train()
+    bert = our_bert(reference).train()
+    load_bert_weights(bert, reference.state_dict())
+    assert (bert.config.hidden_dropout, bert.config.attention_dropout) == (0.1, 0.1)
+    input_ids, attention_mask = padded_batch(WordPieceTokenizer.from_file(write_vocab(tmp_path)),
+                                             ["red circle . blue star .", "cat"])
+    with torch.no_grad():
+        for mask in (None, attention_mask):
+            torch.manual_seed(7)
+            expected = reference(input_ids, attention_mask=mask).last_hidden_state
+            torch.manual_seed(7)
+            torch.testing.assert_close(bert(input_ids, mask), expected)
+        assert not torch.allclose(bert(input_ids), bert.eval()(input_ids))
+        settings = {**reference.config.to_dict(), "hidden_dropout_prob": 0.0,
+                    "attention_probs_dropout_prob": 0.0}
+        without = Bert(BertConfig.from_dict(settings, "the reference"))
+        assert torch.equal(without(input_ids), without.eval()(input_ids))
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -354,6 +354,22 @@ def test_a_caption_over_budget_mid_training_stops_in_one_line(shapes, tmp_path, 
         train_sft.main([*argv, "--max-steps", "2", "--resume", str(tmp_path / "run" / "last.pt")])
 
 
+def test_an_unreadable_split_in_a_loader_worker_stops_in_one_line(shapes, tmp_path):
+    """A DataError raised in a DataLoader worker arrives with the worker's traceback in its
+    message; training still ends in one line that says why."""
+    import shutil
+
+    data = tmp_path / "shapes"
+    shutil.copytree(shapes, data)
+    for image in (data / "train").iterdir():
+        image.write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as stopped, pytest.warns(UserWarning, match="replaced"):
+        train_sft.main(run_args(data, tmp_path / "run", "--workers", "1", "--max-steps", "1"))
+    message = str(stopped.value)
+    assert message.startswith("training stopped after step 0: no image listed in ")
+    assert "\n" not in message and "Traceback" not in message
+
+
 def test_freeze_keeps_the_backbone_and_the_text_encoder_as_they_start(shapes, tmp_path):
     """--freeze backbone --freeze text: those parameters leave training unchanged (and hold
     no optimiser state); the rest moves."""
