@@ -387,7 +387,8 @@ def save_prototypes(model: DINOR1, data: str, path: Path, shots: int | None, see
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by training, or a "
-                        "Grounding DINO folder (config.json, model.safetensors, vocab.txt)")
+                        "Grounding DINO folder (config.json, model.safetensors, vocab.txt or "
+                        "tokenizer.json)")
     parser.add_argument("--data", help="shapes | shapes:DOMAIN | coco | PATH (default: the "
                                            "training data)")
     parser.add_argument("--split", default="val")

@@ -5,7 +5,7 @@ Read top to bottom:
 
     DetectorConfig / PRESETS / build_model      settings: the `tiny`, `swin_t` and `r50` scales
     Backbone, sine_encoding                     multi-scale image features, L levels of width d
-    MultiScaleDeformableAttention               the hot spot, through kernels.ms_deform_attn
+    MultiScaleDeformableAttention               the hot spot, through deform_attn.ms_deform_attn
     WordPieceTokenizer, Bert, BertTextEncoder   class names as a GD caption (2.3)
     VisualPromptEncoder, contrastive_logits     one embedding per exemplar box (2.2), L_contra (2.4)
     PromptTokens, caption_phrases, class_logits the prompts as one token sequence (2.3)
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torchvision.ops import (FrozenBatchNorm2d, box_convert, generalized_box_iou,
                              sigmoid_focal_loss, stochastic_depth)
 
-from kernels import ms_deform_attn
+from deform_attn import ms_deform_attn
 
 if TYPE_CHECKING:       # only for annotations: the detector does not depend on data.py
     from data import Target, VisualInstructions
@@ -65,7 +65,10 @@ class DetectorConfig:
     num_points: int = 4                 # sampling points per head and level
     num_encoder_layers: int = 2
     num_decoder_layers: int = 3
-    ffn_dim: int = 256
+    ffn_dim: int = 256                  # the encoder's and the visual prompt encoder's
+    decoder_heads: int | None = None    # the decoder's, where a Grounding DINO config sets
+    decoder_points: int | None = None   # them apart from the encoder's (None: the same;
+    decoder_ffn_dim: int | None = None  # see decoder_sizes)
     num_queries: int = 100              # N_q, the selected tokens
     num_dn_queries: int = 40            # contrastive denoising queries (METHOD 2.10)
     dn_label_noise: float = 0.25        # probability of a wrong prompt on a DN query
@@ -92,6 +95,12 @@ class DetectorConfig:
         preset = PRESETS["tiny" if saved.get("backbone", "tiny") == "tiny" else "swin_t"]
         added = {name: getattr(preset, name) for name in ("fusion_drop_path",) if name not in saved}
         return cls(**{**saved, **added, **overrides})
+
+    def decoder_sizes(self) -> tuple[int, int, int]:
+        """The decoder's heads, sampling points and FFN width: its own where set, else the
+        encoder's (num_heads, num_points, ffn_dim)."""
+        return (self.decoder_heads or self.num_heads, self.decoder_points or self.num_points,
+                self.decoder_ffn_dim or self.ffn_dim)
 
     def __post_init__(self):
         self.swin_depths, self.swin_heads = tuple(self.swin_depths), tuple(self.swin_heads)
@@ -504,7 +513,7 @@ class Backbone(nn.Module):
 class MultiScaleDeformableAttention(nn.Module):
     """Deformable attention (Deformable DETR): each query samples P points per head and level
     around its reference and mixes them with learned weights. The sampling itself is
-    kernels.ms_deform_attn (PyTorch reference or Triton)."""
+    deform_attn.ms_deform_attn (PyTorch reference or Triton)."""
 
     def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int,
                  kernel: str = "auto"):
@@ -569,8 +578,8 @@ def scale_reference(boxes: Tensor, valid_ratios: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- text encoder
 
 # BERT, the text encoder of Grounding DINO: the project's own WordPiece tokenizer and encoder,
-# loading Hugging Face's bert-base-uncased files (config.json, weights, vocab.txt) by their
-# names. `transformers` is only the tests' oracle: nothing here imports it.
+# loading Hugging Face's bert-base-uncased files (config.json, weights, vocab.txt or
+# tokenizer.json) by their names. `transformers` is only the tests' oracle: nothing here imports it.
 
 CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
               (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
@@ -608,23 +617,36 @@ def split_punctuation(word: str) -> list[str]:
     return pieces
 
 
+def token_ids(tokens: list[str]) -> dict[str, int]:
+    """token -> id, the token of id i being tokens[i]; a repeated token keeps its last id, as
+    in Hugging Face's load_vocab."""
+    return {token: index for index, token in enumerate(tokens)}
+
+
 class WordPieceTokenizer:
-    """BERT's uncased tokenizer, as Hugging Face's BertTokenizer(do_lower_case=True) computes
-    it: basic tokenisation (`words`), then greedy longest-match-first WordPiece with "##"
-    continuations (`word_pieces`). For captions and class names: a literal "[SEP]" in the text
-    is tokenised as text, not recognised as the special token. With `byte_fallback` (the
-    generated vocabulary's, not BERT's) a character that no token covers is spelled by its
+    """BERT's tokenizer, as Hugging Face's BertTokenizer computes it: basic tokenisation
+    (`words`: BERT's normaliser and pre-tokenizer), then greedy longest-match-first WordPiece
+    with "##" continuations (`word_pieces`). For captions and class names: a literal "[SEP]" in
+    the text is tokenised as text, not recognised as the special token. With `byte_fallback`
+    (the generated vocabulary's, not BERT's) a character that no token covers is spelled by its
     UTF-8 bytes, tokens "<0x00>" to "<0xFF>" ("##<0x00>"... within a word), instead of turning
     its word into [UNK]."""
     special_tokens = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
-    max_word_chars = 100    # a longer word is one [UNK], as in Hugging Face's WordpieceTokenizer
 
-    def __init__(self, tokens: list[str], byte_fallback: bool = False):
-        """`tokens[i]` is the token of id i; a repeated token keeps its last id, as in Hugging
-        Face's load_vocab."""
-        self.ids = {token: index for index, token in enumerate(tokens)}
+    def __init__(self, tokens: list[str], byte_fallback: bool = False, lowercase: bool = True,
+                 strip_accents: bool | None = None, chinese_characters: bool = True,
+                 max_word_chars: int = 100):
+        """`tokens[i]` is the token of id i (see token_ids). The normaliser's settings are
+        BertNormalizer's (the defaults are bert-base-uncased's): accents are stripped where
+        `strip_accents` says, or, when it is None, where the text is lower-cased; CJK ideographs
+        become words of their own where `chinese_characters`; a word longer than
+        `max_word_chars` is one [UNK]."""
+        self.ids = token_ids(tokens)
         self.longest = max(map(len, self.ids), default=0)      # no piece is longer
         self.byte_fallback = byte_fallback
+        self.lowercase, self.chinese_characters = lowercase, chinese_characters
+        self.strip_accents = lowercase if strip_accents is None else strip_accents
+        self.max_word_chars = max_word_chars
         if byte_fallback and any(f"{prefix}<0x{byte:02X}>" not in self.ids
                                  for prefix in ("", "##") for byte in range(256)):
             raise ValueError("a vocabulary with byte fallback needs the 512 byte tokens")
@@ -634,20 +656,25 @@ class WordPieceTokenizer:
         self.cls_id, self.sep_id, self.pad_id, self.unk_id = map(self.ids.get, self.special_tokens)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "WordPieceTokenizer":
+    def from_file(cls, path: str | Path, **settings) -> "WordPieceTokenizer":
         """Hugging Face's vocab.txt: the token of id i on line i."""
-        return cls(Path(path).read_text(encoding="utf-8").removesuffix("\n").split("\n"))
+        return cls(read_vocab_txt(Path(path)), **settings)
 
     def words(self, text: str) -> list[str]:
-        """Basic tokenisation: "Café  猫,dog" -> ["cafe", "猫", ",", "dog"]. As in Hugging Face's
-        BasicTokenizer: clean, space out CJK characters, split at whitespace, lower-case, strip
-        accents (NFD, then drop the combining marks, category Mn), split punctuation."""
+        """Basic tokenisation: "Café  猫,dog" -> ["cafe", "猫", ",", "dog"] (uncased). As in
+        Hugging Face's BasicTokenizer: clean, space out CJK characters, split at whitespace,
+        lower-case, strip accents (NFD, then drop the combining marks, category Mn), split
+        punctuation; each step where the settings ask for it."""
         text = "".join(map(clean_character, text))
-        text = "".join(f" {char} " if is_cjk(char) else char for char in text)
+        if self.chinese_characters:
+            text = "".join(f" {char} " if is_cjk(char) else char for char in text)
         words = []
         for word in text.split():
-            word = unicodedata.normalize("NFD", word.lower())
-            words += split_punctuation("".join(c for c in word if unicodedata.category(c) != "Mn"))
+            word = word.lower() if self.lowercase else word
+            if self.strip_accents:
+                word = "".join(c for c in unicodedata.normalize("NFD", word)
+                               if unicodedata.category(c) != "Mn")
+            words += split_punctuation(word)
         return words
 
     def word_pieces(self, word: str) -> list[int]:
@@ -869,8 +896,74 @@ def required_file(folder: Path, name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a Hugging Face folder (BERT or Grounding "
                                 f"DINO) holds config.json, model.safetensors (or "
-                                f"pytorch_model.bin) and vocab.txt")
+                                f"pytorch_model.bin) and vocab.txt or tokenizer.json")
     return path
+
+
+def read_vocab_txt(path: Path) -> list[str]:
+    """vocab.txt: the token of id i on line i."""
+    return path.read_text(encoding="utf-8").removesuffix("\n").split("\n")
+
+
+def read_tokenizer_json(path: Path) -> tuple[list[str], dict]:
+    """tokenizer.json, as transformers 5 saves a BERT tokenizer -> its tokens by id and its
+    normaliser's settings (WordPieceTokenizer's keywords). ValueError naming the file when it
+    is not BERT's WordPiece, which is all that WordPieceTokenizer computes."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model, normalizer = spec.get("model") or {}, spec.get("normalizer") or {}
+    if model.get("type") != "WordPiece" or model.get("continuing_subword_prefix") != "##":
+        raise ValueError(f"{path} holds a {model.get('type')!r} tokenizer, not WordPiece with "
+                         f"'##' continuations: this project reads BERT's vocabularies only")
+    pre_tokenizer = (spec.get("pre_tokenizer") or {}).get("type")
+    if (normalizer.get("type"), pre_tokenizer) != ("BertNormalizer", "BertPreTokenizer") \
+            or not normalizer.get("clean_text", True):
+        raise ValueError(f"{path}: its normalizer {normalizer.get('type')!r} and pre-tokenizer "
+                         f"{pre_tokenizer!r} are not BERT's (BertNormalizer with clean_text, "
+                         f"BertPreTokenizer), which are all that this project computes")
+    vocab = model.get("vocab") or {}
+    tokens = sorted(vocab, key=vocab.get)
+    if [vocab[token] for token in tokens] != list(range(len(tokens))):
+        raise ValueError(f"{path}: the WordPiece ids are not 0 to {len(tokens) - 1}, each once")
+    return tokens, dict(lowercase=normalizer.get("lowercase", True),
+                        strip_accents=normalizer.get("strip_accents"),
+                        chinese_characters=normalizer.get("handle_chinese_chars", True),
+                        max_word_chars=model.get("max_input_chars_per_word", 100))
+
+
+def read_tokenizer(folder: Path) -> WordPieceTokenizer:
+    """A Hugging Face folder's WordPiece tokenizer, in either form: the hub's vocab.txt (with
+    its tokenizer_config.json's casing, when there is one), or the tokenizer.json that
+    transformers 5 saves instead (the vocabulary and the normaliser's settings). Where both
+    are there they must hold the same vocabulary. FileNotFoundError or ValueError naming the
+    files otherwise."""
+    vocab_txt, tokenizer_json = folder / "vocab.txt", folder / "tokenizer.json"
+    if not vocab_txt.is_file() and not tokenizer_json.is_file():
+        raise FileNotFoundError(f"{folder} has neither vocab.txt nor tokenizer.json: a Hugging "
+                                f"Face folder (BERT or Grounding DINO) holds its WordPiece "
+                                f"vocabulary in one of them")
+    if not tokenizer_json.is_file():
+        tokens, settings, source = read_vocab_txt(vocab_txt), tokenizer_casing(folder), vocab_txt
+    else:
+        (tokens, settings), source = read_tokenizer_json(tokenizer_json), tokenizer_json
+        listed = read_vocab_txt(vocab_txt) if vocab_txt.is_file() else tokens
+        if token_ids(listed) != token_ids(tokens):
+            raise ValueError(f"{vocab_txt} and {tokenizer_json} hold different vocabularies: "
+                             f"keep the one that belongs to these weights")
+    try:
+        return WordPieceTokenizer(tokens, **settings)
+    except ValueError as error:         # a special token missing
+        raise ValueError(f"{source}: {error}") from error
+
+
+def tokenizer_casing(folder: Path) -> dict:
+    """The normaliser's settings in a folder's tokenizer_config.json (BertTokenizer's
+    do_lower_case, strip_accents, tokenize_chinese_chars) as WordPieceTokenizer's keywords;
+    {} (bert-base-uncased's) without the file."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    names = dict(do_lower_case="lowercase", strip_accents="strip_accents",
+                 tokenize_chinese_chars="chinese_characters")
+    return {ours: config[theirs] for theirs, ours in names.items() if theirs in config}
 
 
 def read_hf_state(folder: Path) -> dict[str, Tensor]:
@@ -895,10 +988,11 @@ class LoadedBert(NamedTuple):
 
 def load_bert(folder: str | Path) -> LoadedBert:
     """A local Hugging Face BERT folder (config.json, model.safetensors or pytorch_model.bin,
-    vocab.txt) -> its tokenizer, its encoder with the weights, and the names left out."""
+    vocab.txt or tokenizer.json) -> its tokenizer, its encoder with the weights, and the names
+    left out."""
     folder = Path(folder)
     config = BertConfig.from_json(required_file(folder, "config.json"))
-    tokenizer = WordPieceTokenizer.from_file(required_file(folder, "vocab.txt"))
+    tokenizer = read_tokenizer(folder)
     bert = Bert(config)
     unused = load_bert_weights(bert, read_hf_state(folder))
     return LoadedBert(tokenizer, bert, unused)
@@ -941,14 +1035,14 @@ class BertTextEncoder(nn.Module):
     @classmethod
     def from_folder(cls, folder: str | Path, dim: int) -> "BertTextEncoder":
         """A BERT folder (`--text-encoder path/to/bert-base-uncased`, its weights loaded here,
-        see load_bert) or a Grounding DINO folder (its config's text_config and its vocab.txt;
-        the weights come with the detector's, see load_grounding_dino)."""
+        see load_bert) or a Grounding DINO folder (its config's text_config and its vocabulary,
+        see read_tokenizer; the weights come with the detector's, see load_grounding_dino)."""
         path = required_file(Path(folder), "config.json")
         settings = json.loads(path.read_text())
         if settings.get("model_type") != "grounding-dino":
             tokenizer, bert, _ = load_bert(folder)      # the pooler is not used
             return cls(tokenizer, bert, dim)
-        tokenizer = WordPieceTokenizer.from_file(required_file(Path(folder), "vocab.txt"))
+        tokenizer = read_tokenizer(Path(folder))
         bert = Bert(BertConfig.from_dict(settings.get("text_config", {}), f"{path} text_config"))
         return cls(tokenizer, bert, dim)
 
@@ -1247,15 +1341,15 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: DetectorConfig):
         super().__init__()
-        d, heads = config.hidden_dim, config.num_heads
+        d, (heads, points, ffn) = config.hidden_dim, config.decoder_sizes()
         self.self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
         self.self_norm = nn.LayerNorm(d)
         self.prompt_attention = nn.MultiheadAttention(d, heads, batch_first=True)
         self.prompt_norm = nn.LayerNorm(d)
         self.image_attention = MultiScaleDeformableAttention(
-            d, heads, config.num_levels, config.num_points, config.kernel)
+            d, heads, config.num_levels, points, config.kernel)
         self.image_norm = nn.LayerNorm(d)
-        self.ffn = FeedForward(d, config.ffn_dim)
+        self.ffn = FeedForward(d, ffn)
 
     def forward(self, queries: Tensor, query_pos: Tensor, reference: Tensor,
                 features: ImageFeatures, memory: Tensor, prompts: Tensor, prompt_mask: Tensor,
@@ -1894,10 +1988,17 @@ NOT_ARCHITECTURE = ("kernel", "pretrained_backbone", "pad_multiple", "select_inv
 def checkpoint_config_differences(saved: dict, config: DetectorConfig) -> str:
     """"name: saved there, current here" for every architecture setting that differs
     between a checkpoint's config and `config` (empty when the weights fit)."""
-    ours = {k: v for k, v in asdict(config).items() if k not in NOT_ARCHITECTURE}
-    defaults = {k: f.default for k, f in DetectorConfig.__dataclass_fields__.items()}
-    return ", ".join(f"{k}: {saved.get(k, defaults[k])!r} there, {v!r} here"  # absent: default
-                     for k, v in ours.items() if saved.get(k, defaults[k]) != v)
+    theirs, ours = (architecture(c) for c in (DetectorConfig.from_saved(saved), config))
+    return ", ".join(f"{k}: {theirs[k]!r} there, {v!r} here"
+                     for k, v in ours.items() if theirs[k] != v)
+
+
+def architecture(config: DetectorConfig) -> dict:
+    """The settings that shape the weights, the decoder's sizes as it uses them."""
+    settings = {k: v for k, v in asdict(config).items() if k not in NOT_ARCHITECTURE}
+    settings.update(zip(("decoder_heads", "decoder_points", "decoder_ffn_dim"),
+                        config.decoder_sizes()))
+    return settings
 
 
 # ------------------------------------------------------------------- Grounding DINO's names
@@ -2040,11 +2141,12 @@ def rename_by_rules(state: dict[str, Tensor], rules: list, tied_pattern: re.Patt
 
 
 # ------------------------------------------------------------------- loading Grounding DINO
-# A Hugging Face Grounding DINO folder (config.json, model.safetensors, vocab.txt and
-# preprocessor_config.json, as `huggingface-cli download IDEA-Research/grounding-dino-tiny`
-# writes it) becomes this detector: every tensor is mapped or listed by name; the visual prompt
-# encoder, L_contra's temperature and the denoising queries' projection, which GD lacks, start
-# fresh and are named as such.
+# A Hugging Face Grounding DINO folder becomes this detector, in either form: the hub's
+# (config.json, model.safetensors, vocab.txt, preprocessor_config.json, as `huggingface-cli
+# download IDEA-Research/grounding-dino-tiny` writes it) or the one transformers 5 saves
+# (tokenizer.json and processor_config.json in place of the last two). Every tensor is mapped
+# or listed by name; the visual prompt encoder, L_contra's temperature and the denoising
+# queries' projection, which GD lacks, start fresh and are named as such.
 
 # GD's settings that this detector computes only one way: key -> the value it must have
 # (Hugging Face's defaults).
@@ -2057,9 +2159,9 @@ GROUNDING_DINO_FRESH = ("prompt_encoder.", "logit_scale", "dn_content.")
 
 def grounding_dino_config(folder: str | Path) -> DetectorConfig:
     """The detector a Grounding DINO folder describes: its config.json (an absent key takes
-    Hugging Face's default) and preprocessor_config.json's image sizes (GD's 800 and 1333 when
-    there is none); the rest from the swin_t preset. ValueError naming the file and the first
-    setting this detector does not compute. Of the training-only regularisers, the fusion's
+    Hugging Face's default) and its image processor's sizes (GD's 800 and 1333 when there are
+    none, see image_processor_settings); the rest from the swin_t preset. ValueError naming
+    the file and the first setting this detector does not compute. Of the training-only regularisers, the fusion's
     drop path is read (and BERT's dropout from text_config); the transformer's dropout is not
     computed (GD's own training used none) and Swin has torchvision's stochastic depth 0.2."""
     folder = Path(folder)
@@ -2068,22 +2170,14 @@ def grounding_dino_config(folder: str | Path) -> DetectorConfig:
     if settings.get("model_type") != "grounding-dino":
         raise ValueError(f"{path} describes a {settings.get('model_type')!r} model, not "
                          f"Grounding DINO (model_type 'grounding-dino')")
-    pairs = [("decoder_attention_heads", "encoder_attention_heads"),
-             ("decoder_ffn_dim", "encoder_ffn_dim"), ("decoder_n_points", "encoder_n_points")]
     for key, value in GROUNDING_DINO_FIXED.items():
         if settings.get(key, value) != value:
             raise ValueError(f"{path}: {key} {settings[key]!r} is not supported, only {value!r}")
-    for first, second in pairs:
-        if settings.get(first, 0) != settings.get(second, 0):
-            raise ValueError(f"{path}: {first} {settings.get(first)} differs from {second} "
-                             f"{settings.get(second)}; this detector uses one value for both")
     swin = settings.get("backbone_config") or {}
     if swin.get("model_type", "swin") != "swin" or swin.get("out_indices", [2, 3, 4]) != [2, 3, 4]:
         raise ValueError(f"{path}: the backbone must be a Swin read at stages 2-4, got "
                          f"{swin.get('model_type')!r} at {swin.get('out_indices')}")
-    size = {}
-    if (folder / "preprocessor_config.json").is_file():
-        size = json.loads((folder / "preprocessor_config.json").read_text()).get("size", {})
+    size = image_processor_settings(folder).get("size", {})
     return replace(
         PRESETS["swin_t"], hidden_dim=settings.get("d_model", 256),
         num_heads=settings.get("encoder_attention_heads", 8),
@@ -2091,7 +2185,11 @@ def grounding_dino_config(folder: str | Path) -> DetectorConfig:
         num_points=settings.get("encoder_n_points", 4),
         num_encoder_layers=settings.get("encoder_layers", 6),
         num_decoder_layers=settings.get("decoder_layers", 6),
-        ffn_dim=settings.get("encoder_ffn_dim", 2048), num_queries=settings.get("num_queries", 900),
+        ffn_dim=settings.get("encoder_ffn_dim", 2048),
+        decoder_heads=settings.get("decoder_attention_heads", 8),
+        decoder_points=settings.get("decoder_n_points", 4),
+        decoder_ffn_dim=settings.get("decoder_ffn_dim", 2048),
+        num_queries=settings.get("num_queries", 900),
         position_temperature=float(settings.get("positional_embedding_temperature", 20)),
         swin_embed_dim=swin.get("embed_dim", 96),
         swin_depths=tuple(swin.get("depths", (2, 2, 6, 2))),
@@ -2100,6 +2198,16 @@ def grounding_dino_config(folder: str | Path) -> DetectorConfig:
         fusion_drop_path=float(settings.get("fusion_droppath", 0.1)),
         text_encoder=str(folder), image_size=size.get("shortest_edge", 800),
         max_size=size.get("longest_edge", 1333), pad_multiple=1)
+
+
+def image_processor_settings(folder: Path) -> dict:
+    """A folder's image processor settings: the hub's preprocessor_config.json, or the
+    "image_processor" of the processor_config.json that transformers 5 saves; {} with neither."""
+    if (folder / "preprocessor_config.json").is_file():
+        return json.loads((folder / "preprocessor_config.json").read_text())
+    if (folder / "processor_config.json").is_file():
+        return json.loads((folder / "processor_config.json").read_text()).get("image_processor", {})
+    return {}
 
 
 class GroundingDinoWeights(NamedTuple):
@@ -2240,7 +2348,7 @@ def load_original_grounding_dino_weights(model: DINOR1, path: str | Path,
     if model.config.backbone != "swin" or not isinstance(model.text_encoder, BertTextEncoder):
         raise ValueError(f"{path} is the original Grounding DINO checkpoint: start from it with "
                          f"--model swin_t --text-encoder path/to/bert-base-uncased (the folder "
-                         f"of its vocab.txt and config.json)")
+                         f"of its config.json and vocab.txt or tokenizer.json)")
     return load_renamed(model, rename_original_grounding_dino(checkpoint["model"]), Path(path))
 
 

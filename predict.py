@@ -332,7 +332,8 @@ def build_prompts(args, model: DINOR1) -> Prompts:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by training, or a "
-                        "Grounding DINO folder (config.json, model.safetensors, vocab.txt)")
+                        "Grounding DINO folder (config.json, model.safetensors, vocab.txt or "
+                        "tokenizer.json)")
     parser.add_argument("--image", action="append", required=True,
                         help="a picture or a folder of pictures (repeatable)")
     parser.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1[=NAME]",

@@ -72,7 +72,7 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--resume", help="a checkpoint (last.pt) to continue exactly")
     parser.add_argument("--init", help="start from these weights (new optimiser): a checkpoint "
                         "of this project, a Grounding DINO folder (config.json, "
-                        "model.safetensors, vocab.txt, as the hub has it), or the original "
+                        "model.safetensors, vocab.txt or tokenizer.json), or the original "
                         "groundingdino_swint_ogc.pth (with --model swin_t --text-encoder "
                         "path/to/bert-base-uncased)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

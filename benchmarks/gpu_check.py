@@ -7,7 +7,7 @@
     python benchmarks/gpu_check.py profile --kernel triton   # where a swin_t step's time goes
     python benchmarks/gpu_check.py same_weights        # against transformers, one GD's weights
 
-`benchmarks/gpu_check.sh` runs these with kernels/bench.py and the tiny main job, and
+`benchmarks/gpu_check.sh` runs these with deform_attn/bench.py and the tiny main job, and
 prints the summary table last.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import Batch, Target, VisualInstructions  # noqa: E402
-from kernels import ms_deform_attn  # noqa: E402
+from deform_attn import ms_deform_attn  # noqa: E402
 from model import SetCriterion, build_model  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, in sections (all by default; SECTIONS="profile huggingface" picks some):
 #   kernels      the Triton kernel against the reference on CUDA
-#   bench        kernels/bench.py at the Swin-T encoder and decoder shapes, B = 1 and 2
+#   bench        deform_attn/bench.py at the Swin-T encoder and decoder shapes, B = 1 and 2
 #   step         swin_t training steps at 800x1333, batch 2, bf16, with each backend
 #   profile      torch.profiler over swin_t training steps: where the step's time goes
 #   huggingface  transformers' Grounding DINO Swin-T forward and step beside this swin_t's
@@ -24,8 +24,8 @@ wants() { [[ " $SECTIONS " == *" $1 "* ]]; }
 if wants kernels; then echo "== kernels: Triton vs reference on CUDA"
 python benchmarks/gpu_check.py kernels --json "$OUT/kernels_check.json" 2>&1 | tee "$OUT/kernels_check.log"; fi
 
-if wants bench; then echo "== bench: kernels/bench.py, encoder and decoder shapes, B = 1 and 2"
-python -m kernels.bench --shape encoder decoder --batch 1 2 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"; fi
+if wants bench; then echo "== bench: deform_attn/bench.py, encoder and decoder shapes, B = 1 and 2"
+python -m deform_attn.bench --shape encoder decoder --batch 1 2 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"; fi
 
 if wants step; then echo "== step: swin_t training steps, 800x1333, batch 2, bf16"
 python benchmarks/gpu_check.py step --kernel torch triton --json "$OUT/swin_steps.json" 2>&1 | tee "$OUT/swin_steps.log"; fi

@@ -435,16 +435,15 @@ def test_from_the_text_features_on_the_detector_equals_grounding_dino_end_to_end
 
 
 def test_fine_tuning_starts_from_a_grounding_dino_folder_and_evaluate_reads_it(shapes, tmp_path):
-    """train_sft.py --init FOLDER: the folder's model and weights (its preprocessor's sizes),
-    visual prompts learned from fresh; evaluate.py --ckpt takes the folder and the result."""
+    """train_sft.py --init FOLDER, a folder as transformers 5 saves it: its model and weights
+    (its processor's sizes), visual prompts learned from fresh; evaluate.py --ckpt takes the
+    folder and the result."""
     import evaluate
     import train_sft
     from conftest import run_args
 
     folder = tmp_path / "gd"
-    oracle = save_tiny_grounding_dino(folder)
-    (folder / "preprocessor_config.json").write_text(
-        '{"size": {"shortest_edge": 128, "longest_edge": 171}}')
+    oracle = save_grounding_dino_as_transformers_does(folder, image_sizes=(128, 171))
     with pytest.raises(SystemExit, match="brings its own backbone and text encoder: drop "
                                          "--model"):
         train_sft.main(run_args(shapes, tmp_path / "run", "--init", str(folder),
@@ -506,34 +505,98 @@ PUBLIC_PREPROCESSOR = (
 
 def test_predict_py_on_photos_gives_grounding_dinos_detections(tmp_path):
     """`python predict.py --ckpt FOLDER --text ...` on scikit-image's photos, with a tiny GD of
-    a config no other test uses (one encoder layer, two decoder layers) and the public
-    folder's preprocessor settings, against transformers' PIL image processor, BertTokenizer
-    and model: the same (name, score, box) within 2e-3 and 1.5 px."""
-    import skimage.data
-    from PIL import Image
-
+    a config no other test uses (one encoder layer, two decoder layers) in the hub's form
+    (vocab.txt, the public preprocessor_config.json), against transformers' PIL image
+    processor (GroundingDinoImageProcessorPil, whose resize is GD's own), BertTokenizer and
+    model: the same (name, score, box) within 2e-3 and 1.5 px."""
     import predict
 
     folder = tmp_path / "gd"
     oracle = save_tiny_grounding_dino(folder, seed=3, encoder_layers=1, decoder_layers=2).eval()
     (folder / "preprocessor_config.json").write_text(PUBLIC_PREPROCESSOR)
     processor = transformers.GroundingDinoImageProcessorPil.from_pretrained(str(folder))
-    tokenizer = transformers.BertTokenizer(str(folder / "vocab.txt"))
-    names = ["cat", "dog", "photo"]
-    text = tokenizer("cat . dog . photo .", return_tensors="pt")
-    positions = [text.input_ids[0].tolist().index(tokenizer.vocab[name]) for name in names]
-    pictures = []
-    for photo in ("astronaut", "coffee", "chelsea"):
-        pictures.append(tmp_path / f"{photo}.png")
-        Image.fromarray(getattr(skimage.data, photo)()).save(pictures[-1])
-    ours = predict.main(["--ckpt", str(folder), *sum((["--image", str(p)] for p in pictures), []),
-                         *sum((["--text", name] for name in names), []), "--threshold", "0",
-                         "--top-k", "30", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    tokenizer = transformers.BertTokenizer(vocab=str(folder / "vocab.txt"))
+    pictures = photos(tmp_path, "astronaut", "coffee", "chelsea")
+    assert_predict_gives_transformers_detections(folder, oracle, processor, tokenizer, pictures)
     with pytest.raises(SystemExit, match="its visual prompt encoder is untrained"):
         predict.main(["--ckpt", str(folder), "--image", str(pictures[0]), "--box", "1,1,20,20"])
+
+
+def save_grounding_dino_as_transformers_does(folder, image_sizes=(800, 1333), seed=0,
+                                             **overrides):
+    """A random tiny GD (every weight perturbed) saved as transformers 5 saves a model and its
+    processor (GroundingDinoImageProcessorPil, BertTokenizer): config.json, model.safetensors,
+    processor_config.json, tokenizer.json, tokenizer_config.json; nothing added by hand.
+    Returns the oracle."""
+    torch.manual_seed(seed)
+    swin = transformers.SwinConfig(embed_dim=24, depths=[1, 2, 1, 2], num_heads=[2, 2, 4, 4],
+                                   window_size=7, out_features=["stage2", "stage3", "stage4"])
+    bert = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=37, vocab_size=2100)
+    oracle = perturbed(grounding_dino.GroundingDinoForObjectDetection(oracle_config(
+        backbone_config=swin, text_config=bert, num_queries=20, **overrides)))
+    oracle.save_pretrained(folder)
+    vocab = folder.parent / "vocab-source.txt"
+    vocab.write_text("\n".join(tiny_vocabulary()) + "\n")
+    shortest, longest = image_sizes
+    transformers.GroundingDinoProcessor(
+        image_processor=transformers.GroundingDinoImageProcessorPil(
+            size={"shortest_edge": shortest, "longest_edge": longest}),
+        tokenizer=transformers.BertTokenizer(vocab=str(vocab))).save_pretrained(folder)
+    assert not (folder / "vocab.txt").exists() and not (folder / "preprocessor_config.json").exists()
+    return oracle
+
+
+def test_a_folder_saved_by_todays_transformers_gives_its_detections(tmp_path):
+    """The form transformers 5 saves (tokenizer.json, processor_config.json), of a config whose
+    decoder has its own FFN width, heads and sampling points: predict.py --ckpt FOLDER gives
+    the detections of transformers' processor and model loaded from the same folder."""
+    from model import grounding_dino_config
+
+    folder = tmp_path / "gd"
+    oracle = save_grounding_dino_as_transformers_does(
+        folder, image_sizes=(480, 640), seed=5, decoder_ffn_dim=96, decoder_attention_heads=2,
+        decoder_n_points=3).eval()
+    config = grounding_dino_config(folder)
+    assert (config.ffn_dim, config.decoder_sizes(), config.image_size, config.max_size) == (
+        256, (2, 3, 96), 480, 640)
+    # GD's own resize (PIL, bilinear); transformers' default processor resizes with torchvision
+    image_processor = transformers.GroundingDinoImageProcessorPil.from_pretrained(str(folder))
+    assert image_processor.size == {"shortest_edge": 480, "longest_edge": 640}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert_predict_gives_transformers_detections(folder, oracle, image_processor, tokenizer,
+                                                 photos(tmp_path, "coffee"))
+
+
+def photos(folder, *names: str) -> list:
+    """scikit-image's photos, saved as PNG files in `folder`."""
+    import skimage.data
+    from PIL import Image
+
+    paths = [folder / f"{name}.png" for name in names]
+    for name, path in zip(names, paths):
+        Image.fromarray(getattr(skimage.data, name)()).save(path)
+    return paths
+
+
+def assert_predict_gives_transformers_detections(folder, oracle, image_processor, tokenizer,
+                                                 pictures, names=("cat", "dog", "photo")):
+    """predict.py --ckpt FOLDER --text NAME... keeps the 30 best (name, score, box) of each
+    picture; each of the oracle's 30 best (its token probabilities at the names' tokens) is
+    among them within 2e-3 in score and 1.5 px in every box coordinate."""
+    from PIL import Image
+
+    import predict
+
+    text = tokenizer(" . ".join(names) + " .", return_tensors="pt")
+    positions = [text.input_ids[0].tolist().index(tokenizer.convert_tokens_to_ids(name))
+                 for name in names]
+    ours = predict.main(["--ckpt", str(folder), *sum((["--image", str(p)] for p in pictures), []),
+                         *sum((["--text", name] for name in names), []), "--threshold", "0",
+                         "--top-k", "30", "--out", str(folder.parent / "out"), "--device", "cpu"])
     for picture in pictures:
         image = Image.open(picture).convert("RGB")
-        inputs = processor(images=image, return_tensors="pt")
+        inputs = image_processor(images=image, return_tensors="pt")
         with torch.no_grad():
             output = oracle(pixel_values=inputs.pixel_values, pixel_mask=inputs.pixel_mask,
                             input_ids=text.input_ids, attention_mask=text.attention_mask)

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PAGES = [README, ROOT / "docs" / "EXPERIMENTS.md", ROOT / "kernels" / "README.md"]
+PAGES = [README, ROOT / "docs" / "EXPERIMENTS.md", ROOT / "deform_attn" / "README.md"]
 MAX_README_BYTES = 15_000
 
 FENCED_BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)

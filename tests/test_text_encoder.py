@@ -3,6 +3,7 @@ against Hugging Face's transformers, the oracle: token ids equal, token states w
 with every weight perturbed, the folder loader and its errors, and no transformers import at
 run time."""
 
+import json
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy  # noqa: E402
 
 from model import (Bert, BertConfig, BertTextEncoder, WordPieceTokenizer,  # noqa: E402
-                   load_bert, load_bert_weights)
+                   load_bert, load_bert_weights, read_tokenizer)
 
 # ids 0, 100, 101, 102 for [PAD], [UNK], [CLS], [SEP], as in bert-base-uncased's vocab.txt
 VOCAB = (["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -230,12 +231,101 @@ def test_load_bert_folder_with_pytorch_weights(bert_folder):
         assert (bert(input_ids) - expected).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "vocab.txt"])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
 def test_a_missing_file_is_named(bert_folder, name):
     folder, _ = bert_folder
     (folder / name).unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(str(folder / name))):
         load_bert(folder)
+
+
+def test_a_folder_without_a_vocabulary_is_named_with_both_files(bert_folder):
+    folder, _ = bert_folder
+    (folder / "vocab.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{folder} has neither vocab.txt nor "
+                                                          f"tokenizer.json")):
+        load_bert(folder)
+
+
+# ------------------------------------------------------- folders saved by transformers 5
+
+# BertTokenizer's normaliser settings: bert-base-uncased's, cased, lower-cased with accents
+# kept, and CJK ideographs left inside words.
+CASINGS = [dict(do_lower_case=True), dict(do_lower_case=False),
+           dict(do_lower_case=True, strip_accents=False),
+           dict(do_lower_case=True, tokenize_chinese_chars=False)]
+
+
+def save_tokenizer(folder: Path, vocab: Path, **casing) -> None:
+    """What transformers 5 saves for a BERT tokenizer: tokenizer.json and
+    tokenizer_config.json, no vocab.txt."""
+    transformers.BertTokenizer(vocab=str(vocab), **casing).save_pretrained(folder)
+    assert (folder / "tokenizer.json").is_file() and not (folder / "vocab.txt").exists()
+
+
+@pytest.mark.parametrize("casing", CASINGS, ids=lambda casing: str(casing))
+def test_a_saved_tokenizer_json_tokenizes_as_hugging_face(tmp_path, casing):
+    """tokenizer.json alone: its vocabulary and its normaliser's settings, the ids of the
+    tokenizer that transformers loads from the same folder, caption by caption."""
+    folder = tmp_path / "saved"
+    save_tokenizer(folder, write_vocab(tmp_path), **casing)
+    ours = read_tokenizer(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for caption in CAPTIONS + ["Café CAT 猫と犬中文cat"]:
+        assert ours.encode(caption) == theirs(caption)["input_ids"], caption
+
+
+@pytest.mark.parametrize("casing", CASINGS[1:3], ids=lambda casing: str(casing))
+def test_vocab_txt_takes_the_casing_of_tokenizer_config_json(tmp_path, casing):
+    """The hub's form, vocab.txt with a tokenizer_config.json that is not uncased."""
+    folder = tmp_path / "hub"
+    save_tokenizer(folder, write_vocab(tmp_path), **casing)
+    (folder / "tokenizer.json").unlink()
+    vocab = write_vocab(folder)
+    legacy = BertTokenizerLegacy(vocab_file=str(vocab), **casing)
+    for caption in CAPTIONS:
+        assert read_tokenizer(folder).encode(caption) == legacy(caption)["input_ids"], caption
+
+
+def test_a_bert_folder_saved_by_transformers_loads(tmp_path):
+    """model.save_pretrained and tokenizer.save_pretrained, nothing added by hand."""
+    reference = hf_bert(seed=5)
+    folder = tmp_path / "saved"
+    reference.save_pretrained(folder)
+    save_tokenizer(folder, write_vocab(tmp_path))
+    tokenizer, bert, _ = load_bert(folder)
+    input_ids, attention_mask = padded_batch(tokenizer, ["Red circle . blue star .", "猫と犬"])
+    with torch.no_grad():
+        expected = reference(input_ids, attention_mask=attention_mask).last_hidden_state
+        assert (bert.eval()(input_ids, attention_mask) - expected).abs().max() < 1e-5
+
+
+def test_a_vocabulary_that_cannot_be_read_as_berts_is_refused_naming_the_files(tmp_path):
+    save_tokenizer(tmp_path / "saved", write_vocab(tmp_path))
+    tmp_path = tmp_path / "saved"
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    write_vocab(tmp_path)
+    read_tokenizer(tmp_path)                    # the same vocabulary twice: taken
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB[:-1] + ["zebra"]) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'vocab.txt'} and "
+                                                   f"{tmp_path / 'tokenizer.json'} hold "
+                                                   f"different vocabularies")):
+        read_tokenizer(tmp_path)
+    (tmp_path / "vocab.txt").unlink()
+    for part, change, message in [
+            ("model", dict(type="BPE"), "holds a 'BPE' tokenizer, not WordPiece"),
+            ("normalizer", dict(type="NFC"), "its normalizer 'NFC'"),
+            ("normalizer", dict(clean_text=False), "BertNormalizer with clean_text")]:
+        changed = {**spec, part: {**spec[part], **change}}
+        (tmp_path / "tokenizer.json").write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'tokenizer.json'}") + ".*"
+                                             + re.escape(message)):
+            read_tokenizer(tmp_path)
+    vocab = {token: index for token, index in spec["model"]["vocab"].items() if token != "[CLS]"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, "model": {**spec["model"],
+                                                                          "vocab": vocab}}))
+    with pytest.raises(ValueError, match="ids are not 0 to"):
+        read_tokenizer(tmp_path)
 
 
 def test_an_unsupported_activation_is_refused(bert_folder):

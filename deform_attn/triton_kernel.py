@@ -1,6 +1,6 @@
 """Multi-scale deformable attention as Triton kernels: forward and backward.
 
-Same convention and shapes as `kernels/reference.py` (the specification):
+Same convention and shapes as `deform_attn/reference.py` (the specification):
 
     value               (B, S, heads, D)        float32, bfloat16 or float16
     spatial_shapes      (L, 2) int64            (H_l, W_l), read inside the kernel; keep

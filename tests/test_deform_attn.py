@@ -1,4 +1,4 @@
-"""Tests of kernels/: multi-scale deformable attention.
+"""Tests of deform_attn/: multi-scale deformable attention.
 
 - the PyTorch reference against a float64 implementation with explicit bilinear loops,
   and torch.autograd.gradcheck of the reference;
@@ -8,7 +8,7 @@
   run in a subprocess that sets it: test_triton_kernel_under_interpreter. Running this
   file with TRITON_INTERPRET=1 runs them directly;
 - the backend dispatch (auto on CPU, explicit triton without the interpreter, a failed
-  triton import) and kernels/bench.py on a tiny shape.
+  triton import) and deform_attn/bench.py on a tiny shape.
 
 Shapes are tiny on purpose: the interpreter costs milliseconds per operation per program.
 """
@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels import bench, ms_deform_attn
-from kernels.reference import ms_deform_attn_reference
+import deform_attn
+from deform_attn import bench, ms_deform_attn
+from deform_attn.reference import ms_deform_attn_reference
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,7 +52,7 @@ def relative_error(actual, expected):
 
 def make_inputs(batch_size, level_shapes, num_heads, head_dim, num_queries, num_points,
                 dtype=torch.float32, non_contiguous=False, seed=0):
-    """Random inputs in the Deformable-DETR convention (see kernels/__init__.py).
+    """Random inputs in the Deformable-DETR convention (see deform_attn/__init__.py).
 
     Locations lie in [-0.3, 1.3], some exactly 0 or 1 (the outer edges), some far outside
     (every tap padded). With non_contiguous, each input is a transposed or sliced view.
@@ -152,8 +152,8 @@ def test_auto_backend_uses_torch_on_cpu(monkeypatch):
     def no_triton_import():
         raise AssertionError("auto must not try triton for CPU tensors")
 
-    monkeypatch.setattr(kernels, "ms_deform_attn_reference", recording_reference)
-    monkeypatch.setattr(kernels, "_import_triton_backend", no_triton_import)
+    monkeypatch.setattr(deform_attn, "ms_deform_attn_reference", recording_reference)
+    monkeypatch.setattr(deform_attn, "_import_triton_backend", no_triton_import)
     inputs = make_inputs(**MIXED_CASE)
     output = ms_deform_attn(**inputs)  # backend="auto"
     assert calls == [5]
@@ -178,20 +178,20 @@ def test_unknown_backend_and_mismatched_shapes_raise():
 @pytest.fixture
 def broken_triton_import(monkeypatch):
     """Make `from . import triton_kernel` fail, and forget the cached import result."""
-    monkeypatch.setitem(sys.modules, "kernels.triton_kernel", None)  # None: ImportError
-    monkeypatch.delattr(kernels, "triton_kernel", raising=False)
-    kernels._import_triton_backend.cache_clear()
+    monkeypatch.setitem(sys.modules, "deform_attn.triton_kernel", None)  # None: ImportError
+    monkeypatch.delattr(deform_attn, "triton_kernel", raising=False)
+    deform_attn._import_triton_backend.cache_clear()
     yield
-    kernels._import_triton_backend.cache_clear()
+    deform_attn._import_triton_backend.cache_clear()
 
 
 def test_failed_triton_import_is_reported_once(broken_triton_import, monkeypatch):
     cuda_like_value = types.SimpleNamespace(is_cuda=True, device="cuda:0")
     with pytest.warns(RuntimeWarning, match="triton is unavailable") as warnings_seen:
-        assert kernels._select_implementation("auto", cuda_like_value) is (
-            kernels.ms_deform_attn_reference)
-        assert kernels._select_implementation("auto", cuda_like_value) is (
-            kernels.ms_deform_attn_reference)
+        assert deform_attn._select_implementation("auto", cuda_like_value) is (
+            deform_attn.ms_deform_attn_reference)
+        assert deform_attn._select_implementation("auto", cuda_like_value) is (
+            deform_attn.ms_deform_attn_reference)
     assert len(warnings_seen) == 1
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that only the failed import is wrong
     with pytest.raises(RuntimeError, match="triton could not be imported"):
@@ -254,7 +254,7 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
 
 def test_bench_runs_as_a_script():
     completed = subprocess.run(
-        [sys.executable, "kernels/bench.py", "--device", "cpu", "--shape", "reduced",
+        [sys.executable, "deform_attn/bench.py", "--device", "cpu", "--shape", "reduced",
          "--batch", "1", "--passes", "forward", "--repeats", "1", "--warmup", "0"],
         cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr

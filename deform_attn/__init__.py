@@ -12,11 +12,11 @@
     output              (B, Q, heads * D)       value's dtype
 
 Sampling is bilinear with zero padding outside the map, exactly grid_sample with
-align_corners=False (see kernels/reference.py, the specification).
+align_corners=False (see deform_attn/reference.py, the specification).
 
 Backends:
-    "torch"   kernels/reference.py, grid_sample per level; runs on any device.
-    "triton"  kernels/triton_kernel.py, fused forward and backward with fp32 accumulation,
+    "torch"   deform_attn/reference.py, grid_sample per level; runs on any device.
+    "triton"  deform_attn/triton_kernel.py, fused forward and backward with fp32 accumulation,
               for CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, as the tests do).
     "auto"    triton for CUDA tensors when triton imports, else torch.
 

@@ -1,8 +1,8 @@
 """Benchmark multi-scale deformable attention: backend x dtype x (forward, forward+backward).
 
-    python -m kernels.bench                      # full shapes on CUDA, reduced on CPU
-    python kernels/bench.py --shape decoder --backends triton --dtypes bf16 --batch 2
-    python -m kernels.bench --json results.json  # also write the rows as JSON
+    python -m deform_attn.bench                          # full shapes on CUDA, reduced on CPU
+    python deform_attn/bench.py --shape decoder --backends triton --dtypes bf16 --batch 2
+    python -m deform_attn.bench --json results.json      # also write the rows as JSON
 
 Shapes are those of Grounding DINO / DINO-R1 with Swin-T at 800x1333 (feature maps at
 strides 8, 16, 32, 64: levels 100x167, 50x84, 25x42, 13x21, S = 22,223), 8 heads, D = 32,
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as `python kernels/bench.py`: import from the repository
+if __package__ in (None, ""):  # run as `python deform_attn/bench.py`: import from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import ms_deform_attn  # noqa: E402
+from deform_attn import ms_deform_attn  # noqa: E402
 
 NUM_HEADS, HEAD_DIM, NUM_POINTS = 8, 32, 4
 FEATURE_STRIDES = (8, 16, 32, 64)  # one level per stride, as in the Swin-T neck
