@@ -35,10 +35,11 @@ from torchvision.transforms.functional import (InterpolationMode, pil_to_tensor,
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
+from checkpoints import CHECKPOINT_FORMAT, UNTRAINED_VISUAL_PROMPTS, load_detector, resolve_device
 from data import (Batch, CocoDetection, DataError, build_dataset, collate,
                   instance_image_index, resolve_data_root, sample_exemplars, split_files)
-from model import (CHECKPOINT_FORMAT, DINOR1, UNTRAINED_VISUAL_PROMPTS, Detections,
-                   PromptTokens, expand_prompts, load_detector, postprocess, resolve_device)
+from model import (DINOR1, Detections, PromptTokens, expand_prompts, one_token_per_class,
+                   postprocess)
 
 SUMMARY_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # Box colours, one per class or prompt: light, for black label text, and unlike the
@@ -103,8 +104,8 @@ def text_prompt_chunks(model: DINOR1, names: list[str], chunk_size: int
     """Class names read as text once, for every batch: chunks of at most `chunk_size` names
     (with BERT, one Grounding DINO caption each, within its 256 tokens), as (index of the
     chunk's first name, its prompts for a batch of one)."""
-    return [(start, model.text_prompts(names[start:end], 1))
-            for start, end in model.text_chunks(names, chunk_size)]
+    return [(start, model.text_encoder.caption(names[start:end]))
+            for start, end in model.text_encoder.caption_chunks(names, chunk_size)]
 
 
 @torch.no_grad()
@@ -120,10 +121,11 @@ def detect(model: DINOR1, batch: Batch,
     if isinstance(prompts, list):
         chunks = [(start, expand_prompts(tokens, size)) for start, tokens in prompts]
     else:
-        chunks = [(start, prompts[start:start + chunk_size][None].expand(size, -1, -1))
+        chunks = [(start, one_token_per_class(
+                      prompts[start:start + chunk_size][None].expand(size, -1, -1)))
                   for start in range(0, len(prompts), chunk_size)]
     for start, chunk in chunks:
-        output = model(batch.images, batch.mask, prompts=chunk)
+        output = model(batch.images, batch.mask, chunk)
         found = postprocess(output.logits[-1], output.boxes[-1], original_sizes(batch), top_k)
         for b, detections in enumerate(found):
             merged[b].append(Detections(detections.boxes, detections.scores,
@@ -178,7 +180,7 @@ def detect_interactive(model: DINOR1, batch: Batch, top_k: int = 300) -> list[De
     """Each image with its own prompts; labels become class indices (padding prompts, which
     score exactly 0, are dropped)."""
     prompts, prompt_mask, classes = interactive_prompts(model, batch)
-    output = model(batch.images, batch.mask, prompts=prompts, prompt_mask=prompt_mask)
+    output = model(batch.images, batch.mask, one_token_per_class(prompts, prompt_mask))
     found = postprocess(output.logits[-1], output.boxes[-1], original_sizes(batch), top_k)
     detections = []
     for b, item in enumerate(found):

@@ -61,7 +61,7 @@ cost of every prediction against every ground truth, and gt_mask (B, M)):
         costs.append(cost)
     with torch.no_grad():
         # your reference model's objectness logits at the tokens the policy selected
-        ref_logits = reference_model.objectness_logits(images, selected_token_indices)
+        ref_logits = reference_model.selected_objectness(images, prompts, selected_token_indices)
     loss_grqo, stats = grqo_loss(costs, objectness_logits, ref_logits, gt_mask=gt_mask)
     loss = loss_sft + loss_grqo
 """

@@ -37,10 +37,10 @@ from torch import Tensor
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
+from checkpoints import UNTRAINED_VISUAL_PROMPTS, check_format, load_detector, resolve_device
 from data import Batch, DataError, collate, make_sample, make_transforms, read_rgb_image
 from evaluate import coco_results, detect, draw_detections, keep_top, text_prompt_chunks
-from model import (DINOR1, UNTRAINED_VISUAL_PROMPTS, Detections, check_format, load_detector,
-                   resolve_device)
+from model import DINOR1, Detections
 
 PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 

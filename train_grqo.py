@@ -18,8 +18,9 @@ import copy
 import torch
 
 from grqo import FORMS, grqo_loss
-from model import DINOR1, HungarianMatcher
-from train_sft import (SFTObjective, finish_args, fraction, make_parser, prompt_arguments,
+from losses import HungarianMatcher
+from model import DINOR1
+from train_sft import (SFTObjective, detector_prompts, finish_args, fraction, make_parser,
                        train)
 
 
@@ -54,12 +55,12 @@ class GRQOObjective(SFTObjective):
     def __call__(self, network, batch, prompts, targets, num_boxes, generator=None):
         if self.reference is None:
             return super().__call__(network, batch, prompts, targets, num_boxes, generator)
-        output = network(batch.images, batch.mask, **prompt_arguments(prompts),
+        output = network(batch.images, batch.mask, detector_prompts(prompts),
                          dn_targets=targets, generator=generator)
         terms = self.criterion(output, targets, num_boxes)
         with torch.no_grad():
-            reference_logits = self.reference.objectness_logits(
-                batch.images, batch.mask, output.selection.indices, **prompt_arguments(prompts))
+            reference_logits = self.reference.selected_objectness(
+                batch.images, batch.mask, detector_prompts(prompts), output.selection.indices)
         costs, gt_mask = self.reward_matcher.layer_costs(output, targets)
         loss_grqo, stats = grqo_loss(costs, output.selection.objectness_logits,
                                      reference_logits, gt_mask=gt_mask, **self.settings)

@@ -26,14 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from checkpoints import (CHECKPOINT_FORMAT, checkpoint_config_differences, grounding_dino_config,
+                         is_original_grounding_dino, load_checkpoint, load_grounding_dino_weights,
+                         load_original_grounding_dino_weights, resolve_device)
 from data import (Batch, DataError, ReplaceUnreadable, TextPrompts, VisualInstructions,
                   build_dataset, collate, resolve_data_root, sample_prompts,
                   sample_text_prompts, split_files)
-from model import (CHECKPOINT_FORMAT, MAX_TEXT_TOKENS, PRESETS, DINOR1, DetectorConfig,
-                   HungarianMatcher, SetCriterion, checkpoint_config_differences,
-                   grounding_dino_config, is_original_grounding_dino, load_checkpoint,
-                   load_grounding_dino_weights, load_original_grounding_dino_weights,
-                   resolve_device)
+from losses import HungarianMatcher, SetCriterion
+from model import DINOR1, MAX_TEXT_TOKENS, PRESETS, DetectorConfig
 
 # Training defaults per model preset (any of them can be overridden on the command line).
 TRAIN_DEFAULTS = {
@@ -370,17 +370,19 @@ class SFTObjective:
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the loss to minimise and named terms for logging. `network` is the
         detector, or its DDP wrapper under torchrun; `generator` draws the denoising noise."""
-        output = network(batch.images, batch.mask, **prompt_arguments(prompts),
+        output = network(batch.images, batch.mask, detector_prompts(prompts),
                          dn_targets=targets, generator=generator)
         terms = self.criterion(output, targets, num_boxes)
         return terms["sft"], terms
 
 
-def prompt_arguments(prompts: "VisualInstructions | TextPrompts") -> dict:
-    """How the detector takes a step's prompts: visual instructions, or class names."""
+def detector_prompts(prompts: "VisualInstructions | TextPrompts"
+                     ) -> "VisualInstructions | list[str]":
+    """A step's prompts as the detector takes them (model.Prompting): visual instructions as
+    they are, text prompts as their class names."""
     if isinstance(prompts, TextPrompts):
-        return {"class_names": prompts.class_names}
-    return {"instructions": prompts}
+        return prompts.class_names
+    return prompts
 
 
 class PromptSampler:

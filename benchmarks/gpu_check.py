@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import Batch, Target, VisualInstructions  # noqa: E402
 from deform_attn import ms_deform_attn  # noqa: E402
-from model import SetCriterion, build_model  # noqa: E402
+from losses import SetCriterion  # noqa: E402
+from model import build_model  # noqa: E402
 
 
 def random_attention_inputs(batch: int, num_queries: int, dtype, device, seed: int = 0):
@@ -114,7 +115,7 @@ def time_training_steps(kernel: str, device: str, height: int, width: int, steps
             torch.cuda.synchronize()
         started = time.perf_counter()
         with autocast:
-            output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+            output = model(batch.images, batch.mask, instructions, dn_targets=targets)
             loss = criterion(output, targets, float(sum(len(t.labels) for t in targets)))["sft"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -137,7 +138,7 @@ def training_step(model, criterion, optimizer, batch, instructions, targets, aut
     """One SFT step (forward, losses with Hungarian matching, backward, AdamW). `mark(phase)`
     is called as each phase ends (a clock for the phases' wall times)."""
     with autocast:
-        output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+        output = model(batch.images, batch.mask, instructions, dn_targets=targets)
         mark("forward")
         loss = criterion(output, targets, float(sum(len(t.labels) for t in targets)))["sft"]
         mark("matching and losses")
@@ -290,7 +291,8 @@ def same_weights_check(kernel: str, device: str, height: int, width: int, steps:
 
     from transformers.models.grounding_dino import modeling_grounding_dino as gd
 
-    from model import caption_phrases, load_grounding_dino
+    from checkpoints import load_grounding_dino
+    from model import caption_phrases
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
@@ -341,7 +343,7 @@ def compare_and_time(oracle, ours, batch, ids, steps: int, warmup: int, device: 
         return output.logits[..., :ids.shape[1]], output.pred_boxes
 
     def mine():
-        output = ours(batch.images, batch.mask, prompts=my_tokens())
+        output = ours(batch.images, batch.mask, my_tokens())
         return output.logits[-1], output.boxes[-1]
 
     oracle.eval(), ours.eval()
@@ -349,11 +351,11 @@ def compare_and_time(oracle, ours, batch, ids, steps: int, warmup: int, device: 
     with torch.no_grad():
         full = oracle(pixel_values=batch.images, input_ids=ids,
                       attention_mask=torch.ones_like(ids), pixel_mask=pixel_mask)
-        encoded = ours.encode(batch.images, batch.mask, prompts=my_tokens())
+        encoded = ours.encode(batch.images, batch.mask, my_tokens())
         (their_logits, their_boxes), (my_logits, my_boxes) = theirs(), mine()
     their_scores = full.enc_outputs_class[..., :ids.shape[1]].max(-1).values
     their_selection = their_scores.topk(ours.config.num_queries, dim=1).indices
-    my_selection = ours.select_queries(encoded.objectness_logits,
+    my_selection = ours.select_queries(encoded.token_objectness,
                                        encoded.anchors.isfinite().all(-1)).indices
     same = my_selection == their_selection                                  # (B, Q)
     torch.backends.cudnn.allow_tf32 = True            # PyTorch's default, for the timings
@@ -365,7 +367,7 @@ def compare_and_time(oracle, ours, batch, ids, steps: int, warmup: int, device: 
                                            ).abs().max().item(),
               "text_max_abs_diff_fp32": (encoded.enhanced - full.encoder_last_hidden_state_text
                                          ).abs().max().item(),
-              "token_scores_max_abs_diff_fp32": (encoded.objectness_logits - their_scores
+              "token_scores_max_abs_diff_fp32": (encoded.token_objectness - their_scores
                                                  ).abs().max().item(),
               "same_selection_in_order": same.float().mean().item(),
               # Tokens whose scores tie within the rounding above may trade places; such a
@@ -415,7 +417,7 @@ def time_forward(kernel: str, device: str, height: int, width: int, steps: int, 
         synchronize()
         started = time.perf_counter()
         with torch.no_grad(), autocast:
-            model(batch.images, batch.mask, instructions=instructions)
+            model(batch.images, batch.mask, instructions)
         synchronize()
         if index >= warmup:
             times.append(time.perf_counter() - started)

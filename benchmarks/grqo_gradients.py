@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from checkpoints import load_checkpoint, model_from_checkpoint  # noqa: E402
 from data import build_dataset, collate, sample_prompts  # noqa: E402
 from grqo import group_advantages, grqo_loss, mute_mask, query_rewards  # noqa: E402
-from model import (HungarianMatcher, SetCriterion, load_checkpoint,  # noqa: E402
-                   model_from_checkpoint)
+from losses import HungarianMatcher, SetCriterion  # noqa: E402
 
 
 def flat_gradient(model, loss) -> torch.Tensor:
@@ -63,7 +63,7 @@ def main(argv=None):
                          for j in range(args.batch_size)])
         instructions, targets = sample_prompts(batch, dataset.class_names,
                                                torch.Generator().manual_seed(index))
-        output = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets,
+        output = model(batch.images, batch.mask, instructions, dn_targets=targets,
                        generator=torch.Generator().manual_seed(index))
         sft = criterion(output, targets, float(sum(len(t.labels) for t in targets)))["sft"]
         costs, gt_mask = reward_matcher.layer_costs(output, targets)

@@ -35,7 +35,7 @@ import grqo_sweep
 import runner
 
 sys.path.insert(0, str(runner.ROOT))
-from data import DOMAINS  # noqa: E402
+from shapes import DOMAINS  # noqa: E402
 
 PRETRAINED = {"P": ("train_sft.py", ["--prompts", "text"])}
 SETTINGS = {

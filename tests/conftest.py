@@ -2,7 +2,7 @@
 
 import pytest
 
-from data import generate_shapes
+from shapes import generate_shapes
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,14 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
 import data
+import shapes
 
 SMALL_SHAPES = dict(image_size=64, train_images=20, support_images=12, dev_images=4, val_images=24)
 
 
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
-    return data.generate_shapes(tmp_path_factory.mktemp("shapes"), seed=0, **SMALL_SHAPES)
+    return shapes.generate_shapes(tmp_path_factory.mktemp("shapes"), seed=0, **SMALL_SHAPES)
 
 
 def write_split(root, pictures, annotations, categories=None, split="val", size=(40, 30)):
@@ -69,9 +70,9 @@ def make_target(labels, image_id=0):
 
 
 def test_generation_is_deterministic(shapes_root, tmp_path):
-    again = data.generate_shapes(tmp_path / "again", seed=0, **SMALL_SHAPES)
-    other = data.generate_shapes(tmp_path / "other", seed=1, **SMALL_SHAPES)
-    for split in data.SPLIT_CLASSES:
+    again = shapes.generate_shapes(tmp_path / "again", seed=0, **SMALL_SHAPES)
+    other = shapes.generate_shapes(tmp_path / "other", seed=1, **SMALL_SHAPES)
+    for split in shapes.SPLIT_CLASSES:
         name = f"annotations/instances_{split}.json"
         assert (again / name).read_bytes() == (shapes_root / name).read_bytes()
         assert (other / name).read_bytes() != (shapes_root / name).read_bytes()
@@ -80,7 +81,7 @@ def test_generation_is_deterministic(shapes_root, tmp_path):
 
 def test_novel_classes_split(shapes_root):
     split = json.loads((shapes_root / "annotations" / "split.json").read_text())
-    names = [category["name"] for category in data.shapes_categories()]
+    names = [category["name"] for category in shapes.shapes_categories()]
     assert len(names) >= 20 and len(split["novel"]) == len(names) // 4
     assert sorted(split["base"] + split["novel"]) == sorted(names)
     base_parts = {part for name in split["base"] for part in enumerate(name.split(" "))}
@@ -129,16 +130,16 @@ def test_ground_truth_round_trip_gives_ap_one(shapes_root):
 
 def test_reused_when_complete_regenerated_otherwise(tmp_path, monkeypatch):
     sizes = dict(image_size=48, train_images=2, support_images=1, dev_images=1, val_images=1)
-    data.ensure_shapes(tmp_path, **sizes)
+    shapes.ensure_shapes(tmp_path, **sizes)
     calls = []
-    original = data.generate_shapes
-    monkeypatch.setattr(data, "generate_shapes", lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs))
-    data.ensure_shapes(tmp_path, **sizes)
+    original = shapes.generate_shapes
+    monkeypatch.setattr(shapes, "generate_shapes", lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs))
+    shapes.ensure_shapes(tmp_path, **sizes)
     assert calls == []
     (tmp_path / "COMPLETE").unlink()
-    data.ensure_shapes(tmp_path, **sizes)
+    shapes.ensure_shapes(tmp_path, **sizes)
     assert len(calls) == 1 and (tmp_path / "COMPLETE").is_file()
-    data.ensure_shapes(tmp_path, **{**sizes, "train_images": 3})
+    shapes.ensure_shapes(tmp_path, **{**sizes, "train_images": 3})
     assert len(calls) == 2
     assert len(json.loads((tmp_path / "annotations" / "instances_train.json").read_text())["images"]) == 3
 
@@ -526,10 +527,10 @@ def test_coco_object_is_pycocotools(shapes_root):
 
 # ----------------------------------------------------------------------------- domains
 
-DEFAULT_WORDS = set(data.SHAPE_NAMES) | set(data.COLOUR_NAMES)
+DEFAULT_WORDS = set(shapes.SHAPE_NAMES) | set(shapes.COLOUR_NAMES)
 
 
-def small(domain: data.Domain) -> data.Domain:
+def small(domain: shapes.Domain) -> shapes.Domain:
     """The same domain with few pictures per split, for speed."""
     return replace(domain, train_images=4 if domain.train_images else 0,
                    support_dev_val_images=(6, 2, 4))
@@ -538,19 +539,19 @@ def small(domain: data.Domain) -> data.Domain:
 def test_list_domains_prints_five_or_more_names(capsys):
     data.main(["shapes", "--list-domains"])
     names = capsys.readouterr().out.split()
-    assert names == list(data.DOMAINS) and len(names) >= 5
+    assert names == list(shapes.DOMAINS) and len(names) >= 5
 
 
-@pytest.mark.parametrize("name", list(data.DOMAINS))
+@pytest.mark.parametrize("name", list(shapes.DOMAINS))
 def test_a_domain_is_a_coco_folder_of_unseen_words_read_as_shapes_name(name, tmp_path,
                                                                         monkeypatch):
     """Generated on first use of --data shapes:NAME, deterministic, loadable with
     pycocotools; every class name has a word the default data never uses."""
-    monkeypatch.setattr(data, "DOMAINS_ROOT", tmp_path / "domains")
-    monkeypatch.setitem(data.DOMAINS, name, small(data.DOMAINS[name]))
+    monkeypatch.setattr(shapes, "DOMAINS_ROOT", tmp_path / "domains")
+    monkeypatch.setitem(shapes.DOMAINS, name, small(shapes.DOMAINS[name]))
     root = data.resolve_data_root(f"shapes:{name}")
     assert root == tmp_path / "domains" / name
-    domain = data.DOMAINS[name]
+    domain = shapes.DOMAINS[name]
     for split in domain.split_sizes():
         dataset = data.CocoDetection(root, split)
         assert len(dataset) == domain.split_sizes()[split]
@@ -561,21 +562,21 @@ def test_a_domain_is_a_coco_folder_of_unseen_words_read_as_shapes_name(name, tmp
         assert {train.class_names[k] for k in train.instance_labels.tolist()}.isdisjoint(
             domain.novel)
         assert [train.class_names[k] for k in train.novel_classes] == list(domain.novel)
-    again = data.ensure_domain(name, tmp_path / "again")
+    again = shapes.ensure_domain(name, tmp_path / "again")
     for split in domain.split_sizes():
         first = (root / "annotations" / f"instances_{split}.json").read_bytes()
         assert first == (again / "annotations" / f"instances_{split}.json").read_bytes()
         assert (root / split / "000001.png").read_bytes() == (again / split / "000001.png").read_bytes()
 
 
-@pytest.mark.parametrize("name", list(data.DOMAINS))
+@pytest.mark.parametrize("name", list(shapes.DOMAINS))
 def test_a_domain_support_split_has_ten_shots_of_every_class(name, tmp_path):
-    domain = data.DOMAINS[name]
-    coco = data._generate_split(tmp_path, "support", 0, 128, domain.split_sizes()["support"],
+    domain = shapes.DOMAINS[name]
+    coco = shapes._generate_split(tmp_path, "support", 0, 128, domain.split_sizes()["support"],
                                 domain)
     counts = np.bincount([a["category_id"] for a in coco["annotations"]],
                          minlength=len(coco["categories"]) + 1)[1:]
-    assert counts.min() >= 10, dict(zip(data.DOMAINS[name].classes, counts.tolist()))
+    assert counts.min() >= 10, dict(zip(shapes.DOMAINS[name].classes, counts.tolist()))
 
 
 def test_an_unknown_domain_is_named_with_the_list(tmp_path):

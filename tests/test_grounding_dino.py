@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from checkpoints import grounding_dino_config, rename_grounding_dino
 from model import (PRESETS, Backbone, Decoder, DetectorConfig, EnhancerLayer, build_model,
-                   caption_phrases, grounding_dino_config, one_token_per_class,
-                   rename_grounding_dino, scale_reference, sine_encoding, sine_positions,
-                   token_anchors, token_centres)
+                   caption_phrases, one_token_per_class, scale_reference, sine_encoding,
+                   sine_positions, token_anchors, token_centres)
 
 transformers = pytest.importorskip("transformers")
 grounding_dino = pytest.importorskip("transformers.models.grounding_dino.modeling_grounding_dino")
@@ -351,7 +351,7 @@ def save_tiny_grounding_dino(folder, seed: int = 0, **overrides):
 
 
 def test_a_grounding_dino_folder_loads_every_tensor_by_name(tmp_path):
-    from model import load_grounding_dino
+    from checkpoints import load_grounding_dino
 
     oracle = save_tiny_grounding_dino(tmp_path)
     model, report = load_grounding_dino(tmp_path, kernel="torch")
@@ -381,7 +381,7 @@ def test_a_grounding_dino_folder_loads_every_tensor_by_name(tmp_path):
 def test_a_bad_grounding_dino_folder_is_refused_with_the_file_and_the_first_key(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from model import load_grounding_dino
+    from checkpoints import load_grounding_dino
 
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'config.json'} is missing"):
         load_grounding_dino(tmp_path)
@@ -411,7 +411,7 @@ def test_from_the_text_features_on_the_detector_equals_grounding_dino_end_to_end
     """A GD folder loaded here, given GD's per-token text features (from this project's BERT
     with GD's sub-sentence mask and positions, then text_projection) and GD's phrases, gives
     GD's logits per token and boxes on a padded batch of a size not a multiple of 4."""
-    from model import load_grounding_dino
+    from checkpoints import load_grounding_dino
 
     oracle = save_tiny_grounding_dino(tmp_path).eval()
     model, _ = load_grounding_dino(tmp_path, kernel="torch")
@@ -427,7 +427,7 @@ def test_from_the_text_features_on_the_detector_equals_grounding_dino_end_to_end
                           pixel_mask=(~mask).long())
         text, phrases = model.text_encoder.encode_ids(input_ids, attention_mask == 0)
         tokens = one_token_per_class(text, phrases.padding)._replace(phrases=phrases)
-        output = model(images, mask, prompts=tokens)
+        output = model(images, mask, tokens)
     real = attention_mask.bool()[:, None, :].expand(-1, 20, -1)
     torch.testing.assert_close(output.logits[-1][real], expected.logits[..., :9][real],
                                atol=1e-4, rtol=1e-4)
@@ -476,7 +476,7 @@ def test_class_names_read_as_a_caption_give_grounding_dinos_class_scores(tmp_pat
     """predict.py's and evaluate.py's text path on a GD folder: class names become the caption
     "[CLS] cat . dog . remote control . [SEP]" in this project's tokenizer and BERT; each
     class's score is the mean of GD's token probabilities over its tokens."""
-    from model import load_grounding_dino
+    from checkpoints import load_grounding_dino
 
     oracle = save_tiny_grounding_dino(tmp_path).eval()
     model, _ = load_grounding_dino(tmp_path, kernel="torch")
@@ -488,7 +488,7 @@ def test_class_names_read_as_a_caption_give_grounding_dinos_class_scores(tmp_pat
     with torch.no_grad():
         expected = oracle(pixel_values=images, input_ids=input_ids,
                           attention_mask=torch.ones_like(input_ids), pixel_mask=(~mask).long())
-        output = model(images, mask, class_names=["cat", "dog", "remote control"])
+        output = model(images, mask, ["cat", "dog", "remote control"])
     probabilities = expected.logits.sigmoid()
     by_class = torch.stack([probabilities[..., 1], probabilities[..., 3],
                             probabilities[..., 5:7].mean(-1)], -1)
@@ -551,7 +551,7 @@ def test_a_folder_saved_by_todays_transformers_gives_its_detections(tmp_path):
     """The form transformers 5 saves (tokenizer.json, processor_config.json), of a config whose
     decoder has its own FFN width, heads and sampling points: predict.py --ckpt FOLDER gives
     the detections of transformers' processor and model loaded from the same folder."""
-    from model import grounding_dino_config
+    from checkpoints import grounding_dino_config
 
     folder = tmp_path / "gd"
     oracle = save_grounding_dino_as_transformers_does(
@@ -615,7 +615,7 @@ def assert_predict_gives_transformers_detections(folder, oracle, image_processor
 
 
 def test_long_lists_of_names_split_into_captions_of_at_most_256_tokens(tmp_path):
-    from model import load_grounding_dino
+    from checkpoints import load_grounding_dino
 
     save_tiny_grounding_dino(tmp_path)
     model, _ = load_grounding_dino(tmp_path, kernel="torch")
@@ -623,7 +623,7 @@ def test_long_lists_of_names_split_into_captions_of_at_most_256_tokens(tmp_path)
     with pytest.raises(ValueError, match="302 tokens, more than Grounding DINO's 256"):
         model.text_encoder.caption_ids(names)
     for max_names, first_end in ((200, 101), (40, 40)):     # 2 + 5 * 50 + 3 = 255 tokens
-        ranges = model.text_chunks(names, max_names)
+        ranges = model.text_encoder.caption_chunks(names, max_names)
         assert ranges[0] == (0, first_end) and ranges[-1][1] == len(names)
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         for start, end in ranges:
@@ -739,8 +739,9 @@ def test_the_original_release_checkpoint_loads_as_its_hub_folder_does(shapes, tm
     """A checkpoint with the original release's names (written from a random transformers
     model by the inverse of the public conversion's renames) loads into the same weights as
     the hub folder of that model; the model must be Swin with BERT, else one line says how."""
-    from model import (DINOR1, grounding_dino_config, load_checkpoint, load_grounding_dino,
-                       load_original_grounding_dino_weights)
+    from checkpoints import (grounding_dino_config, load_checkpoint, load_grounding_dino,
+                             load_original_grounding_dino_weights)
+    from model import DINOR1
 
     folder = tmp_path / "gd"
     save_tiny_grounding_dino(folder, decoder_layers=2)
@@ -772,7 +773,7 @@ def test_a_checkpoint_from_before_the_drop_path_gets_its_presets_rate(tmp_path):
     from dataclasses import asdict
 
     import train_sft
-    from model import CHECKPOINT_FORMAT
+    from checkpoints import CHECKPOINT_FORMAT
 
     small_swin = DetectorConfig(backbone="swin", swin_embed_dim=8, swin_depths=(1, 1, 1, 1),
                                 swin_heads=(1, 1, 1, 1), kernel="torch")

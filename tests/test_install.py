@@ -37,7 +37,7 @@ import model
 detector = model.build_model("tiny", kernel="torch").eval()
 with torch.no_grad():
     output = detector(torch.rand(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool),
-                      class_names=["red circle", "blue star"])
+                      ["red circle", "blue star"])
 assert output.logits.shape[-1] == 2 and output.logits.isfinite().all()
 """
 

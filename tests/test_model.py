@@ -10,8 +10,9 @@ import torchvision
 from scipy.optimize import linear_sum_assignment
 
 from data import Target, VisualInstructions, collate
-from model import (DetectorOutput, HungarianMatcher, SetCriterion, build_denoising_queries,
-                   build_model, postprocess, visual_phrases)
+from losses import HungarianMatcher, SetCriterion
+from model import (DetectorOutput, build_denoising_queries, build_model, expand_prompts,
+                   one_token_per_class, postprocess, visual_phrases)
 
 
 def make_target(boxes, labels, size=(96, 128)):
@@ -44,7 +45,7 @@ def tiny():
 def test_tiny_forward_shapes(tiny):
     batch, instructions, targets = tiny_batch()
     tiny.train()
-    out = tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+    out = tiny(batch.images, batch.mask, instructions, dn_targets=targets)
     layers, queries = tiny.config.num_decoder_layers, tiny.config.num_queries
     assert isinstance(out, DetectorOutput)
     assert out.logits.shape == (layers, 2, queries, 2)
@@ -82,7 +83,7 @@ def test_num_levels_is_honoured(num_levels, strides):
     height, width = batch.images.shape[-2:]
     assert features.spatial_shapes.tolist() == [[-(-height // s), -(-width // s)]
                                                 for s in strides]
-    output = model(batch.images, batch.mask, prompts=torch.randn(2, 3, 64))
+    output = model(batch.images, batch.mask, one_token_per_class(torch.randn(2, 3, 64)))
     num_queries = min(100, int(features.spatial_shapes.prod(1).sum()))
     assert output.logits.shape == (3, 2, num_queries, 3) and torch.isfinite(output.logits).all()
 
@@ -91,7 +92,7 @@ def test_every_parameter_gets_a_gradient_from_one_step(tiny):
     batch, instructions, targets = tiny_batch()
     tiny.train()
     tiny.zero_grad(set_to_none=True)
-    out = tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+    out = tiny(batch.images, batch.mask, instructions, dn_targets=targets)
     terms = SetCriterion()(out, targets, num_boxes=4.0)
     for name, value in terms.items():
         assert torch.isfinite(value) and value > 0, name
@@ -109,7 +110,7 @@ def test_image_without_ground_truth_does_not_crash(tiny):
         labels=torch.tensor([0, 1, 1]), selected=torch.tensor([0, 1]),
         class_names=["red circle", "blue star"])
     tiny.train()
-    out = tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+    out = tiny(batch.images, batch.mask, instructions, dn_targets=targets)
     terms = SetCriterion()(out, targets, num_boxes=3.0)
     assert torch.isfinite(terms["sft"])
     terms["sft"].backward()
@@ -120,7 +121,7 @@ def test_denoising_queries_do_not_leak_into_matching_queries(tiny):
     tiny.train()
 
     def forward(seed):
-        return tiny(batch.images, batch.mask, instructions=instructions, dn_targets=targets,
+        return tiny(batch.images, batch.mask, instructions, dn_targets=targets,
                     generator=torch.Generator().manual_seed(seed))
     first, second = forward(1), forward(2)           # other DN noise: other DN queries
     assert not torch.allclose(first.dn_boxes, second.dn_boxes)
@@ -128,7 +129,7 @@ def test_denoising_queries_do_not_leak_into_matching_queries(tiny):
     torch.testing.assert_close(forward(1).dn_boxes, first.dn_boxes, rtol=0, atol=0)
     torch.testing.assert_close(first.logits, second.logits)
     torch.testing.assert_close(first.boxes, second.boxes)
-    without = tiny(batch.images, batch.mask, instructions=instructions)
+    without = tiny(batch.images, batch.mask, instructions)
     torch.testing.assert_close(first.logits, without.logits, atol=1e-5, rtol=1e-5)
 
 
@@ -140,11 +141,10 @@ def test_objectness_is_the_max_prompt_logit_and_selection_takes_its_top_tokens(t
     batch, instructions, _ = tiny_batch()
     tiny.eval()
     with torch.no_grad():
-        encoded = tiny.encode(batch.images, batch.mask, instructions=instructions)
-        out = tiny(batch.images, batch.mask, instructions=instructions)
+        encoded = tiny.encode(batch.images, batch.mask, instructions)
+        out = tiny(batch.images, batch.mask, instructions)
         shuffled = out.selection.indices.flip(1)
-        light = tiny.objectness_logits(batch.images, batch.mask, shuffled,
-                                       instructions=instructions)
+        light = tiny.selected_objectness(batch.images, batch.mask, instructions, shuffled)
     d = tiny.config.hidden_dim
     by_hand = torch.einsum("bsd,bkd->bsk", encoded.proposal_features, encoded.enhanced)
     by_hand = (by_hand / d ** 0.5 + tiny.encoder_class_head.bias).max(-1).values
@@ -322,8 +322,8 @@ def test_swin_t_builds_and_runs_at_a_small_size():
     images = torch.randn(1, 3, 128, 160)
     mask = torch.zeros(1, 128, 160, dtype=torch.bool)
     with torch.no_grad():
-        prompts = model.encode_text(["cat", "dog"])[None]
-        out = model(images, mask, prompts=prompts)
+        prompts = model.text_encoder(["cat", "dog"])[None]
+        out = model(images, mask, one_token_per_class(prompts))
     assert out.logits.shape == (6, 1, 50, 2)
     detector = sum(p.numel() for n, p in model.named_parameters()
                    if not n.startswith("text_encoder."))
@@ -332,7 +332,8 @@ def test_swin_t_builds_and_runs_at_a_small_size():
 
 def test_tiny_learns_a_fixed_batch():
     """Loss on one fixed batch of 2 shapes images halves within 150 steps."""
-    from data import generate_shapes, build_dataset
+    from data import build_dataset
+    from shapes import generate_shapes
     import tempfile
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
@@ -350,7 +351,7 @@ def test_tiny_learns_a_fixed_batch():
         torch.manual_seed(step)
         instructions, targets = sample_prompts(batch, dataset.class_names,
                                                torch.Generator().manual_seed(step))
-        out = model(batch.images, batch.mask, instructions=instructions, dn_targets=targets)
+        out = model(batch.images, batch.mask, instructions, dn_targets=targets)
         loss = criterion(out, targets, float(sum(len(t.labels) for t in targets)))["sft"]
         optimizer.zero_grad()
         loss.backward()
@@ -384,7 +385,8 @@ NEVER_SEEN = ["purple pentagon", "猫", "кошка", "собака", "Café au 
 def test_the_generated_vocabulary_composes_any_name_without_unk():
     """The tiny preset's tokenizer needs no file and spells every name, in any script: letters
     and letter pairs, then the UTF-8 bytes of what they do not cover (never [UNK])."""
-    from model import BertTextEncoder, WordPieceTokenizer, generated_vocabulary
+    from bert import WordPieceTokenizer, generated_vocabulary
+    from model import BertTextEncoder
 
     tokenizer = WordPieceTokenizer(generated_vocabulary(), byte_fallback=True)
     token = {index: name for name, index in tokenizer.ids.items()}
@@ -411,7 +413,7 @@ def test_the_tiny_preset_reads_names_as_a_caption_of_tokens(tiny):
     its tokens."""
     names = NEVER_SEEN[:2]
     with torch.no_grad():
-        prompts = tiny.text_prompts(names, batch=2)
+        prompts = expand_prompts(tiny.text_encoder.caption(names), 2)
     assert prompts.tokens.shape == (2, 1 + 7 + 1 + 3 + 1 + 1, tiny.config.hidden_dim)
     assert prompts.class_tokens[0, 0].tolist() == list(range(1, 8))
     assert prompts.class_tokens[0, 1, :3].tolist() == [9, 10, 11]
@@ -429,12 +431,12 @@ def test_a_caption_s_tokens_of_no_class_are_negatives_for_every_query(tiny):
 
     batch, instructions, targets = tiny_batch()
     names = NEVER_SEEN[:2]          # [CLS] pu ##rp ##le pe ##nt ##ag ##on . 3 bytes . [SEP]
-    prompts = tiny.text_prompts(names, batch=2)
+    prompts = expand_prompts(tiny.text_encoder.caption(names), 2)
     assert outside_tokens(prompts).nonzero()[:, 1].tolist() == [0, 8, 12, 13] * 2
     tiny.train()
     with torch.no_grad():
-        encoded = tiny.encode(batch.images, batch.mask, class_names=names)
-        output = tiny(batch.images, batch.mask, class_names=names)
+        encoded = tiny.encode(batch.images, batch.mask, names)
+        output = tiny(batch.images, batch.mask, names)
     layers = tiny.config.num_decoder_layers
     assert output.outside_logits.shape == (layers + 1, 2, tiny.config.num_queries, 4)
     selected = encoded.token_logits.gather(
@@ -447,9 +449,9 @@ def test_a_caption_s_tokens_of_no_class_are_negatives_for_every_query(tiny):
     torch.testing.assert_close(terms["outside_tokens"], expected)
     assert terms["sft"] > sum(v for k, v in terms.items() if k not in ("sft", "outside_tokens"))
     with torch.no_grad():
-        visual = tiny(batch.images, batch.mask, instructions=instructions)
+        visual = tiny(batch.images, batch.mask, instructions)
         tiny.eval()
-        evaluated = tiny(batch.images, batch.mask, class_names=names)
+        evaluated = tiny(batch.images, batch.mask, names)
     assert visual.outside_logits is None and "outside_tokens" not in criterion(visual, targets, 4)
     assert evaluated.outside_logits is None            # only training reads them
 
@@ -466,13 +468,13 @@ def test_visual_prompts_see_each_other_in_the_enhancer_and_padding_is_unseen(tin
     changed_padding[:, 3] = torch.randn(2, tiny.config.hidden_dim, generator=generator)
     tiny.eval()
     with torch.no_grad():
-        enhanced = [tiny.encode(batch.images, batch.mask, prompts=p, prompt_mask=padding).enhanced
+        enhanced = [tiny.encode(batch.images, batch.mask, one_token_per_class(p, padding)).enhanced
                     for p in (prompts, changed_real, changed_padding)]
     assert (enhanced[1][:, 0] - enhanced[0][:, 0]).abs().max() > 1e-3
     torch.testing.assert_close(enhanced[2][:, :3], enhanced[0][:, :3])
     nothing = torch.tensor([[False, False, False, True], [True] * 4])    # image 2: no prompt
     with torch.no_grad():
-        output = tiny(batch.images, batch.mask, prompts=prompts, prompt_mask=nothing)
+        output = tiny(batch.images, batch.mask, one_token_per_class(prompts, nothing))
     assert output.boxes.isfinite().all() and output.logits[:, 0, :, :3].isfinite().all()
     # Each token attends to every real prompt and to itself, so that no row of the enhancer's
     # attention is empty, not even where an image has no prompt (an empty row is NaN in some

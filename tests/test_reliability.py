@@ -457,7 +457,7 @@ def test_checkpoint_of_a_pretrained_backbone_run_needs_no_download(shapes, train
     """A --pretrained-backbone run's checkpoint holds every weight: evaluation and --init
     rebuild the detector without asking for ImageNet weights (which fails offline; the tiny
     backbone has none at all, so asking for them fails here too)."""
-    from model import model_from_checkpoint
+    from checkpoints import model_from_checkpoint
     checkpoint = torch.load(trained / "last.pt", weights_only=True)
     checkpoint["config"]["pretrained_backbone"] = True
     checkpoint["args"]["pretrained_backbone"] = True

@@ -1,7 +1,7 @@
-"""The project's BERT text side (model.py: WordPieceTokenizer, Bert, load_bert, BertTextEncoder)
-against Hugging Face's transformers, the oracle: token ids equal, token states within 1e-5
-with every weight perturbed, the folder loader and its errors, and no transformers import at
-run time."""
+"""The project's BERT text side (bert.py: WordPieceTokenizer, Bert, load_bert; model.py:
+BertTextEncoder) against Hugging Face's transformers, the oracle: token ids equal, token
+states within 1e-5 with every weight perturbed, the folder loader and its errors, and no
+transformers import at run time."""
 
 import json
 import re
@@ -15,8 +15,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy  # noqa: E402
 
-from model import (Bert, BertConfig, BertTextEncoder, WordPieceTokenizer,  # noqa: E402
-                   load_bert, load_bert_weights, read_tokenizer)
+from bert import (Bert, BertConfig, WordPieceTokenizer, load_bert, load_bert_weights,  # noqa: E402
+                  read_tokenizer)
+from model import BertTextEncoder  # noqa: E402
 
 # ids 0, 100, 101, 102 for [PAD], [UNK], [CLS], [SEP], as in bert-base-uncased's vocab.txt
 VOCAB = (["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -343,7 +344,7 @@ def test_the_detector_builds_without_transformers(bert_folder):
     program = ("import sys, torch, model\n"
                f"detector = model.build_model('tiny', text_encoder={str(folder)!r})\n"
                "assert isinstance(detector.text_encoder, model.BertTextEncoder)\n"
-               "prompts = detector.encode_text(['red circle', 'blue star', 'zebra'])\n"
+               "prompts = detector.text_encoder(['red circle', 'blue star', 'zebra'])\n"
                "assert prompts.shape == (3, detector.config.hidden_dim), prompts.shape\n"
                "loaded = sorted(name for name in sys.modules if 'transformers' in name)\n"
                "assert not loaded, loaded\n")

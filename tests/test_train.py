@@ -17,7 +17,7 @@ import train_grqo
 import train_sft
 from conftest import run_args
 from data import build_dataset
-from model import Detections, build_model, load_checkpoint
+from model import Detections, build_model, one_token_per_class
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_chunked_prompts_map_each_chunk_to_its_classes(shapes):
     with torch.no_grad():
         for start in (0, 2, 4):
             chunk = prompts[start:start + 2][None].expand(2, -1, -1)
-            output = model(batch.images, batch.mask, prompts=chunk)
+            output = model(batch.images, batch.mask, one_token_per_class(chunk))
             for b, found in enumerate(postprocess(output.logits[-1], output.boxes[-1], sizes, 50)):
                 labels = torch.tensor([classes[start + k] for k in found.labels.tolist()])
                 expected[b].append(Detections(found.boxes, found.scores, labels))
@@ -131,7 +131,8 @@ def test_chunked_prompts_map_each_chunk_to_its_classes(shapes):
         assert len(set(merged.labels.tolist())) > 2     # from more than one chunk of 2
     whole = evaluate.detect(model, batch, prompts, classes, chunk_size=5, top_k=50)
     with torch.no_grad():
-        output = model(batch.images, batch.mask, prompts=prompts[None].expand(2, -1, -1))
+        output = model(batch.images, batch.mask,
+                       one_token_per_class(prompts[None].expand(2, -1, -1)))
     once = postprocess(output.logits[-1], output.boxes[-1], sizes, 50)
     for b in range(2):
         torch.testing.assert_close(whole[b].scores, once[b].scores)
@@ -205,7 +206,7 @@ def test_grqo_objective_adds_its_term_with_the_reward_cost(shapes, monkeypatch):
     """The GRQO loss reaches the optimiser (L_all = L_SFT + L_contra + L_GRQO) and its
     rewards come from the --reward-cost matcher, one cost per decoder layer."""
     from data import collate, sample_prompts
-    from model import HungarianMatcher
+    from losses import HungarianMatcher
     torch.manual_seed(0)
     model = build_model("tiny", kernel="torch").train()
     dataset = build_dataset(str(shapes), "train", train=False, image_size=128, max_size=171)
