@@ -3,11 +3,14 @@ losses (METHOD section 3), in DETR's division: HungarianMatcher pairs queries wi
 truths, SetCriterion computes the losses of a DetectorOutput.
 """
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
-from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from model import DenoisingTargets, DetectorOutput, pad_targets
 
@@ -15,15 +18,32 @@ from model import DenoisingTargets, DetectorOutput, pad_targets
 
 # ------------------------------------------------------------------------------ matching
 
-def paired_giou(boxes: Tensor, gt_boxes: Tensor) -> Tensor:
-    """GIoU between every prediction and every ground truth of the same image:
-    boxes (B, Q, 4), gt_boxes (B, M, 4) cxcywh -> (B, Q, M)."""
-    batch, num_queries, num_gt = boxes.shape[0], boxes.shape[1], gt_boxes.shape[1]
-    all_pairs = generalized_box_iou(box_convert(boxes.flatten(0, 1), "cxcywh", "xyxy"),
-                                    box_convert(gt_boxes.flatten(0, 1), "cxcywh", "xyxy"))
-    all_pairs = all_pairs.view(batch, num_queries, batch, num_gt)
-    same_image = torch.arange(batch, device=boxes.device)
-    return all_pairs[same_image, :, same_image]
+def elementwise_giou(boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+    """GIoU of boxes and gt_boxes (..., 4) cxcywh, broadcast against each other -> (...):
+    torchvision.ops.generalized_box_iou's arithmetic, for pairs instead of every pair of two
+    lists, so that a batch of sets needs no (N, N) matrix. Pairwise within each image:
+    elementwise_giou(boxes[..., :, None, :], gt_boxes[..., None, :, :]) -> (..., Q, M)."""
+    first, second = box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")
+    area_first = (first[..., 2] - first[..., 0]) * (first[..., 3] - first[..., 1])
+    area_second = (second[..., 2] - second[..., 0]) * (second[..., 3] - second[..., 1])
+    overlap = (torch.min(first[..., 2:], second[..., 2:])
+               - torch.max(first[..., :2], second[..., :2])).clamp(min=0)
+    intersection = overlap[..., 0] * overlap[..., 1]
+    union = area_first + area_second - intersection
+    hull = (torch.max(first[..., 2:], second[..., 2:])
+            - torch.min(first[..., :2], second[..., :2])).clamp(min=0)
+    hull_area = hull[..., 0] * hull[..., 1]
+    return intersection / union - (hull_area - union) / hull_area
+
+
+class Matches(NamedTuple):
+    """The Hungarian assignment of several prediction sets at once: pair p matches query
+    `query[p]` of set `set[p]` and image `image[p]` with that image's ground truth
+    `ground_truth[p]`. Each (P,) long, on the predictions' device."""
+    set: Tensor
+    image: Tensor
+    query: Tensor
+    ground_truth: Tensor
 
 
 class HungarianMatcher:
@@ -39,6 +59,8 @@ class HungarianMatcher:
     - "binary_focal" (the release's, mmdetection's BinaryFocalLossCost): the sum over every
       real prompt k of y_jk pos(p_ik) + (1 - y_jk) neg(p_ik), y_j the one-hot of k_j, so a
       query is also charged for scoring the other prompts; bounded below by 0.
+    Every decoder layer and the encoder's proposals are matched in one go (`assign`): one
+    transfer of their costs to the host, the assignments, one transfer back.
     """
 
     CLASS_COSTS = ("focal", "binary_focal")
@@ -52,36 +74,42 @@ class HungarianMatcher:
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.class_cost = class_cost
 
-    def layer_costs(self, output: "DetectorOutput", targets: list
-                    ) -> tuple[list[Tensor], Tensor]:
-        """`pairwise_cost` of every decoder layer's predictions (METHOD (2), one per layer):
-        ([(B, Q, M)] * layers, gt_mask (B, M) True = a real ground truth)."""
-        costs, gt_mask = [], None
-        for logits, boxes in zip(output.logits, output.boxes):
-            cost, gt_mask = self.pairwise_cost(logits, boxes, targets, output.prompt_mask)
-            costs.append(cost)
-        return costs, gt_mask
+    def set_costs(self, output: "DetectorOutput", targets: list | tuple
+                  ) -> tuple[Tensor, Tensor]:
+        """`pairwise_cost` of every prediction set that SetCriterion matches: each decoder
+        layer's, then the encoder's proposals: (layers + 1, B, Q, M), and gt_mask (B, M)."""
+        return self.pairwise_cost(torch.cat([output.logits, output.encoder_logits[None]]),
+                                  torch.cat([output.boxes, output.encoder_boxes[None]]),
+                                  targets, output.prompt_mask)
 
-    def pairwise_cost(self, logits: Tensor, boxes: Tensor, targets: list,
+    def layer_costs(self, output: "DetectorOutput", targets: list) -> tuple[Tensor, Tensor]:
+        """`pairwise_cost` of every decoder layer's predictions at once (METHOD (2), one per
+        layer): cost (layers, B, Q, M) and gt_mask (B, M) True = a real ground truth."""
+        return self.pairwise_cost(output.logits, output.boxes, targets, output.prompt_mask)
+
+    def pairwise_cost(self, logits: Tensor, boxes: Tensor, targets: list | tuple,
                       prompt_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The full cost matrices, differentiable (GRQO builds its rewards from them).
 
-        logits (B, Q, K), boxes (B, Q, 4) cxcywh, targets with labels in 0..K-1;
-        prompt_mask (B, K) True = padding prompt, left out of the binary focal sum
-        (None = every prompt real; the focal cost never reads a padding prompt).
-        Returns cost (B, Q, M) and gt_mask (B, M), True = real ground truth; the cost of a
-        padding column is meaningless and must be masked by the caller.
+        logits (..., B, Q, K), boxes (..., B, Q, 4) cxcywh: one prediction set or several
+        stacked in front (decoder layers); targets with labels in 0..K-1, or them padded
+        already (pad_targets); prompt_mask (B, K) True = padding prompt, left out of the
+        binary focal sum (None = every prompt real; the focal cost never reads a padding
+        prompt). Returns cost (..., B, Q, M) and gt_mask (B, M), True = real ground truth;
+        the cost of a padding column is meaningless and must be masked by the caller.
         """
-        labels, gt_boxes, gt_mask = pad_targets(targets, logits.device)
-        batch, num_queries = logits.shape[:2]
+        labels, gt_boxes, gt_mask = (targets if isinstance(targets, tuple)
+                                     else pad_targets(targets, logits.device))
+        num_queries = logits.shape[-2]
         if labels.shape[1] == 0:
-            return logits.new_zeros(batch, num_queries, 0), gt_mask
-        probability = logits.float().sigmoid()                                   # (B, Q, K)
+            return logits.new_zeros(*logits.shape[:-1], 0), gt_mask
+        probability = logits.float().sigmoid()                              # (..., B, Q, K)
         alpha, gamma = self.focal_alpha, self.focal_gamma
         positive = alpha * (1 - probability) ** gamma * -(probability + 1e-8).log()
         negative = (1 - alpha) * probability ** gamma * -(1 - probability + 1e-8).log()
-        prompt_of_gt = labels[:, None, :].expand(-1, num_queries, -1)            # (B, Q, M)
-        positive_j, negative_j = positive.gather(2, prompt_of_gt), negative.gather(2, prompt_of_gt)
+        prompt_of_gt = labels[:, None, :].expand(*logits.shape[:-2], num_queries, -1)
+        positive_j = positive.gather(-1, prompt_of_gt)                      # (..., B, Q, M)
+        negative_j = negative.gather(-1, prompt_of_gt)
         if self.class_cost == "focal":
             class_cost = positive_j - negative_j
         else:
@@ -89,26 +117,38 @@ class HungarianMatcher:
             # a sum instead of a (B, Q, K) x (B, K, M) product that autocast would run in bf16.
             if prompt_mask is not None:
                 negative = negative.masked_fill(prompt_mask[:, None, :], 0.0)
-            class_cost = positive_j + negative.sum(2, keepdim=True) - negative_j
+            class_cost = positive_j + negative.sum(-1, keepdim=True) - negative_j
         boxes = boxes.float()
-        l1 = torch.cdist(boxes, gt_boxes, p=1)
-        cost = (self.class_weight * class_cost + self.l1_weight * l1
-                - self.giou_weight * paired_giou(boxes, gt_boxes))
+        l1 = torch.cdist(boxes, gt_boxes.expand(*boxes.shape[:-2], -1, -1), p=1)
+        giou = elementwise_giou(boxes[..., :, None, :], gt_boxes[:, None, :, :])
+        cost = self.class_weight * class_cost + self.l1_weight * l1 - self.giou_weight * giou
         return cost, gt_mask
+
+    @staticmethod
+    def assign(cost: Tensor, counts: list[int]) -> Matches:
+        """The Hungarian assignment (scipy's linear_sum_assignment) of every set and image of
+        cost (S, B, Q, M); counts: each image's number of ground truths (the rest of its
+        columns are padding). Reads the costs detached, in one transfer to the host."""
+        host = cost.detach().float().cpu().numpy()
+        found = [(s, b, *linear_sum_assignment(host[s, b, :, :count]))
+                 for s in range(host.shape[0]) for b, count in enumerate(counts) if count]
+        if not found:
+            empty = torch.zeros(0, dtype=torch.long, device=cost.device)
+            return Matches(empty, empty, empty, empty)
+        columns = [np.concatenate([np.full(len(rows), s), np.full(len(rows), b), rows, cols])
+                   .reshape(4, -1) for s, b, rows, cols in found]
+        index = torch.from_numpy(np.concatenate(columns, axis=1).astype(np.int64))
+        return Matches(*index.to(cost.device, non_blocking=True))
 
     @torch.no_grad()
     def __call__(self, logits: Tensor, boxes: Tensor, targets: list,
                  prompt_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
-        """Per image (query indices, ground-truth indices), each (min(Q, M),) long.
-        Arguments as for `pairwise_cost`."""
-        cost, gt_mask = self.pairwise_cost(logits, boxes, targets, prompt_mask)
-        cost = cost.cpu()
-        matches = []
-        for b, count in enumerate(gt_mask.sum(1).tolist()):
-            rows, cols = linear_sum_assignment(cost[b, :, :count].numpy())
-            matches.append((torch.as_tensor(rows, dtype=torch.long, device=logits.device),
-                            torch.as_tensor(cols, dtype=torch.long, device=logits.device)))
-        return matches
+        """Per image (query indices, ground-truth indices), each (min(Q, M),) long, for one
+        prediction set. Arguments as for `pairwise_cost`."""
+        cost, _ = self.pairwise_cost(logits, boxes, targets, prompt_mask)
+        matches = self.assign(cost[None], [len(target.labels) for target in targets])
+        return [(matches.query[matches.image == b], matches.ground_truth[matches.image == b])
+                for b in range(len(targets))]
 
 
 # ---------------------------------------------------------------------------- SFT losses
@@ -134,61 +174,70 @@ class SetCriterion:
         loss = sigmoid_focal_loss(logits, target, self.focal_alpha, self.focal_gamma, "none")
         return (loss * keep).sum() / num_boxes
 
-    def box_losses(self, boxes: Tensor, gt_boxes: Tensor, num_boxes: float) -> Tensor:
-        """boxes, gt_boxes (P, 4) cxcywh, P matched pairs -> weighted L1 + GIoU."""
-        l1 = (boxes - gt_boxes).abs().sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
-                                              box_convert(gt_boxes, "cxcywh", "xyxy")))
-        return self.l1_weight * l1 + self.giou_weight * (1 - giou).sum() / num_boxes
+    def box_losses(self, boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+        """boxes, gt_boxes (..., 4) cxcywh, paired -> weighted L1 + (1 - GIoU) of each (...)."""
+        l1 = (boxes - gt_boxes).abs().sum(-1)
+        return self.l1_weight * l1 + self.giou_weight * (1 - elementwise_giou(boxes, gt_boxes))
 
-    def set_loss(self, logits: Tensor, boxes: Tensor, targets: list, prompt_mask: Tensor,
-                 num_boxes: float) -> Tensor:
-        """Hungarian-matched loss of one prediction set (METHOD section 3, matched with the
-        cost of METHOD (1)): logits (B, Q, K), boxes (B, Q, 4) cxcywh; prompt_mask (B, K)
-        True = padding prompt (no loss)."""
-        matches = self.matcher(logits, boxes, targets, prompt_mask)
+    def set_losses(self, logits: Tensor, boxes: Tensor, padded: tuple, matches: Matches,
+                   prompt_mask: Tensor, num_boxes: float) -> Tensor:
+        """The Hungarian-matched loss of S prediction sets at once (METHOD section 3, matched
+        with the cost of METHOD (1)): logits (S, B, Q, K), boxes (S, B, Q, 4) cxcywh, padded
+        targets (pad_targets), their assignment; prompt_mask (B, K) True = padding prompt (no
+        loss). Returns each set's loss (S,)."""
+        labels, gt_boxes, _ = padded
         target_classes = torch.zeros_like(logits)
-        matched_boxes, gt_boxes = [], []
-        for b, (rows, cols) in enumerate(matches):
-            target_classes[b, rows, targets[b].labels[cols]] = 1
-            matched_boxes.append(boxes[b, rows])
-            gt_boxes.append(targets[b].boxes[cols])
-        keep = (~prompt_mask)[:, None, :].float()
-        loss = self.class_weight * self.focal(logits, target_classes, keep, num_boxes)
-        return loss + self.box_losses(torch.cat(matched_boxes), torch.cat(gt_boxes), num_boxes)
+        target_classes[matches.set, matches.image, matches.query,
+                       labels[matches.image, matches.ground_truth]] = 1
+        focal = sigmoid_focal_loss(logits, target_classes, self.focal_alpha, self.focal_gamma,
+                                   "none")
+        keep = (~prompt_mask)[:, None, :].to(focal.dtype)
+        per_set = self.class_weight * (focal * keep).sum((1, 2, 3))
+        pairs = self.box_losses(boxes[matches.set, matches.image, matches.query],
+                                gt_boxes[matches.image, matches.ground_truth])
+        return (per_set + torch.zeros_like(per_set).index_add(0, matches.set, pairs)) / num_boxes
 
     def denoising_loss(self, logits: Tensor, boxes: Tensor, dn: DenoisingTargets,
                        prompt_mask: Tensor, num_boxes: float) -> Tensor:
         """DN queries know their targets (no matching): positives recover class and box,
-        negatives must predict no class. logits (B, N_dn, K), boxes (B, N_dn, 4) cxcywh; the
-        focal and box losses of the matched sets, normalised per group."""
+        negatives must predict no class. logits (..., B, N_dn, K), boxes (..., B, N_dn, 4)
+        cxcywh, every decoder layer at once; the focal and box losses of the matched sets,
+        normalised per group. Masks select, so nothing waits for the values."""
         normaliser = num_boxes * dn.num_groups
-        positive = dn.positive & dn.valid
-        target_classes = torch.zeros_like(logits)
-        target_classes[positive] = F.one_hot(dn.labels[positive],
-                                             logits.shape[-1]).to(logits.dtype)
-        keep = (dn.valid[..., None] & ~prompt_mask[:, None, :]).float()
-        loss = self.class_weight * self.focal(logits, target_classes, keep, normaliser)
-        return loss + self.box_losses(boxes[positive], dn.boxes[positive], normaliser)
+        positive = dn.positive & dn.valid                                       # (B, N_dn)
+        prompts = torch.arange(logits.shape[-1], device=logits.device)
+        target_classes = ((dn.labels[..., None] == prompts) & positive[..., None]).to(logits.dtype)
+        keep = (dn.valid[..., None] & ~prompt_mask[:, None, :]).to(logits.dtype)
+        loss = self.class_weight * self.focal(logits, target_classes.expand_as(logits), keep,
+                                              normaliser)
+        pairs = self.box_losses(boxes, dn.boxes.expand_as(boxes))              # (..., B, N_dn)
+        return loss + (pairs * positive.to(pairs.dtype)).sum() / normaliser
 
     def contrastive_loss(self, logits: Tensor) -> Tensor:
         """Symmetric InfoNCE between class-mean visual and text embeddings (METHOD 2.4)."""
         classes = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, classes) + F.cross_entropy(logits.T, classes)) / 2
 
-    def __call__(self, output: DetectorOutput, targets: list,
-                 num_boxes: float) -> dict[str, Tensor]:
+    def __call__(self, output: DetectorOutput, targets: list, num_boxes: float,
+                 costs: Tensor | None = None) -> dict[str, Tensor]:
         """targets: per image `boxes` (M, 4) cxcywh and `labels` (M,) prompt indices.
-        Returns named loss terms (each already weighted) and their sum under "sft"."""
+        Returns named loss terms (each already weighted) and their sum under "sft". costs:
+        the matching costs of every decoder layer and then the encoder's proposals
+        (layers + 1, B, Q, M) when the caller has them (GRQO's rewards read the same, with
+        gradient); else computed here, without."""
         mask = output.prompt_mask
-        terms = {"decoder": sum(self.set_loss(logits, boxes, targets, mask, num_boxes)
-                                for logits, boxes in zip(output.logits, output.boxes)),
-                 "encoder": self.set_loss(output.encoder_logits, output.encoder_boxes, targets,
-                                          mask, num_boxes)}
+        logits = torch.cat([output.logits, output.encoder_logits[None]])      # (L + 1, B, Q, K)
+        boxes = torch.cat([output.boxes, output.encoder_boxes[None]])
+        padded = pad_targets(targets, logits.device)
+        if costs is None:
+            with torch.no_grad():
+                costs, _ = self.matcher.pairwise_cost(logits, boxes, padded, mask)   # set_costs
+        matches = self.matcher.assign(costs, [len(target.labels) for target in targets])
+        per_set = self.set_losses(logits, boxes.float(), padded, matches, mask, num_boxes)
+        terms = {"decoder": per_set[:-1].sum(), "encoder": per_set[-1]}
         if output.dn_targets is not None:
-            terms["denoising"] = sum(
-                self.denoising_loss(logits, boxes, output.dn_targets, mask, num_boxes)
-                for logits, boxes in zip(output.dn_logits, output.dn_boxes))
+            terms["denoising"] = self.denoising_loss(output.dn_logits, output.dn_boxes,
+                                                     output.dn_targets, mask, num_boxes)
         if output.outside_logits is not None:
             # Grounding DINO's per-token loss: a caption's [CLS], [SEP] and "." are negatives
             # for every matching and encoder query (no class score reads them, but

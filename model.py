@@ -188,7 +188,7 @@ def attend(attention: nn.MultiheadAttention, query: Tensor, key: Tensor, value: 
         return attention(query, key, value, attn_mask=attn_mask, need_weights=False)[0]
     all_padding = key_padding_mask.all(dim=1)                          # (B,)
     safe_mask = key_padding_mask.clone()
-    safe_mask[all_padding, 0] = False
+    safe_mask[:, 0] &= ~all_padding               # a mask, not an index: nothing waits
     out = attention(query, key, value, key_padding_mask=safe_mask, attn_mask=attn_mask,
                     need_weights=False)[0]
     return out * (~all_padding)[:, None, None].to(out.dtype)
@@ -658,8 +658,8 @@ def contrastive_logits(visual: Tensor, labels: Tensor, text: Tensor, logit_scale
     """
     num_classes = text.shape[0]
     sums = visual.new_zeros(num_classes, visual.shape[1]).index_add(0, labels, visual)
-    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1)
-    means = F.normalize(sums / counts[:, None].to(sums.dtype), dim=-1)
+    counts = sums.new_zeros(num_classes).index_add(0, labels, sums.new_ones(len(labels)))
+    means = F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)
     return logit_scale.exp().clamp(max=100) * means @ F.normalize(text, dim=-1).T
 
 
@@ -1183,9 +1183,15 @@ class DINOR1(nn.Module):
 
     def selected_objectness(self, images: Tensor, mask: Tensor, prompts: Prompting,
                             indices: Tensor) -> Tensor:
-        """The light path for the GRQO reference model (no decoder): the objectness logits
-        s (B, Q) of the given token indices (B, Q), e.g. the ones the policy selected."""
-        return self.encode(images, mask, prompts).token_objectness.gather(1, indices)
+        """The light path for the GRQO reference model: the objectness logits s (B, Q) of the
+        given token indices (B, Q), e.g. the ones the policy selected. `encode` up to the
+        enhancer, then the scores of those tokens only; no decoder."""
+        features = self.backbone(images, mask)
+        tokens, _ = self.prompt_tokens(features, prompts)
+        memory, enhanced = self.enhance(features, tokens.tokens, tokens.phrases)
+        _, valid = token_anchors(features)
+        return self.score_tokens(gather_tokens(memory, indices), valid.gather(1, indices),
+                                 enhanced, tokens.phrases.padding)[2]
 
     def forward(self, images: Tensor, mask: Tensor, prompts: Prompting,
                 dn_targets: list["Target"] | None = None,

@@ -57,11 +57,18 @@ class GRQOObjective(SFTObjective):
             return super().__call__(network, batch, prompts, targets, num_boxes, generator)
         output = network(batch.images, batch.mask, detector_prompts(prompts),
                          dn_targets=targets, generator=generator)
-        terms = self.criterion(output, targets, num_boxes)
+        if vars(self.reward_matcher) == vars(self.criterion.matcher):
+            # One cost for both (the default): with gradient for the rewards, and the
+            # matching reads it detached.
+            costs, gt_mask = self.criterion.matcher.set_costs(output, targets)
+            terms = self.criterion(output, targets, num_boxes, costs=costs)
+            costs = costs[:-1]                                  # the decoder layers'
+        else:
+            terms = self.criterion(output, targets, num_boxes)
+            costs, gt_mask = self.reward_matcher.layer_costs(output, targets)
         with torch.no_grad():
             reference_logits = self.reference.selected_objectness(
                 batch.images, batch.mask, detector_prompts(prompts), output.selection.indices)
-        costs, gt_mask = self.reward_matcher.layer_costs(output, targets)
         loss_grqo, stats = grqo_loss(costs, output.selection.objectness_logits,
                                      reference_logits, gt_mask=gt_mask, **self.settings)
         terms["grqo"] = loss_grqo

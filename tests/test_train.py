@@ -204,7 +204,7 @@ def test_an_anchored_reference_is_held_from_the_first_grqo_epoch_and_through_a_r
 
 def test_grqo_objective_adds_its_term_with_the_reward_cost(shapes, monkeypatch):
     """The GRQO loss reaches the optimiser (L_all = L_SFT + L_contra + L_GRQO) and its
-    rewards come from the --reward-cost matcher, one cost per decoder layer."""
+    rewards come from the --reward-cost matcher, one cost per decoder layer (in one call)."""
     from data import collate, sample_prompts
     from losses import HungarianMatcher
     torch.manual_seed(0)
@@ -219,13 +219,14 @@ def test_grqo_objective_adds_its_term_with_the_reward_cost(shapes, monkeypatch):
     calls = []
     reward_cost = HungarianMatcher.pairwise_cost
 
-    def counted(matcher, *args, **kwargs):
-        calls.append(matcher.class_cost)
-        return reward_cost(matcher, *args, **kwargs)
+    def counted(matcher, logits, *args, **kwargs):
+        calls.append((matcher.class_cost, logits.shape[:-3]))
+        return reward_cost(matcher, logits, *args, **kwargs)
 
     monkeypatch.setattr(HungarianMatcher, "pairwise_cost", counted)
     loss, terms = objective(model, batch, instructions, targets, 4.0)
-    assert calls.count("binary_focal") == model.config.num_decoder_layers
+    layers = model.config.num_decoder_layers
+    assert calls == [("focal", (layers + 1,)), ("binary_focal", (layers,))]
     assert terms["grqo"].abs() > 0
     torch.testing.assert_close(loss, terms["sft"] + terms["grqo"])
 
@@ -388,3 +389,44 @@ def test_freeze_keeps_the_backbone_and_the_text_encoder_as_they_start(shapes, tm
     assert len(optimizer["state"]) == trainable < len(list(tuned.parameters()))
     assert not tuned.backbone.body.training and not tuned.text_encoder.training
     assert tuned.decoder.training
+
+
+@pytest.mark.parametrize("form", train_grqo.FORMS)
+def test_grqo_shares_the_matching_costs_without_changing_its_gradients(shapes, form):
+    """With --reward-cost equal to --match-cost (the default) the costs are computed once,
+    with gradient, for the matching and the rewards; the gradients equal those of the costs
+    computed apart (the matching's without gradient, the rewards' per decoder layer), in
+    every --grqo-form."""
+    from data import collate, sample_prompts
+    torch.manual_seed(0)
+    model = build_model("tiny", kernel="torch").train()
+    dataset = build_dataset(str(shapes), "train", train=False, image_size=128, max_size=171)
+    batch = collate([dataset[0], dataset[1]])
+    instructions, targets = sample_prompts(batch, dataset.class_names,
+                                           torch.Generator().manual_seed(0))
+    argv = ["--sft-epochs", "0", "--grqo-form", form, "--alpha", "1"]
+    objective = train_grqo.GRQOObjective(train_grqo.parse_grqo_args(argv))
+    objective.start_epoch(model, 0)
+
+    def gradients(loss: torch.Tensor) -> dict:
+        model.zero_grad()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()
+                if p.grad is not None}
+
+    shared, _ = objective(model, batch, instructions, targets, 4.0,
+                          torch.Generator().manual_seed(1))
+    shared = gradients(shared)
+    output = model(batch.images, batch.mask, instructions, dn_targets=targets,
+                   generator=torch.Generator().manual_seed(1))
+    sft = objective.criterion(output, targets, 4.0)["sft"]
+    costs, gt_mask = objective.reward_matcher.layer_costs(output, targets)
+    with torch.no_grad():
+        reference = objective.reference.selected_objectness(
+            batch.images, batch.mask, instructions, output.selection.indices)
+    grqo, _ = train_grqo.grqo_loss(costs, output.selection.objectness_logits, reference,
+                                   gt_mask=gt_mask, **objective.settings)
+    apart = gradients(sft + grqo)
+    assert shared.keys() == apart.keys()
+    for name in shared:
+        torch.testing.assert_close(shared[name], apart[name], rtol=1e-4, atol=1e-7, msg=name)
