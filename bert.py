@@ -21,8 +21,11 @@ from torch import Tensor, nn
 
 # ----------------------------------------------------------------------------- tokenizer
 
+# The CJK ideographs that BERT's normaliser spaces out, as the `tokenizers` library (behind
+# transformers 5's BertTokenizer) lists them: it starts the sixth range at 0x2B920 where the
+# older Python tokenizer started at 0x2B820.
 CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-              (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+              (0x2B740, 0x2B81F), (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 
 
 def clean_character(char: str) -> str:
@@ -110,7 +113,8 @@ class WordPieceTokenizer:
             text = "".join(f" {char} " if is_cjk(char) else char for char in text)
         words = []
         for word in text.split():
-            word = word.lower() if self.lowercase else word
+            if self.lowercase:      # by character, as `tokenizers` does: "ΟΔΟΣ" -> "οδοσ"
+                word = "".join(char.lower() for char in word)
             if self.strip_accents:
                 word = "".join(c for c in unicodedata.normalize("NFD", word)
                                if unicodedata.category(c) != "Mn")
@@ -152,11 +156,19 @@ def read_vocab_txt(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").removesuffix("\n").split("\n")
 
 
+def read_json_file(path: Path) -> dict:
+    """A JSON file's content; ValueError naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
 def read_tokenizer_json(path: Path) -> tuple[list[str], dict]:
     """tokenizer.json, as transformers 5 saves a BERT tokenizer -> its tokens by id and its
     normaliser's settings (WordPieceTokenizer's keywords). ValueError naming the file when it
     is not BERT's WordPiece, which is all that WordPieceTokenizer computes."""
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec = read_json_file(path)
     model, normalizer = spec.get("model") or {}, spec.get("normalizer") or {}
     if model.get("type") != "WordPiece" or model.get("continuing_subword_prefix") != "##":
         raise ValueError(f"{path} holds a {model.get('type')!r} tokenizer, not WordPiece with "
@@ -182,17 +194,17 @@ def tokenizer_casing(folder: Path) -> dict:
     do_lower_case, strip_accents, tokenize_chinese_chars) as WordPieceTokenizer's keywords;
     {} (bert-base-uncased's) without the file."""
     path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config = read_json_file(path) if path.is_file() else {}
     names = dict(do_lower_case="lowercase", strip_accents="strip_accents",
                  tokenize_chinese_chars="chinese_characters")
     return {ours: config[theirs] for theirs, ours in names.items() if theirs in config}
 
 
 def read_tokenizer(folder: Path) -> WordPieceTokenizer:
-    """A Hugging Face folder's WordPiece tokenizer, in either form: the hub's vocab.txt (with
-    its tokenizer_config.json's casing, when there is one), or the tokenizer.json that
-    transformers 5 saves instead (the vocabulary and the normaliser's settings). Where both
-    are there they must hold the same vocabulary. FileNotFoundError or ValueError naming the
+    """A Hugging Face folder's WordPiece tokenizer, in either form: the hub's vocab.txt, or the
+    tokenizer.json that transformers 5 saves instead (the vocabulary and the normaliser's
+    settings); a tokenizer_config.json's casing applies to either, over tokenizer.json's, as
+    in transformers. Where both vocabularies are there they must be the same. FileNotFoundError or ValueError naming the
     files otherwise."""
     vocab_txt, tokenizer_json = folder / "vocab.txt", folder / "tokenizer.json"
     if not vocab_txt.is_file() and not tokenizer_json.is_file():
@@ -203,6 +215,7 @@ def read_tokenizer(folder: Path) -> WordPieceTokenizer:
         tokens, settings, source = read_vocab_txt(vocab_txt), tokenizer_casing(folder), vocab_txt
     else:
         (tokens, settings), source = read_tokenizer_json(tokenizer_json), tokenizer_json
+        settings.update(tokenizer_casing(folder))      # transformers lets these override it
         listed = read_vocab_txt(vocab_txt) if vocab_txt.is_file() else tokens
         if token_ids(listed) != token_ids(tokens):
             raise ValueError(f"{vocab_txt} and {tokenizer_json} hold different vocabularies: "

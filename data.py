@@ -1,5 +1,5 @@
-"""Data for DINO-R1: COCO-format datasets, transforms, batching, prompt sampling, and the
-the embedded synthetic "shapes" dataset's place in them (shapes.py draws it).
+"""Data for DINO-R1: COCO-format datasets, transforms, batching and prompt sampling; the
+embedded synthetic "shapes" dataset is one of the datasets (shapes.py draws it).
 
 The data contract every other file relies on:
 
@@ -41,7 +41,7 @@ from pycocotools.coco import COCO
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from shapes import DOMAINS, DOMAINS_ROOT, SHAPES_ROOT, ensure_domain, ensure_shapes
+from shapes import DOMAINS, DOMAINS_ROOT, SHAPES_ROOT, domain_named, ensure_domain, ensure_shapes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,9 +114,9 @@ class VisualInstructions:
     All N exemplars are encoded (the contrastive loss uses them all); `selected` picks the
     K that become the prompts shown to every image in the batch, one per class.
 
-    boxes:       FloatTensor (N, 4), cxcywh of each exemplar, normalised to its own image.
-    image_index: LongTensor (N,), which image of the batch each exemplar is on.
-    labels:      LongTensor (N,), prompt index (0..K-1) of each exemplar's class.
+    boxes:       FloatTensor (E, 4), cxcywh of each exemplar, normalised to its own image.
+    image_index: LongTensor (E,), which image of the batch each exemplar is on.
+    labels:      LongTensor (E,), prompt index (0..K-1) of each exemplar's class.
     selected:    LongTensor (K,), the exemplar used as prompt k.
     class_names: K names, for the text side of the contrastive loss.
     """
@@ -150,10 +150,12 @@ def resolve_data_root(data: str) -> Path:
     if data == "shapes":
         return ensure_shapes(SHAPES_ROOT)
     if data.startswith("shapes:"):
+        name = data.split(":", 1)[1]
         try:
-            return ensure_domain(data.split(":", 1)[1])
+            domain_named(name)
         except ValueError as error:         # an unknown domain
             raise DataError(str(error)) from error
+        return ensure_domain(name)
     if data == "coco":
         return COCO_ROOT
     return Path(data)
@@ -695,7 +697,7 @@ def sample_text_prompts(batch: Batch, class_names: list[str], candidates: list[i
 
 
 def instance_image_index(targets: list[Target]) -> torch.Tensor:
-    """LongTensor (N,) on the CPU: the batch position of each instance of
+    """LongTensor (E,) on the CPU: the batch position of each instance of
     torch.cat([t.boxes for t in targets])."""
     counts = torch.tensor([len(target.labels) for target in targets], dtype=torch.long)
     return torch.repeat_interleave(torch.arange(len(targets)), counts)
@@ -844,9 +846,10 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(DOMAINS))
     elif args.command == "shapes" and args.domain:
         try:
-            root = ensure_domain(args.domain, args.out, args.seed, args.image_size)
+            domain_named(args.domain)
         except ValueError as error:
             raise SystemExit(str(error)) from error
+        root = ensure_domain(args.domain, args.out, args.seed, args.image_size)
         print(f"shapes domain {args.domain} ready in {root}")
     elif args.command == "shapes":
         root = ensure_shapes(args.out or SHAPES_ROOT, args.seed, args.image_size,

@@ -48,7 +48,7 @@ beta = 0.04, an effective weight of 6 x 0.04 = 0.24. Here the KL term is counted
 whatever the number of decoder layers.
 
 Shapes: B images, Q queries per image, M ground-truth slots per image (padding allowed,
-marked by gt_mask), L decoder layers.
+marked by gt_mask), one cost per decoder layer.
 
 Example, inside a DETR-style loss (matcher.pairwise_cost returns the differentiable (B, Q, M)
 cost of every prediction against every ground truth, and gt_mask (B, M)):
@@ -61,7 +61,8 @@ cost of every prediction against every ground truth, and gt_mask (B, M)):
         costs.append(cost)
     with torch.no_grad():
         # your reference model's objectness logits at the tokens the policy selected
-        ref_logits = reference_model.selected_objectness(images, prompts, selected_token_indices)
+        ref_logits = reference_model.selected_objectness(images, mask, prompts,
+                                                         selected_token_indices)
     loss_grqo, stats = grqo_loss(costs, objectness_logits, ref_logits, gt_mask=gt_mask)
     loss = loss_sft + loss_grqo
 """
@@ -145,7 +146,7 @@ def grqo_loss(costs, objectness_logits: Tensor, ref_objectness_logits: Tensor, *
     """METHOD (6): L_GRQO = sum_l mean_{b,i}[-alpha m_i A_i^l] + beta mean_{b,i} KL_i.
 
     costs: one (B, Q, M) pairwise matching cost per decoder layer, a list or a stacked
-        (L, B, Q, M) tensor (a single (B, Q, M) tensor counts as one layer); queries in
+        (layers, B, Q, M) tensor (a single (B, Q, M) tensor counts as one layer); queries in
         descending selection-score order.
     objectness_logits (B, Q): the policy's selection logits s_i of the same queries.
     ref_objectness_logits (B, Q): the reference model's logits at the same tokens (no grad).

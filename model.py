@@ -18,13 +18,14 @@ them, and the detector that joins them last:
 BERT and its tokenizer are in bert.py, the Hungarian matcher and the SFT losses in losses.py,
 checkpoints and Grounding DINO's weights in checkpoints.py.
 
-Letters, the same in every docstring of the project:
+Letters, the same in the docstrings of every file but deform_attn/ (which has its own):
     B  images in a batch               S  image tokens, all levels together
     L  feature levels                  d  the width (hidden_dim)
     T  prompt tokens                   K  prompts, one per class
     W  the most tokens of one class    E  exemplar boxes (visual prompts before selection)
     Q  selected (matching) queries     N  decoder queries: N_dn denoising ones, then the Q
-    M  ground-truth boxes of an image
+    M  ground-truth boxes of an image  R  an attention's queries (S, N or exemplar slots)
+    h  attention heads                 D  detections
 Conventions:
 - boxes are normalised (cx, cy, w, h) in [0, 1], relative to the *unpadded* image;
 - masks are True where something is padding (image pixels, tokens or prompts);
@@ -380,9 +381,9 @@ class MultiScaleDeformableAttention(nn.Module):
 
     def forward(self, query: Tensor, reference: Tensor, features: ImageFeatures,
                 value: Tensor | None = None) -> Tensor:
-        """query (B, Q, d); reference (B, Q, L, 2) points or (B, Q, L, 4) boxes, normalised
+        """query (B, R, d); reference (B, R, L, 2) points or (B, R, L, 4) boxes, normalised
         to the padded feature map (already multiplied by valid ratios); value (B, S, d)
-        defaults to features.tokens. Returns (B, Q, d)."""
+        defaults to features.tokens. Returns (B, R, d)."""
         value = features.tokens if value is None else value
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value).masked_fill(features.padding_mask[..., None], 0)
@@ -403,8 +404,8 @@ class MultiScaleDeformableAttention(nn.Module):
 
 
 def scale_reference(boxes: Tensor, valid_ratios: Tensor) -> Tensor:
-    """Boxes or points normalised to the unpadded image (B, Q, 4|2) -> per level, normalised
-    to each padded feature map: (B, Q, L, 4|2)."""
+    """Boxes or points normalised to the unpadded image (B, R, 4|2) -> per level, normalised
+    to each padded feature map: (B, R, L, 4|2)."""
     ratios = valid_ratios if boxes.shape[-1] == 2 else torch.cat([valid_ratios] * 2, -1)
     return boxes[:, :, None] * ratios[:, None]
 
@@ -688,14 +689,14 @@ class BiAttention(nn.Module):
             return rearrange(x, "b n (h c) -> b h n c", h=self.num_heads)
 
         query, key = heads(self.image_query(image)), heads(self.prompt_key(prompts))
-        logits = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5      # (B, h, S, K)
+        logits = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5      # (B, h, S, T)
         # Logits within 50000 of their maximum, as GD keeps them for half precision (GD
         # shifts by the global maximum and clamps twice; the softmax is the same).
         logits = (logits - logits.amax((-2, -1), keepdim=True)).clamp(min=-50000)
         lowest = torch.finfo(logits.dtype).min
         to_prompts = logits.masked_fill(prompt_padding[:, None, None, :], lowest).softmax(-1)
         to_image = logits.transpose(-1, -2).masked_fill(
-            image_padding[:, None, None, :], lowest).softmax(-1)                # (B, h, K, S)
+            image_padding[:, None, None, :], lowest).softmax(-1)                # (B, h, T, S)
         image_read = to_prompts @ heads(self.prompt_value(prompts))
         prompts_read = to_image @ heads(self.image_value(image))
         image_read = image_read * (~prompt_padding.all(1))[:, None, None, None].to(image_read.dtype)
@@ -739,7 +740,7 @@ class EnhancerLayer(nn.Module):
             prompts = prompts + self.fusion_drop_path(self.prompt_scale * prompts_read)
             positioned = prompts + phrases.pos.to(prompts.dtype)
             elsewhere = ~phrases.attention.repeat_interleave(
-                self.prompt_self_attention.num_heads, dim=0)      # (B * heads, K, K)
+                self.prompt_self_attention.num_heads, dim=0)      # (B * heads, T, T)
             prompts = self.prompt_norm(prompts + attend(
                 self.prompt_self_attention, positioned, positioned, prompts, attn_mask=elsewhere))
             prompts = self.prompt_ffn(prompts)
@@ -817,7 +818,7 @@ def class_logits(token_logits: Tensor, prompts: PromptTokens) -> Tensor:
     if prompts.class_tokens is None:
         return token_logits
     num_classes, width = prompts.class_tokens.shape[1:]
-    index = prompts.class_tokens.flatten(1)[:, None, :]                      # (B, 1, K * L)
+    index = prompts.class_tokens.flatten(1)[:, None, :]                      # (B, 1, K * W)
     gathered = token_logits.gather(-1, index.expand(*token_logits.shape[:-1], -1))
     gathered = gathered.unflatten(-1, (num_classes, width))                 # (..., B, Q, K, W)
     padding = prompts.class_token_padding[:, None]                          # (B, 1, K, W)
@@ -1107,8 +1108,12 @@ class DINOR1(nn.Module):
         batch = features.tokens.shape[0]
         if isinstance(prompts, PromptTokens):
             return prompts, None
-        if isinstance(prompts, list):
+        if isinstance(prompts, list) and all(isinstance(name, str) for name in prompts):
             return expand_prompts(self.text_encoder.caption(prompts), batch), None
+        if not all(hasattr(prompts, field) for field in ("image_index", "boxes", "selected")):
+            raise TypeError(f"prompts must be PromptTokens (see one_token_per_class for class "
+                            f"vectors), VisualInstructions or a list of class names, not "
+                            f"{type(prompts).__name__}")
         embeddings = self.prompt_encoder(features, prompts.image_index, prompts.boxes)
         chosen = embeddings[prompts.selected].expand(batch, -1, -1)
         return one_token_per_class(chosen), embeddings
@@ -1193,7 +1198,7 @@ class DINOR1(nn.Module):
         return self.score_tokens(gather_tokens(memory, indices), valid.gather(1, indices),
                                  enhanced, tokens.phrases.padding)[2]
 
-    def forward(self, images: Tensor, mask: Tensor, prompts: Prompting,
+    def forward(self, images: Tensor, mask: Tensor, prompts: Prompting, *,
                 dn_targets: list["Target"] | None = None,
                 generator: torch.Generator | None = None) -> DetectorOutput:
         """images (B, 3, H, W) normalised, mask (B, H, W) True = padding; prompts as in

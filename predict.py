@@ -87,7 +87,7 @@ def prompts_from_text(names: list[str]) -> Prompts:
 def load_prototypes(path: str | Path, model: DINOR1) -> Prompts:
     """Per-class prototypes written by `evaluate.py --save-prototypes`: a dict with
     "prototypes" (C, d) and "names" (C). Raises ValueError naming the file when it is not
-    such a file, is of another format (model.check_format) or its prototypes do not fit the
+    such a file, is of another format (checkpoints.check_format) or its prototypes do not fit the
     model."""
     if not Path(path).is_file():
         raise ValueError(f"prototype file {path} not found")
@@ -201,9 +201,9 @@ def prompt_set(model: DINOR1, prompts: Prompts, batch: Batch) -> tuple[Tensor | 
 @dataclass
 class Prediction:
     """Detections on one picture, in its own pixels, by descending score."""
-    boxes: Tensor      # (N, 4) x0, y0, x1, y1
-    scores: Tensor     # (N,) in (0, 1)
-    labels: Tensor     # (N,) long, the prompt each box answers: an index into names
+    boxes: Tensor      # (D, 4) x0, y0, x1, y1, D detections
+    scores: Tensor     # (D,) in (0, 1)
+    labels: Tensor     # (D,) long, the prompt each box answers: an index into names
     names: list[str]   # K, the prompts' names
 
     @property

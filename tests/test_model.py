@@ -1,5 +1,5 @@
-"""The detector (model.py): shapes, matcher invariants, losses, DN isolation, gradients,
-learning on a fixed batch, and the light objectness path."""
+"""The detector (model.py) and its losses (losses.py): shapes, matcher invariants, losses,
+DN isolation, gradients, learning on a fixed batch, and the light objectness path."""
 
 import math
 from dataclasses import replace
@@ -482,3 +482,30 @@ def test_visual_prompts_see_each_other_in_the_enhancer_and_padding_is_unseen(tin
     attention = visual_phrases(nothing, 8).attention.long()
     torch.testing.assert_close(attention[0], torch.tensor([[1, 1, 1, 0]] * 3 + [[1, 1, 1, 1]]))
     torch.testing.assert_close(attention[1], torch.eye(4, dtype=torch.long))
+
+
+def test_the_detector_names_the_prompt_forms_it_takes(tiny):
+    """One prompts argument of three forms; anything else is refused by name, and the
+    training-only arguments after it are keywords."""
+    batch, _, _ = tiny_batch()
+    with pytest.raises(TypeError, match="VisualInstructions or a list of class names, not "
+                                        "Tensor"):
+        tiny(batch.images, batch.mask, torch.randn(2, 3, 64))
+    with pytest.raises(TypeError, match="positional"):
+        tiny(batch.images, batch.mask, ["red circle"], batch.targets)
+
+
+def test_decoder_sizes_left_unset_compare_as_the_encoders_in_a_checkpoint():
+    """A checkpoint from before the decoder's own sizes (no such keys) fits a config that sets
+    them to the encoder's; a different decoder FFN width is named."""
+    from dataclasses import asdict
+
+    from checkpoints import checkpoint_config_differences
+    from model import PRESETS
+
+    config = PRESETS["swin_t"]
+    saved = {k: v for k, v in asdict(config).items() if not k.startswith("decoder_")}
+    assert checkpoint_config_differences(saved, replace(
+        config, decoder_heads=8, decoder_points=4, decoder_ffn_dim=2048)) == ""
+    assert checkpoint_config_differences(saved, replace(config, decoder_ffn_dim=1024)) == (
+        "decoder_ffn_dim: 2048 there, 1024 here")

@@ -23,7 +23,7 @@ from model import BertTextEncoder  # noqa: E402
 VOCAB = (["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
          + ["cafe", "deja", "vu", "cat", "dog", "bird", "red", "blue", "circle", "star", "un",
             "##aff", "##able", "play", "##ing", "##s", "the", "a", "e", "c", "##a", "##f", "##e",
-            ".", ",", "!", "?", "-", "'", "$", "猫", "犬", "と", "中", "文", "naive", "uber"])
+            ".", ",", "!", "?", "-", "'", "$", "猫", "犬", "と", "中", "文", "naive", "uber", "οδοσ"])
 
 # accents, punctuation, CJK (と is kana: not spaced out), pieces, unknown words, mixed case,
 # extra whitespace, a caption, ASCII symbols, the 100-character limit, control characters
@@ -272,7 +272,7 @@ def test_a_saved_tokenizer_json_tokenizes_as_hugging_face(tmp_path, casing):
     save_tokenizer(folder, write_vocab(tmp_path), **casing)
     ours = read_tokenizer(folder)
     theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
-    for caption in CAPTIONS + ["Café CAT 猫と犬中文cat"]:
+    for caption in CAPTIONS + ["Café CAT 猫と犬中文cat", "ΟΔΟΣ", "a\U0002B820b\U0002B920c"]:
         assert ours.encode(caption) == theirs(caption)["input_ids"], caption
 
 
@@ -286,6 +286,19 @@ def test_vocab_txt_takes_the_casing_of_tokenizer_config_json(tmp_path, casing):
     legacy = BertTokenizerLegacy(vocab_file=str(vocab), **casing)
     for caption in CAPTIONS:
         assert read_tokenizer(folder).encode(caption) == legacy(caption)["input_ids"], caption
+
+
+def test_tokenizer_config_json_overrides_the_casing_of_tokenizer_json(tmp_path):
+    """transformers rebuilds the normaliser from tokenizer_config.json's settings where they
+    differ from tokenizer.json's; so does read_tokenizer."""
+    folder = tmp_path / "saved"
+    save_tokenizer(folder, write_vocab(tmp_path))                         # uncased
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for caption in ["RED Circle", "Café Déjà vu", "ΟΔΟΣ cat"]:
+        assert read_tokenizer(folder).encode(caption) == theirs(caption)["input_ids"], caption
+    assert read_tokenizer(folder).encode("RED") != read_tokenizer(tmp_path).encode("RED")
 
 
 def test_a_bert_folder_saved_by_transformers_loads(tmp_path):
@@ -322,6 +335,9 @@ def test_a_vocabulary_that_cannot_be_read_as_berts_is_refused_naming_the_files(t
         with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'tokenizer.json'}") + ".*"
                                              + re.escape(message)):
             read_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'tokenizer.json'} is not valid")):
+        read_tokenizer(tmp_path)
     vocab = {token: index for token, index in spec["model"]["vocab"].items() if token != "[CLS]"}
     (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, "model": {**spec["model"],
                                                                           "vocab": vocab}}))
