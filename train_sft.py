@@ -348,7 +348,12 @@ def restore(args, model: DINOR1, optimizer, scheduler, objective) -> tuple[int, 
         return 0, 0, 0
     checkpoint = compatible_checkpoint(args.resume, model, args)
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    saved = checkpoint["optimizer"]
+    # A checkpoint from before the fused optimiser holds groups without it: take this
+    # device's implementation (the moments are the same; their step counts move with it).
+    implementation = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach")}
+    optimizer.load_state_dict({**saved, "param_groups": [{**group, **implementation}
+                                                         for group in saved["param_groups"]]})
     scheduler.load_state_dict(checkpoint["scheduler"])
     objective.load_state_dict(checkpoint["objective"], model)
     return checkpoint["epoch"], checkpoint["step"], checkpoint["batch_in_epoch"]

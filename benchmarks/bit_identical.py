@@ -36,6 +36,14 @@ def compare_checkpoints(first: str, second: str) -> list[str]:
                if a[name].shape != b[name].shape or not torch.equal(a[name], b[name])]
     print(f"{first} vs {second}: {len(set(a) & set(b))} tensors, {len(differ)} differ"
           + (f", the first {differ[0]}" if differ else " (bit-identical)"))
+    floats = [name for name in differ if name in a and name in b and a[name].is_floating_point()
+              and a[name].shape == b[name].shape]
+    if floats:
+        gaps = {name: (a[name].double() - b[name].double()).abs().max().item() for name in floats}
+        largest = max(gaps, key=gaps.get)
+        weights = [gaps[name] for name in floats if name.startswith("model.")]
+        print(f"  largest difference {gaps[largest]:.3g} ({largest}); largest in the model's "
+              f"weights {max(weights, default=0.0):.3g}")
     return differ
 
 

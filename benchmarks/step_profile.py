@@ -153,7 +153,7 @@ def run(arguments: list[str], grqo: bool, recorder: Recorder, count: bool) -> No
     with contextlib.ExitStack() as stack:
         for target, name, phase in [
                 (model.DINOR1, "forward", "forward"), (model.DINOR1, reference_method, "reference"),
-                (criterion, "__call__", "losses"), (matcher, "layer_costs", "losses"),
+                (criterion, "__call__", "losses"), (matcher, "pairwise_cost", "losses"),
                 (train_grqo, "grqo_loss", "losses"), (torch.Tensor, "backward", "backward"),
                 (torch.nn.utils, "clip_grad_norm_", "clip")]:
             stack.enter_context(patched(target, name,
@@ -169,10 +169,12 @@ def run(arguments: list[str], grqo: bool, recorder: Recorder, count: bool) -> No
 
 
 def profile(preset: str, grqo: bool, steps: int, warmup: int, threads: int, seed: int,
-            extra: list[str]) -> dict:
+            extra: list[str], passes=(True, False)) -> dict:
+    """Each pass a run: counting operators and syncs (True), or timing (False)."""
     torch.set_num_threads(threads)
-    results = {}
-    for count in (True, False):
+    results = {key: {p: float("nan") for p in PHASES} for key in ("operators", "syncs", "ms")}
+    results["top_operators"] = {}
+    for count in passes:
         recorder = Recorder(warmup)
         with tempfile.TemporaryDirectory() as folder:
             arguments = ["--model", preset, "--max-steps", str(warmup + steps), "--no-eval",
@@ -213,13 +215,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=10, help="steps left out first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-only", action="store_true", help="skip the counting run")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="after --, more arguments for the training script")
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     results = profile(args.preset, args.grqo, args.steps, args.warmup, args.threads,
-                      args.seed, extra)
+                      args.seed, extra, (False,) if args.time_only else (True, False))
     print(f"{args.preset} {results['objective']}, {args.steps} steps after {args.warmup}, "
           f"{args.threads} threads, torch {torch.__version__}")
     print(table(results))

@@ -430,3 +430,19 @@ def test_grqo_shares_the_matching_costs_without_changing_its_gradients(shapes, f
     assert shared.keys() == apart.keys()
     for name in shared:
         torch.testing.assert_close(shared[name], apart[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_checkpoint_of_the_unfused_optimiser_resumes_fused(shapes, tmp_path):
+    """Checkpoints written before AdamW was fused hold groups with fused=None: a resumed run
+    takes this device's fused AdamW, with the moments and step counts it saved."""
+    train_sft.main(run_args(shapes, tmp_path, "--max-steps", "2", "--kernel", "torch"))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert all(group["fused"] for group in checkpoint["optimizer"]["param_groups"])
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["fused"] = None
+    torch.save(checkpoint, tmp_path / "last.pt")
+    train_sft.main(run_args(shapes, tmp_path, "--max-steps", "3", "--kernel", "torch",
+                            "--resume", str(tmp_path / "last.pt")))
+    resumed = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]
+    assert resumed["param_groups"][0]["fused"] is True
+    assert all(state["step"].item() == 3 for state in resumed["state"].values())
