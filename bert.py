@@ -204,8 +204,8 @@ def read_tokenizer(folder: Path) -> WordPieceTokenizer:
     """A Hugging Face folder's WordPiece tokenizer, in either form: the hub's vocab.txt, or the
     tokenizer.json that transformers 5 saves instead (the vocabulary and the normaliser's
     settings); a tokenizer_config.json's casing applies to either, over tokenizer.json's, as
-    in transformers. Where both vocabularies are there they must be the same. FileNotFoundError or ValueError naming the
-    files otherwise."""
+    in transformers. Where both vocabularies are there they must be the same.
+    FileNotFoundError or ValueError naming the files otherwise."""
     vocab_txt, tokenizer_json = folder / "vocab.txt", folder / "tokenizer.json"
     if not vocab_txt.is_file() and not tokenizer_json.is_file():
         raise FileNotFoundError(f"{folder} has neither vocab.txt nor tokenizer.json: a Hugging "

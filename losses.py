@@ -23,7 +23,8 @@ def elementwise_giou(boxes: Tensor, gt_boxes: Tensor) -> Tensor:
     torchvision.ops.generalized_box_iou's arithmetic, for pairs instead of every pair of two
     lists, so that a batch of sets needs no (N, N) matrix. Pairwise within each image:
     elementwise_giou(boxes[..., :, None, :], gt_boxes[..., None, :, :]) -> (..., Q, M)."""
-    first, second = box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")
+    first = box_convert(boxes.float(), "cxcywh", "xyxy")          # as torchvision upcasts
+    second = box_convert(gt_boxes.float(), "cxcywh", "xyxy")
     area_first = (first[..., 2] - first[..., 0]) * (first[..., 3] - first[..., 1])
     area_second = (second[..., 2] - second[..., 0]) * (second[..., 3] - second[..., 1])
     overlap = (torch.min(first[..., 2:], second[..., 2:])
@@ -73,14 +74,6 @@ class HungarianMatcher:
         self.class_weight, self.l1_weight, self.giou_weight = class_weight, l1_weight, giou_weight
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.class_cost = class_cost
-
-    def set_costs(self, output: "DetectorOutput", targets: list | tuple
-                  ) -> tuple[Tensor, Tensor]:
-        """`pairwise_cost` of every prediction set that SetCriterion matches: each decoder
-        layer's, then the encoder's proposals: (layers + 1, B, Q, M), and gt_mask (B, M)."""
-        return self.pairwise_cost(torch.cat([output.logits, output.encoder_logits[None]]),
-                                  torch.cat([output.boxes, output.encoder_boxes[None]]),
-                                  targets, output.prompt_mask)
 
     def layer_costs(self, output: "DetectorOutput", targets: list) -> tuple[Tensor, Tensor]:
         """`pairwise_cost` of every decoder layer's predictions at once (METHOD (2), one per
@@ -143,8 +136,8 @@ class HungarianMatcher:
     @torch.no_grad()
     def __call__(self, logits: Tensor, boxes: Tensor, targets: list,
                  prompt_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
-        """Per image (query indices, ground-truth indices), each (min(Q, M),) long, for one
-        prediction set. Arguments as for `pairwise_cost`."""
+        """Per image (query indices, ground-truth indices), each (min(Q, M_b),) long, M_b the
+        image's ground truths, for one prediction set. Arguments as for `pairwise_cost`."""
         cost, _ = self.pairwise_cost(logits, boxes, targets, prompt_mask)
         matches = self.assign(cost[None], [len(target.labels) for target in targets])
         return [(matches.query[matches.image == b], matches.ground_truth[matches.image == b])
@@ -201,8 +194,8 @@ class SetCriterion:
                        prompt_mask: Tensor, num_boxes: float) -> Tensor:
         """DN queries know their targets (no matching): positives recover class and box,
         negatives must predict no class. logits (..., B, N_dn, K), boxes (..., B, N_dn, 4)
-        cxcywh, every decoder layer at once; the focal and box losses of the matched sets,
-        normalised per group. Masks select, so nothing waits for the values."""
+        cxcywh, every decoder layer at once; the focal loss and (positives only) the box
+        losses, normalised per group. Masks select, so nothing waits for the values."""
         normaliser = num_boxes * dn.num_groups
         positive = dn.positive & dn.valid                                       # (B, N_dn)
         prompts = torch.arange(logits.shape[-1], device=logits.device)
@@ -223,15 +216,15 @@ class SetCriterion:
         """targets: per image `boxes` (M, 4) cxcywh and `labels` (M,) prompt indices.
         Returns named loss terms (each already weighted) and their sum under "sft". costs:
         the matching costs of every decoder layer and then the encoder's proposals
-        (layers + 1, B, Q, M) when the caller has them (GRQO's rewards read the same, with
-        gradient); else computed here, without."""
+        (layers + 1, B, Q, M) when the caller has them (GRQO's rewards read the decoder
+        layers', with gradient); else computed here, without."""
         mask = output.prompt_mask
         logits = torch.cat([output.logits, output.encoder_logits[None]])      # (L + 1, B, Q, K)
         boxes = torch.cat([output.boxes, output.encoder_boxes[None]])
         padded = pad_targets(targets, logits.device)
         if costs is None:
             with torch.no_grad():
-                costs, _ = self.matcher.pairwise_cost(logits, boxes, padded, mask)   # set_costs
+                costs, _ = self.matcher.pairwise_cost(logits, boxes, padded, mask)
         matches = self.matcher.assign(costs, [len(target.labels) for target in targets])
         per_set = self.set_losses(logits, boxes.float(), padded, matches, mask, num_boxes)
         terms = {"decoder": per_set[:-1].sum(), "encoder": per_set[-1]}

@@ -206,6 +206,7 @@ class ImageFeatures:
     spatial_shapes: Tensor     # (L, 2) long, (H_l, W_l)
     level_start_index: Tensor  # (L,) long
     valid_ratios: Tensor       # (B, L, 2) (w, h) fraction of each level that is not padding
+    level_shapes: list[tuple[int, int]]  # spatial_shapes on the host: read without a wait
 
 
 class TinyConvNet(nn.Module):
@@ -340,7 +341,7 @@ class Backbone(nn.Module):
             tokens=torch.cat(tokens, 1), pos=torch.cat(positions, 1).to(tokens[0].dtype),
             padding_mask=torch.cat(masks, 1), spatial_shapes=spatial_shapes,
             level_start_index=torch.cat([level_sizes.new_zeros(1), level_sizes.cumsum(0)[:-1]]),
-            valid_ratios=torch.stack(ratios, 1))
+            valid_ratios=torch.stack(ratios, 1), level_shapes=shapes)
 
 
 # ------------------------------------------------------------------ deformable attention
@@ -759,7 +760,7 @@ class EnhancerLayer(nn.Module):
 def token_centres(features: ImageFeatures) -> Tensor:
     """The centre of every token, normalised to its level's unpadded extent: (B, S, 2)."""
     centres = []
-    for level, (height, width) in enumerate(features.spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(features.level_shapes):
         y, x = torch.meshgrid(torch.arange(height, device=features.tokens.device) + 0.5,
                               torch.arange(width, device=features.tokens.device) + 0.5,
                               indexing="ij")
@@ -778,7 +779,7 @@ def token_anchors(features: ImageFeatures) -> tuple[Tensor, Tensor]:
     anchor lies inside (0.01, 0.99). Invalid ones are +inf, a box at (1, 1, 1, 1) (as in GD)."""
     centres = token_centres(features)
     sides = [torch.full((h * w,), 0.05 * 2 ** level, device=centres.device)
-             for level, (h, w) in enumerate(features.spatial_shapes.tolist())]
+             for level, (h, w) in enumerate(features.level_shapes)]
     sides = torch.cat(sides)[None, :, None].expand(centres.shape[0], -1, 2)
     anchors = torch.cat([centres, sides], -1)
     valid = ((anchors > 0.01) & (anchors < 0.99)).all(-1) & ~features.padding_mask
@@ -1169,8 +1170,8 @@ class DINOR1(nn.Module):
 
     def encode(self, images: Tensor, mask: Tensor, prompts: Prompting) -> Encoded:
         """Backbone, prompts, feature enhancer and token scores: all that comes before the
-        decoder, shared by `forward` and `selected_objectness`. images (B, 3, H, W), mask
-        (B, H, W) True = padding. `prompts` is one of:
+        decoder, which `forward` reads (`selected_objectness` runs its first part). images
+        (B, 3, H, W), mask (B, H, W) True = padding. `prompts` is one of:
         - PromptTokens, ready-made: generic prototypes or exemplars' embeddings (see
           one_token_per_class), or a caption (BertTextEncoder.caption, expand_prompts);
         - VisualInstructions (training): exemplar boxes of this batch, encoded in this pass;

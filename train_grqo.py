@@ -35,6 +35,7 @@ class GRQOObjective(SFTObjective):
                              form=args.grqo_form)
         # The rewards' cost, METHOD (2)-(3), may differ from the one the matching uses.
         self.reward_matcher = HungarianMatcher(class_cost=args.reward_cost)
+        self.shared_costs = args.reward_cost == args.match_cost
         self.reference: DINOR1 | None = None
 
     def start_epoch(self, model: DINOR1, epoch: int) -> None:
@@ -57,12 +58,16 @@ class GRQOObjective(SFTObjective):
             return super().__call__(network, batch, prompts, targets, num_boxes, generator)
         output = network(batch.images, batch.mask, detector_prompts(prompts),
                          dn_targets=targets, generator=generator)
-        if vars(self.reward_matcher) == vars(self.criterion.matcher):
-            # One cost for both (the default): with gradient for the rewards, and the
-            # matching reads it detached.
-            costs, gt_mask = self.criterion.matcher.set_costs(output, targets)
-            terms = self.criterion(output, targets, num_boxes, costs=costs)
-            costs = costs[:-1]                                  # the decoder layers'
+        if self.shared_costs:
+            # One cost for both (the default): the decoder layers' with gradient for the
+            # rewards, the encoder's proposals' without; the matching reads them detached.
+            costs, gt_mask = self.criterion.matcher.layer_costs(output, targets)
+            with torch.no_grad():
+                proposals, _ = self.criterion.matcher.pairwise_cost(
+                    output.encoder_logits[None], output.encoder_boxes[None], targets,
+                    output.prompt_mask)
+            terms = self.criterion(output, targets, num_boxes,
+                                   costs=torch.cat([costs, proposals]))
         else:
             terms = self.criterion(output, targets, num_boxes)
             costs, gt_mask = self.reward_matcher.layer_costs(output, targets)

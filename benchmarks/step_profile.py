@@ -13,9 +13,12 @@ SFT criterion, GRQO's costs and loss), backward, clip (gradient clipping), optim
 other (data, prompt sampling, logging). Operators are counted with a TorchDispatchMode after
 autograd, views and empty allocations left out, so backward's operators count too. Would-be
 syncs: the operators whose output size depends on values (nonzero, masked_select, unique,
-bincount, boolean indexing, `item`) and the host reads `.tolist()`, `.cpu()` and `.numpy()`;
-on the CPU these block nothing, on CUDA each waits for the GPU. Timing runs without the
-counting mode (which slows every operator), in the same process, afterwards.
+bincount, boolean indexing, `item`) and the host reads `.tolist()`, `.cpu()` and `.numpy()`.
+On the CPU these block nothing; on CUDA those that read a device tensor wait for the GPU, but
+not those that read host tensors (the data pipeline's, or AdamW's step counts, which the
+non-fused optimiser keeps on the host), which this count cannot tell apart on the CPU. Timing
+runs without the counting mode (which slows every operator), in the same process,
+afterwards; on CUDA it synchronises at every change of phase.
 """
 
 import argparse
@@ -57,6 +60,8 @@ class Recorder:
 
     def switch(self, phase: str) -> str:
         """Enter `phase`; returns the phase left, for `switch` back."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()                # the phase's kernels, not their launch
         now = time.perf_counter()
         if self.measuring:
             self.seconds[self.phase] += now - self.entered

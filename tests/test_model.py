@@ -509,3 +509,38 @@ def test_decoder_sizes_left_unset_compare_as_the_encoders_in_a_checkpoint():
         config, decoder_heads=8, decoder_points=4, decoder_ffn_dim=2048)) == ""
     assert checkpoint_config_differences(saved, replace(config, decoder_ffn_dim=1024)) == (
         "decoder_ffn_dim: 2048 there, 1024 here")
+
+
+def test_the_set_losses_of_every_layer_at_once_equal_detrs_loop_over_sets_and_images():
+    """SetCriterion matches and scores every decoder layer and the encoder's proposals in
+    one go; its terms equal DETR's loop (one set at a time, the matched pairs image by image,
+    torchvision's GIoU matrix and its diagonal), with an image without ground truth, more
+    ground truths than queries in another, and a padding prompt."""
+    layers, queries = 3, 4
+    sets = [random_predictions(batch=3, queries=queries, prompts=4, seed=s)
+            for s in range(layers + 1)]
+    targets = random_targets([3, 0, 6], prompts=3)             # 6 > 4 queries
+    prompt_mask = torch.tensor([[False, False, False, True]] * 3)
+    output = DetectorOutput(
+        logits=torch.stack([s[0] for s in sets[:layers]]),
+        boxes=torch.stack([s[1] for s in sets[:layers]]),
+        encoder_logits=sets[-1][0], encoder_boxes=sets[-1][1], selection=None,
+        prompt_mask=prompt_mask)
+    criterion = SetCriterion()
+    terms = criterion(output, targets, num_boxes=9.0)
+
+    def reference(logits, boxes):
+        loss = 0.0
+        target_classes = torch.zeros_like(logits)
+        for b, (rows, cols) in enumerate(criterion.matcher(logits, boxes, targets, prompt_mask)):
+            target_classes[b, rows, targets[b].labels[cols]] = 1
+            matched, truth = boxes[b, rows], targets[b].boxes[cols]
+            giou = torchvision.ops.generalized_box_iou(
+                torchvision.ops.box_convert(matched, "cxcywh", "xyxy"),
+                torchvision.ops.box_convert(truth, "cxcywh", "xyxy")).diagonal()
+            loss = loss + 5 * (matched - truth).abs().sum() + 2 * (1 - giou).sum()
+        focal = torchvision.ops.sigmoid_focal_loss(logits, target_classes, 0.25, 2.0, "none")
+        return (focal * (~prompt_mask)[:, None, :]).sum() / 9.0 + loss / 9.0
+
+    torch.testing.assert_close(terms["decoder"], sum(reference(*s) for s in sets[:layers]))
+    torch.testing.assert_close(terms["encoder"], reference(*sets[-1]))
