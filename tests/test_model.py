@@ -544,3 +544,36 @@ def test_the_set_losses_of_every_layer_at_once_equal_detrs_loop_over_sets_and_im
 
     torch.testing.assert_close(terms["decoder"], sum(reference(*s) for s in sets[:layers]))
     torch.testing.assert_close(terms["encoder"], reference(*sets[-1]))
+
+
+def test_the_losses_wait_for_the_device_once(tiny, monkeypatch):
+    """On CUDA every read of a device value blocks the host. The SFT losses of a training
+    step (every set matched, denoising, L_contra) read one: the matching's transfer of every
+    set's costs (`.cpu()`, then `.numpy()` of that host copy). No `item`, `tolist`, nonzero,
+    boolean index or bincount, counted here on the CPU where none of them waits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    batch, instructions, targets = tiny_batch()
+    tiny.train()
+    output = tiny(batch.images, batch.mask, instructions, dn_targets=targets,
+                  generator=torch.Generator().manual_seed(0))
+    reads = []
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else []
+            if name in ("nonzero", "masked_select", "bincount", "_local_scalar_dense") or any(
+                    isinstance(index, torch.Tensor) and index.dtype == torch.bool
+                    for index in indices):
+                reads.append(name)
+            return func(*args, **(kwargs or {}))
+
+    for method in ("cpu", "tolist", "numpy"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _name=method, _f=original,
+                            **k: reads.append(_name) or _f(self, *a, **k))
+    with CountReads():
+        terms = SetCriterion()(output, targets, num_boxes=4.0)
+    assert {"decoder", "encoder", "denoising", "contrastive"} <= set(terms)
+    assert reads == ["cpu", "numpy"]
