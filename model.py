@@ -1178,23 +1178,27 @@ class DINOR1(nn.Module):
         - a list of K class names, read as one caption by the text encoder.
         The last two are encoded inside the pass because they read its backbone features,
         or, under DDP, must run inside `forward` (see prompt_tokens)."""
-        features = self.backbone(images, mask)
-        tokens, exemplars = self.prompt_tokens(features, prompts)
-        memory, enhanced = self.enhance(features, tokens.tokens, tokens.phrases)
+        features, tokens, exemplars, memory, enhanced = self.enhanced(images, mask, prompts)
         anchors, valid = token_anchors(features)
         proposal_features, token_logits, token_objectness = self.score_tokens(
             memory, valid, enhanced, tokens.phrases.padding)
         return Encoded(features, tokens, exemplars, memory, enhanced, anchors,
                        proposal_features, token_logits, token_objectness)
 
+    def enhanced(self, images: Tensor, mask: Tensor, prompts: Prompting) -> tuple:
+        """encode's first part: (features, PromptTokens, exemplars (E, d) or None, memory
+        (B, S, d), enhanced prompt tokens (B, T, d))."""
+        features = self.backbone(images, mask)
+        tokens, exemplars = self.prompt_tokens(features, prompts)
+        memory, enhanced = self.enhance(features, tokens.tokens, tokens.phrases)
+        return features, tokens, exemplars, memory, enhanced
+
     def selected_objectness(self, images: Tensor, mask: Tensor, prompts: Prompting,
                             indices: Tensor) -> Tensor:
         """The light path for the GRQO reference model: the objectness logits s (B, Q) of the
         given token indices (B, Q), e.g. the ones the policy selected. `encode` up to the
         enhancer, then the scores of those tokens only; no decoder."""
-        features = self.backbone(images, mask)
-        tokens, _ = self.prompt_tokens(features, prompts)
-        memory, enhanced = self.enhance(features, tokens.tokens, tokens.phrases)
+        features, tokens, _, memory, enhanced = self.enhanced(images, mask, prompts)
         _, valid = token_anchors(features)
         return self.score_tokens(gather_tokens(memory, indices), valid.gather(1, indices),
                                  enhanced, tokens.phrases.padding)[2]

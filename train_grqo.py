@@ -60,7 +60,8 @@ class GRQOObjective(SFTObjective):
                          dn_targets=targets, generator=generator)
         if self.shared_costs:
             # One cost for both (the default): the decoder layers' with gradient for the
-            # rewards, the encoder's proposals' without; the matching reads them detached.
+            # rewards (METHOD (1)-(2)), the encoder's proposals' without; the matching reads
+            # them detached.
             costs, gt_mask = self.criterion.matcher.layer_costs(output, targets)
             with torch.no_grad():
                 proposals, _ = self.criterion.matcher.pairwise_cost(

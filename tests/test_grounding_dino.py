@@ -333,16 +333,21 @@ def tiny_vocabulary() -> list[str]:
     return tokens
 
 
-def save_tiny_grounding_dino(folder, seed: int = 0, **overrides):
-    """A random tiny GD (every weight perturbed) as save_pretrained writes it, with vocab.txt
-    and the public folder's preprocessor_config.json. Returns the oracle."""
+def tiny_grounding_dino(seed: int = 0, **overrides):
+    """A random tiny GD with a Swin and a BERT, every weight perturbed, in eval mode."""
     torch.manual_seed(seed)
     swin = transformers.SwinConfig(embed_dim=24, depths=[1, 2, 1, 2], num_heads=[2, 2, 4, 4],
                                    window_size=7, out_features=["stage2", "stage3", "stage4"])
     bert = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=37, vocab_size=2100)
-    oracle = perturbed(grounding_dino.GroundingDinoForObjectDetection(oracle_config(
+    return perturbed(grounding_dino.GroundingDinoForObjectDetection(oracle_config(
         backbone_config=swin, text_config=bert, num_queries=20, **overrides)))
+
+
+def save_tiny_grounding_dino(folder, seed: int = 0, **overrides):
+    """A random tiny GD (tiny_grounding_dino) as save_pretrained writes it, with vocab.txt
+    and the public folder's preprocessor_config.json. Returns the oracle."""
+    oracle = tiny_grounding_dino(seed, **overrides)
     oracle.save_pretrained(folder)
     (folder / "vocab.txt").write_text("\n".join(tiny_vocabulary()) + "\n")
     (folder / "preprocessor_config.json").write_text(
@@ -524,17 +529,11 @@ def test_predict_py_on_photos_gives_grounding_dinos_detections(tmp_path):
 
 def save_grounding_dino_as_transformers_does(folder, image_sizes=(800, 1333), seed=0,
                                              **overrides):
-    """A random tiny GD (every weight perturbed) saved as transformers 5 saves a model and its
+    """A random tiny GD (tiny_grounding_dino) saved as transformers 5 saves a model and its
     processor (GroundingDinoImageProcessorPil, BertTokenizer): config.json, model.safetensors,
     processor_config.json, tokenizer.json, tokenizer_config.json; nothing added by hand.
     Returns the oracle."""
-    torch.manual_seed(seed)
-    swin = transformers.SwinConfig(embed_dim=24, depths=[1, 2, 1, 2], num_heads=[2, 2, 4, 4],
-                                   window_size=7, out_features=["stage2", "stage3", "stage4"])
-    bert = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=37, vocab_size=2100)
-    oracle = perturbed(grounding_dino.GroundingDinoForObjectDetection(oracle_config(
-        backbone_config=swin, text_config=bert, num_queries=20, **overrides)))
+    oracle = tiny_grounding_dino(seed, **overrides)
     oracle.save_pretrained(folder)
     vocab = folder.parent / "vocab-source.txt"
     vocab.write_text("\n".join(tiny_vocabulary()) + "\n")

@@ -202,20 +202,28 @@ def test_an_anchored_reference_is_held_from_the_first_grqo_epoch_and_through_a_r
     assert_same_weights(anchor, resumed.reference.state_dict())
 
 
-def test_grqo_objective_adds_its_term_with_the_reward_cost(shapes, monkeypatch):
-    """The GRQO loss reaches the optimiser (L_all = L_SFT + L_contra + L_GRQO) and its
-    rewards come from the --reward-cost matcher, one cost per decoder layer (in one call)."""
+def grqo_step(shapes, *argv: str):
+    """A tiny model in training, a batch of two train images with visual instructions, and a
+    GRQO objective (train_grqo.py --sft-epochs 0 and `argv`) at its first epoch."""
     from data import collate, sample_prompts
-    from losses import HungarianMatcher
     torch.manual_seed(0)
     model = build_model("tiny", kernel="torch").train()
     dataset = build_dataset(str(shapes), "train", train=False, image_size=128, max_size=171)
     batch = collate([dataset[0], dataset[1]])
     instructions, targets = sample_prompts(batch, dataset.class_names,
                                            torch.Generator().manual_seed(0))
-    argv = ["--sft-epochs", "0", "--reward-cost", "binary_focal", "--alpha", "1"]
-    objective = train_grqo.GRQOObjective(train_grqo.parse_grqo_args(list(argv)))
+    objective = train_grqo.GRQOObjective(
+        train_grqo.parse_grqo_args(["--sft-epochs", "0", *argv]))
     objective.start_epoch(model, 0)
+    return model, batch, instructions, targets, objective
+
+
+def test_grqo_objective_adds_its_term_with_the_reward_cost(shapes, monkeypatch):
+    """The GRQO loss reaches the optimiser (L_all = L_SFT + L_contra + L_GRQO) and its
+    rewards come from the --reward-cost matcher, one cost per decoder layer (in one call)."""
+    from losses import HungarianMatcher
+    model, batch, instructions, targets, objective = grqo_step(
+        shapes, "--reward-cost", "binary_focal", "--alpha", "1")
     calls = []
     reward_cost = HungarianMatcher.pairwise_cost
 
@@ -397,16 +405,8 @@ def test_grqo_shares_the_matching_costs_without_changing_its_gradients(shapes, f
     with gradient, for the matching and the rewards; the gradients equal those of the costs
     computed apart (the matching's without gradient, the rewards' per decoder layer), in
     every --grqo-form."""
-    from data import collate, sample_prompts
-    torch.manual_seed(0)
-    model = build_model("tiny", kernel="torch").train()
-    dataset = build_dataset(str(shapes), "train", train=False, image_size=128, max_size=171)
-    batch = collate([dataset[0], dataset[1]])
-    instructions, targets = sample_prompts(batch, dataset.class_names,
-                                           torch.Generator().manual_seed(0))
-    argv = ["--sft-epochs", "0", "--grqo-form", form, "--alpha", "1"]
-    objective = train_grqo.GRQOObjective(train_grqo.parse_grqo_args(argv))
-    objective.start_epoch(model, 0)
+    model, batch, instructions, targets, objective = grqo_step(
+        shapes, "--grqo-form", form, "--alpha", "1")
 
     def gradients(loss: torch.Tensor) -> dict:
         model.zero_grad()
