@@ -84,9 +84,13 @@ class Target:
     orig_size: torch.Tensor
     size: torch.Tensor
 
-    def to(self, device) -> "Target":
-        return replace(self, boxes=self.boxes.to(device), labels=self.labels.to(device),
-                       orig_size=self.orig_size.to(device), size=self.size.to(device))
+    def to(self, device, non_blocking: bool = False) -> "Target":
+        return replace(self, **{name: getattr(self, name).to(device, non_blocking=non_blocking)
+                                for name in ("boxes", "labels", "orig_size", "size")})
+
+    def pin_memory(self) -> "Target":
+        return replace(self, **{name: getattr(self, name).pin_memory()
+                                for name in ("boxes", "labels", "orig_size", "size")})
 
 
 @dataclass
@@ -102,9 +106,16 @@ class Batch:
     mask: torch.Tensor
     targets: list[Target]
 
-    def to(self, device) -> "Batch":
-        return replace(self, images=self.images.to(device), mask=self.mask.to(device),
-                       targets=[target.to(device) for target in self.targets])
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """On `device`; non_blocking copies overlap with the device's work when the batch
+        is in pinned memory (DataLoader(pin_memory=True) calls pin_memory below)."""
+        return replace(self, images=self.images.to(device, non_blocking=non_blocking),
+                       mask=self.mask.to(device, non_blocking=non_blocking),
+                       targets=[target.to(device, non_blocking) for target in self.targets])
+
+    def pin_memory(self) -> "Batch":
+        return replace(self, images=self.images.pin_memory(), mask=self.mask.pin_memory(),
+                       targets=[target.pin_memory() for target in self.targets])
 
 
 @dataclass
@@ -119,6 +130,9 @@ class VisualInstructions:
     labels:      LongTensor (E,), prompt index (0..K-1) of each exemplar's class.
     selected:    LongTensor (K,), the exemplar used as prompt k.
     class_names: K names, for the text side of the contrastive loss.
+    max_per_image: the most exemplars on one image, a host integer, so that the prompt
+                 encoder lays them out without reading image_index from the device (None:
+                 it reads it).
     """
 
     boxes: torch.Tensor
@@ -126,6 +140,11 @@ class VisualInstructions:
     labels: torch.Tensor
     selected: torch.Tensor
     class_names: list[str]
+    max_per_image: int | None = None
+
+    def to(self, device, non_blocking: bool = False) -> "VisualInstructions":
+        return replace(self, **{name: getattr(self, name).to(device, non_blocking=non_blocking)
+                                for name in ("boxes", "image_index", "labels", "selected")})
 
 
 @dataclass
@@ -659,7 +678,8 @@ def sample_prompts(batch: Batch, class_names: list[str],
         boxes=torch.cat([t.boxes for t in batch.targets] + [torch.zeros(0, 4, device=device)]),
         image_index=instance_image_index(batch.targets).to(device),
         labels=prompt_labels.to(device), selected=selected.to(device),
-        class_names=[class_names[c] for c in classes.tolist()])
+        class_names=[class_names[c] for c in classes.tolist()],
+        max_per_image=max(counts, default=0))
     return instructions, targets
 
 

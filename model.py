@@ -400,7 +400,8 @@ class MultiScaleDeformableAttention(nn.Module):
         else:
             locations = (reference[..., :2] + offsets.float() / points * reference[..., 2:] * 0.5)
         out = ms_deform_attn(value, features.spatial_shapes, features.level_start_index,
-                             locations, weights.to(value.dtype), backend=self.kernel)
+                             locations, weights.to(value.dtype), backend=self.kernel,
+                             level_shapes=features.level_shapes)
         return self.output_proj(out)
 
 
@@ -627,19 +628,21 @@ class VisualPromptEncoder(nn.Module):
         self.self_norm = nn.LayerNorm(d)
         self.ffn = FeedForward(d, config.ffn_dim)
 
-    def forward(self, features: ImageFeatures, image_index: Tensor, boxes: Tensor) -> Tensor:
-        """image_index (E,) long: the image each box is on; boxes (E, 4) cxcywh. -> (E, d)."""
+    def forward(self, features: ImageFeatures, image_index: Tensor, boxes: Tensor,
+                max_per_image: int | None = None) -> Tensor:
+        """image_index (E,) long: the image each box is on; boxes (E, 4) cxcywh. -> (E, d).
+        max_per_image: the most boxes on one image, or more, when the caller knows it on the
+        host (training's VisualInstructions do); else it is read from image_index, which
+        makes the host wait for the device (as flash attention's max_seqlen arguments)."""
         batch, d = features.tokens.shape[0], self.query.shape[0]
         if boxes.shape[0] == 0:
             return features.tokens.new_zeros(0, d)
-        # Lay the exemplars out as (B, slots) so each one reads the features of its own image.
-        counts = torch.bincount(image_index, minlength=batch)
-        first_of_image = counts.cumsum(0) - counts
-        order = torch.argsort(image_index, stable=True)
-        slot = torch.empty_like(image_index)
-        slot[order] = (torch.arange(len(order), device=slot.device)
-                       - first_of_image[image_index[order]])
-        num_slots = int(counts.max())
+        # Lay the exemplars out as (B, slots) so each one reads the features of its own image:
+        # slot = how many boxes of its image come before it.
+        on_image = (image_index[:, None] == torch.arange(batch, device=image_index.device)
+                    ).long()                                   # (E, B); F.one_hot reads max
+        slot = (on_image.cumsum(0) * on_image).sum(1) - 1                     # (E,)
+        num_slots = max_per_image if max_per_image is not None else int(on_image.sum(0).max())
         box_grid = boxes.new_full((batch, num_slots, 4), 0.5)
         box_grid[image_index, slot] = boxes.to(box_grid.dtype)
         position = self.box_position(sine_encoding(box_grid, d // 4))          # (B, slots, d)
@@ -1115,7 +1118,8 @@ class DINOR1(nn.Module):
             raise TypeError(f"prompts must be PromptTokens (see one_token_per_class for class "
                             f"vectors), VisualInstructions or a list of class names, not "
                             f"{type(prompts).__name__}")
-        embeddings = self.prompt_encoder(features, prompts.image_index, prompts.boxes)
+        embeddings = self.prompt_encoder(features, prompts.image_index, prompts.boxes,
+                                         getattr(prompts, "max_per_image", None))
         chosen = embeddings[prompts.selected].expand(batch, -1, -1)
         return one_token_per_class(chosen), embeddings
 

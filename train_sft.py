@@ -448,10 +448,13 @@ def train_one_epoch(network: torch.nn.Module, objective: SFTObjective,
     for batch_index, batch in batches:
         next_batch = batch_index + 1
         started = time.perf_counter()
-        batch = batch.to(device)
+        # Prompts are sampled on the host, then everything moves: no read from the device.
         step_prompts, targets = prompt_sampler(
             batch, step_generator(seed, epoch, batch_index, rank, 1),
             step_generator(seed, epoch, batch_index, 2))          # the coin: no rank
+        batch, targets = batch.to(device, True), [t.to(device, True) for t in targets]
+        if isinstance(step_prompts, VisualInstructions):
+            step_prompts = step_prompts.to(device, True)
         has_boxes, num_boxes = agree_before_step(any(len(t.labels) for t in targets),
                                                  targets, device)
         if not has_boxes:
@@ -555,7 +558,8 @@ def log_step(run: Run, bar: tqdm, epoch: int, terms: dict, seconds: float) -> No
     """One line of log.jsonl (main process): losses, learning rate, time, memory."""
     if not run.is_main:
         return
-    values = {name: round(value.item(), 5) for name, value in terms.items()}
+    read = torch.stack([value.detach().float() for value in terms.values()]).tolist()  # one wait
+    values = {name: round(value, 5) for name, value in zip(terms, read)}
     bar.set_postfix({name: f"{value:.3f}" for name, value in values.items()})
     run.log.write(json.dumps(dict(step=run.step, epoch=epoch,
                                   lr=run.scheduler.get_last_lr()[0], step_seconds=seconds,
@@ -616,7 +620,7 @@ def make_loader(run: Run, skip_batches: int) -> DataLoader:
         4 if run.device.type == "cuda" else 0)
     indices = list(run.sampler)[skip_batches * args.batch_size:]
     return DataLoader(run.samples, batch_size=args.batch_size, sampler=indices, drop_last=True,
-                      num_workers=workers,
+                      num_workers=workers, pin_memory=run.device.type == "cuda",
                       collate_fn=partial(collate, pad_multiple=run.model.config.pad_multiple))
 
 

@@ -8,18 +8,22 @@
 #   same_weights one Grounding DINO Swin-T's weights in transformers and here: fp32 parity at
 #                800x1333, then bf16 forward and step times side by side
 #   tiny         a short tiny main job (SFT vs GRQO 1+5, one seed) on the GPU
+#   syncs        the tests that need CUDA: a training step under set_sync_debug_mode("error")
 # On one H100, kernels + bench + step take under 2 minutes and tiny about 7.5. The device
 # machine's Python lacks pycocotools: wheels in .whl/ are installed first when present.
 # Full logs go to $OUT (or ./gpu_check_out); the summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
-SECTIONS=${SECTIONS:-kernels bench step profile huggingface same_weights tiny}
+SECTIONS=${SECTIONS:-syncs kernels bench step profile huggingface same_weights tiny}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then python -m pip install -q --no-deps .whl/*.whl; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 wants() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
+if wants syncs; then echo "== syncs: the tests that need CUDA"
+python -m pytest -q -rs tests/test_train.py -k cuda 2>&1 | tee "$OUT/syncs.log"; fi
 
 if wants kernels; then echo "== kernels: Triton vs reference on CUDA"
 python benchmarks/gpu_check.py kernels --json "$OUT/kernels_check.json" 2>&1 | tee "$OUT/kernels_check.log"; fi

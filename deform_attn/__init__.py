@@ -1,7 +1,7 @@
 """Multi-scale deformable attention (Deformable DETR): one entry point, two backends.
 
     ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                   attention_weights, backend="auto") -> output
+                   attention_weights, backend="auto", level_shapes=None) -> output
 
     value               (B, S, heads, D)        S = sum of H_l * W_l, levels flattened
                                                 row-major and concatenated
@@ -10,6 +10,9 @@
     sampling_locations  (B, Q, heads, L, P, 2)  (x, y) in [0, 1]; pixel = loc * size - 0.5
     attention_weights   (B, Q, heads, L, P)
     output              (B, Q, heads * D)       value's dtype
+    level_shapes        optional: spatial_shapes as host integers [(H_l, W_l), ...], when
+                        the caller holds them; the torch backend then reads no device data
+                        (on CUDA, reading spatial_shapes makes the host wait for the GPU)
 
 Sampling is bilinear with zero padding outside the map, exactly grid_sample with
 align_corners=False (see deform_attn/reference.py, the specification).
@@ -95,10 +98,13 @@ def _select_implementation(backend, value):
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                   attention_weights, backend="auto"):
+                   attention_weights, backend="auto", level_shapes=None):
     """Multi-scale deformable attention; shapes and backends in the module docstring."""
     _check_shapes(value, spatial_shapes, level_start_index, sampling_locations,
                   attention_weights)
+    if level_shapes is not None and len(level_shapes) != spatial_shapes.shape[0]:
+        raise ValueError(f"level_shapes has {len(level_shapes)} levels, spatial_shapes "
+                         f"{spatial_shapes.shape[0]}")
     implementation = _select_implementation(backend, value)
     return implementation(value, spatial_shapes, level_start_index, sampling_locations,
-                          attention_weights)
+                          attention_weights, level_shapes=level_shapes)

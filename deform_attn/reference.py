@@ -26,19 +26,24 @@ from einops import rearrange
 
 
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
-                             attention_weights):
+                             attention_weights, level_shapes=None):
     """Multi-scale deformable attention with one `grid_sample` per level.
 
     Shapes as in the module docstring. Differentiable with respect to value,
     sampling_locations and attention_weights. Half-precision inputs are computed in
     float32 (like the Triton kernel's accumulation) and the output is cast back to
-    value's dtype; float64 stays float64 so that gradcheck is meaningful.
+    value's dtype; float64 stays float64 so that gradcheck is meaningful. level_shapes:
+    spatial_shapes as host integers when the caller holds them (then no device data is read;
+    the levels are taken to be concatenated in order, as level_start_index says).
     """
     batch_size = value.shape[0]
     compute_dtype = torch.promote_types(value.dtype, torch.float32)
     # grid_sample wants the levels as separate images, so the shapes must be host integers.
-    level_shapes = spatial_shapes.tolist()
-    level_starts = level_start_index.tolist()
+    if level_shapes is None:
+        level_shapes, level_starts = spatial_shapes.tolist(), level_start_index.tolist()
+    else:
+        sizes = [height * width for height, width in level_shapes]
+        level_starts = [sum(sizes[:level]) for level in range(len(sizes))]
 
     # grid_sample's grid lives in [-1, 1]; with align_corners=False, -1 and 1 are the outer
     # edges, which is the same as location * size - 0.5 in pixels.

@@ -265,11 +265,12 @@ class _MultiScaleDeformableAttention(torch.autograd.Function):
 
 
 def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations,
-                          attention_weights):
+                          attention_weights, level_shapes=None):
     """Multi-scale deformable attention with the Triton kernels; shapes in the module docstring.
 
     Accepts non-contiguous inputs (they are made contiguous) and locations of any float
-    dtype (computed in float32; autograd casts their gradient back).
+    dtype (computed in float32; autograd casts their gradient back). level_shapes is not
+    needed: the kernels read spatial_shapes on the device.
     """
     for name, tensor in (("value", value), ("attention_weights", attention_weights)):
         if tensor.dtype not in SUPPORTED_DTYPES:

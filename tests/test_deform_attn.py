@@ -128,6 +128,17 @@ def test_reference_matches_loop_implementation(non_contiguous):
     assert relative_error(output, expected) <= 1e-5
 
 
+def test_level_shapes_from_the_host_give_the_same_output_without_reading_the_device(
+        monkeypatch):
+    inputs = make_inputs(**MIXED_CASE)
+    expected = ms_deform_attn(**inputs)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda tensor: pytest.fail("read the device"))
+    output = ms_deform_attn(**inputs, level_shapes=MIXED_CASE["level_shapes"])
+    assert torch.equal(output, expected)
+    with pytest.raises(ValueError, match="level_shapes has 2 levels"):
+        ms_deform_attn(**inputs, level_shapes=MIXED_CASE["level_shapes"][:2])
+
+
 def test_reference_gradcheck_in_float64():
     inputs = make_inputs(batch_size=2, level_shapes=[(2, 3), (1, 1)], num_heads=1,
                          head_dim=3, num_queries=2, num_points=2, dtype=torch.float64)
@@ -145,7 +156,7 @@ def test_reference_gradcheck_in_float64():
 def test_auto_backend_uses_torch_on_cpu(monkeypatch):
     calls = []
 
-    def recording_reference(*arguments):
+    def recording_reference(*arguments, level_shapes=None):
         calls.append(len(arguments))
         return ms_deform_attn_reference(*arguments)
 

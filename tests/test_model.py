@@ -9,7 +9,7 @@ import torch
 import torchvision
 from scipy.optimize import linear_sum_assignment
 
-from data import Target, VisualInstructions, collate
+from data import Target, VisualInstructions, collate, sample_prompts
 from losses import HungarianMatcher, SetCriterion
 from model import (DetectorOutput, build_denoising_queries, build_model, expand_prompts,
                    one_token_per_class, postprocess, visual_phrases)
@@ -546,34 +546,71 @@ def test_the_set_losses_of_every_layer_at_once_equal_detrs_loop_over_sets_and_im
     torch.testing.assert_close(terms["encoder"], reference(*sets[-1]))
 
 
+class DeviceReads:
+    """Counts what would make the host wait for a CUDA device, on the CPU where none of it
+    waits: the operators nonzero, masked_select, bincount, item (`_local_scalar_dense`) and
+    boolean indexing, through a dispatch mode, and the host reads `.cpu()`, `.tolist()` and
+    `.numpy()`, intercepted. Use: `with DeviceReads(monkeypatch) as reads: ...`."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.names = monkeypatch, []
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        names = self.names
+
+        class CountReads(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func._schema.name.split("::")[-1]
+                indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else []
+                if name in ("nonzero", "masked_select", "bincount", "_local_scalar_dense") or any(
+                        isinstance(index, torch.Tensor) and index.dtype == torch.bool
+                        for index in indices):
+                    names.append(name)
+                return func(*args, **(kwargs or {}))
+
+        for method in ("cpu", "tolist", "numpy"):
+            original = getattr(torch.Tensor, method)
+            self.monkeypatch.setattr(torch.Tensor, method, lambda tensor, *a, _name=method,
+                                     _f=original, **k: names.append(_name) or _f(tensor, *a, **k))
+        self.mode = CountReads()
+        self.mode.__enter__()
+        return names
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        self.monkeypatch.undo()
+
+
 def test_the_losses_wait_for_the_device_once(tiny, monkeypatch):
     """On CUDA every read of a device value blocks the host. The SFT losses of a training
     step (every set matched, denoising, L_contra) read one: the matching's transfer of every
-    set's costs (`.cpu()`, then `.numpy()` of that host copy). No `item`, `tolist`, nonzero,
-    boolean index or bincount, counted here on the CPU where none of them waits."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    set's costs (`.cpu()`, then `.numpy()` of that host copy)."""
     batch, instructions, targets = tiny_batch()
     tiny.train()
     output = tiny(batch.images, batch.mask, instructions, dn_targets=targets,
                   generator=torch.Generator().manual_seed(0))
-    reads = []
-
-    class CountReads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func._schema.name.split("::")[-1]
-            indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else []
-            if name in ("nonzero", "masked_select", "bincount", "_local_scalar_dense") or any(
-                    isinstance(index, torch.Tensor) and index.dtype == torch.bool
-                    for index in indices):
-                reads.append(name)
-            return func(*args, **(kwargs or {}))
-
-    for method in ("cpu", "tolist", "numpy"):
-        original = getattr(torch.Tensor, method)
-        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _name=method, _f=original,
-                            **k: reads.append(_name) or _f(self, *a, **k))
-    with CountReads():
+    with DeviceReads(monkeypatch) as reads:
         terms = SetCriterion()(output, targets, num_boxes=4.0)
     assert {"decoder", "encoder", "denoising", "contrastive"} <= set(terms)
     assert reads == ["cpu", "numpy"]
+
+
+def test_the_training_forward_reads_nothing_from_the_device(tiny, monkeypatch):
+    """The forward of a training step (backbone, visual instructions as sampled for
+    training, enhancer, query selection, denoising queries, decoder) never waits for the
+    device: the level shapes come from the host, and so does the exemplars' layout."""
+    batch, _, targets = tiny_batch()
+    instructions, targets = sample_prompts(batch, ["a", "b"], torch.Generator().manual_seed(0))
+    assert instructions.max_per_image == 3
+    tiny.train()
+    with DeviceReads(monkeypatch) as reads:
+        output = tiny(batch.images, batch.mask, instructions, dn_targets=targets,
+                      generator=torch.Generator().manual_seed(0))
+    assert output.logits.shape[-1] == 2
+    assert reads == []
+    instructions.max_per_image = None                 # without the host's count: one read
+    with DeviceReads(monkeypatch) as reads:
+        tiny(batch.images, batch.mask, instructions, dn_targets=targets,
+             generator=torch.Generator().manual_seed(0))
+    assert reads == ["_local_scalar_dense"]

@@ -446,3 +446,33 @@ def test_a_checkpoint_of_the_unfused_optimiser_resumes_fused(shapes, tmp_path):
     resumed = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]
     assert resumed["param_groups"][0]["fused"] is True
     assert all(state["step"].item() == 3 for state in resumed["state"].values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_training_step_waits_for_the_device_only_where_it_must(shapes, tmp_path,
+                                                                      monkeypatch):
+    """Two SFT steps on CUDA with torch.cuda.set_sync_debug_mode("error"): anything that makes
+    the host wait raises, except the matching's transfer of the costs, the non-finite check
+    and the logged losses (one read each)."""
+    from losses import HungarianMatcher
+
+    def allowed(function):
+        def run(*arguments, **keywords):
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return function(*arguments, **keywords)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+        return run
+
+    monkeypatch.setattr(HungarianMatcher, "assign", staticmethod(allowed(HungarianMatcher.assign)))
+    for name in ("finite_in_every_process", "log_step"):
+        monkeypatch.setattr(train_sft, name, allowed(getattr(train_sft, name)))
+    epoch = train_sft.train_one_epoch
+    monkeypatch.setattr(train_sft, "train_one_epoch", lambda *a, **k: (
+        torch.cuda.set_sync_debug_mode("error"), epoch(*a, **k))[1])
+    try:
+        train_sft.main(run_args(shapes, tmp_path / "run", "--max-steps", "2", "--device",
+                                "cuda", "--workers", "0"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
