@@ -48,14 +48,14 @@ class Domain:
     only) where train_images > 0."""
 
     description: str
-    classes: tuple[str, ...]  # "<colour> <shape>"
+    classes: tuple[str, ...]  # "<colour> <shape>", or a name of OBJECT_PAINTERS
     style: Style
     novel: tuple[str, ...] = ()  # kept out of train (with a train split only)
     train_images: int = 0
     support_dev_val_images: tuple[int, int, int] = (60, 100, 200)  # 10 shots a class and more
 
     def categories(self) -> list[dict]:
-        return [{"id": index + 1, "name": name, "supercategory": name.split(" ")[1]}
+        return [{"id": index + 1, "name": name, "supercategory": name.split(" ")[-1]}
                 for index, name in enumerate(self.classes)]
 
     def split_sizes(self) -> dict[str, int]:
@@ -348,16 +348,22 @@ def _draw_image(
     owner = np.full((image_size, image_size), -1, dtype=np.int64)
     placed, visible, full = [], np.zeros(0), np.zeros(0)
     for category in categories:
-        shape, colour = category["supercategory"], category["name"].split(" ")[0]
-        placement = _place_object(rng, shape, image_size, owner, visible, full, style)
+        paint = OBJECT_PAINTERS.get(category["name"])    # a far domain's object, or a shape
+        if paint is None:
+            shape, colour = category["supercategory"], category["name"].split(" ")[0]
+            placement = _place_object(rng, shape, image_size, owner, visible, full, style)
+        else:
+            placement = _place_painted(rng, paint, image_size, owner, visible, full, style)
         if placement is None:
             continue
-        polygon, mask = placement
-        covered = mask > 0
+        covered = placement[1] > 0 if paint is None else placement[0]
         visible = visible - np.bincount(owner[covered] + 1, minlength=len(visible) + 1)[1:]
         visible, full = np.append(visible, covered.sum()), np.append(full, covered.sum())
         owner[covered] = len(placed)
-        _paint(rng, canvas, mask, polygon, colour, style.outline_only)
+        if paint is None:
+            _paint(rng, canvas, placement[1], placement[0], colour, style.outline_only)
+        else:
+            canvas[covered] = placement[1][covered]
         rows, columns = np.flatnonzero(covered.any(axis=1)), np.flatnonzero(covered.any(axis=0))
         box = [
             int(columns[0]),
@@ -492,6 +498,401 @@ def ensure_shapes(
 
 
 # ----------------------------------------------------------------------------------------
+# Far domains: other object families on photograph-like backgrounds
+# ----------------------------------------------------------------------------------------
+# Machine parts on a workbench, cells under a microscope, marks on a printed page: objects
+# that are not the drawn shapes, told apart by form and texture rather than by colour, on
+# backgrounds with the low-frequency shading and clutter of photographs.
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """(size, size) float noise in about [-1, 1], smooth at the scale of size / cells."""
+    grid = Image.fromarray(rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32))
+    return np.asarray(grid.resize((size, size), Image.BICUBIC), dtype=np.float32)
+
+
+def _fractal_noise(rng: np.random.Generator, size: int, octaves: int = 4) -> np.ndarray:
+    """A sum of smooth noises at doubling frequencies and halving amplitudes: the mottling
+    of natural surfaces."""
+    return sum(_smooth_noise(rng, size, 2 ** (octave + 1)) / 2 ** octave
+               for octave in range(octaves))
+
+
+def _lighting(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size) brightness factors: a lamp off to one side, as in a photograph."""
+    ys, xs = np.mgrid[0:size, 0:size] / size
+    centre = rng.uniform(-0.3, 1.3, 2)
+    distance = np.hypot(xs - centre[0], ys - centre[1])
+    return 1.15 - rng.uniform(0.2, 0.45) * distance
+
+
+def _wood_background(rng: np.random.Generator, image_size: int) -> Image.Image:
+    """Wood grain under a lamp: rings bent by fractal noise, knots, brown tones."""
+    ys, xs = np.mgrid[0:image_size, 0:image_size] / image_size
+    angle = rng.uniform(0, math.pi)
+    across = xs * math.cos(angle) + ys * math.sin(angle)
+    warp = _fractal_noise(rng, image_size, 3)
+    grain = np.sin(2 * math.pi * (rng.uniform(8, 20) * across + 1.5 * warp)) * 0.5 + 0.5
+    hue, value = rng.uniform(0.05, 0.11), rng.uniform(0.45, 0.8)
+    light = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.35, 0.6), value))
+    dark = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 0.8), value * 0.55))
+    pixels = grain[..., None] * light + (1 - grain[..., None]) * dark
+    pixels *= (_lighting(rng, image_size) + 0.05 * _fractal_noise(rng, image_size))[..., None]
+    return Image.fromarray(np.clip(pixels * 255, 0, 255).astype(np.uint8))
+
+
+def _tissue_background(rng: np.random.Generator, image_size: int) -> Image.Image:
+    """A stained section under a microscope: mottled pink, pale fibres, purple debris."""
+    mottle = _fractal_noise(rng, image_size)
+    pink = np.array(colorsys.hsv_to_rgb(rng.uniform(0.9, 0.98), rng.uniform(0.15, 0.35),
+                                        rng.uniform(0.8, 0.95)))
+    pixels = pink * (1 + 0.12 * mottle)[..., None]
+    image = Image.fromarray(np.clip(pixels * 255, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(3, 10)):                 # fibres
+        points = np.cumsum(rng.normal(0, image_size / 8, (4, 2)), 0) + rng.uniform(
+            0, image_size, 2)
+        draw.line(points.flatten().tolist(), fill=tuple(int(v) for v in 255 * pink * 1.05),
+                  width=int(rng.integers(1, 3)))
+    for _ in range(rng.integers(10, 40)):                # debris
+        centre, radius = rng.uniform(0, image_size, 2), rng.uniform(0.5, 1.8)
+        draw.ellipse([*(centre - radius), *(centre + radius)],
+                     fill=tuple(int(v) for v in rng.uniform(60, 140, 3) * (0.9, 0.6, 1.0)))
+    return image
+
+
+def _paper_background(rng: np.random.Generator, image_size: int) -> Image.Image:
+    """A printed page photographed: off-white, uneven light, lines of grey words."""
+    tone = rng.uniform(0.85, 0.97) * np.array([1.0, 0.98, rng.uniform(0.9, 0.97)])
+    pixels = tone * (_lighting(rng, image_size) * 0.3 + 0.75
+                     + 0.02 * _fractal_noise(rng, image_size))[..., None]
+    image = Image.fromarray(np.clip(pixels * 255, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    spacing, height = rng.uniform(5, 9), int(rng.integers(1, 3))
+    margin = rng.uniform(4, 14)
+    for row in np.arange(rng.uniform(2, 8), image_size, spacing):
+        x = margin
+        while x < image_size - margin:
+            word = rng.uniform(3, 14)
+            ink = int(rng.uniform(40, 120))
+            draw.rectangle([x, row, min(x + word, image_size - margin), row + height],
+                           fill=(ink, ink, ink))
+            x += word + rng.uniform(2, 4)
+    return image
+
+
+BACKGROUNDS.update(wood=_wood_background, tissue=_tissue_background, paper=_paper_background)
+
+
+def _canvas(long_side: float) -> tuple[Image.Image, ImageDraw.ImageDraw, float]:
+    """A transparent square canvas for one object, its drawer and its centre."""
+    size = int(math.ceil(long_side * 1.5)) + 4
+    image = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    return image, ImageDraw.Draw(image), size / 2
+
+
+def _turned(points: np.ndarray, angle: float, scale: float, centre: float) -> list[float]:
+    """Unit outline points (P, 2) rotated, scaled and centred, flattened for ImageDraw."""
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    return ((points @ rotation.T) * scale + centre).flatten().tolist()
+
+
+def _circle(radius: float, corners: int = 40, wobble: np.ndarray | None = None) -> np.ndarray:
+    angles = 2 * math.pi * np.arange(corners) / corners
+    radii = radius * (1 + (0 if wobble is None else wobble))
+    return np.stack([np.cos(angles) * radii, np.sin(angles) * radii], axis=1)
+
+
+def _metal(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Steel or brass, so that colour never names a part."""
+    hue, saturation = (0.12, rng.uniform(0.4, 0.6)) if rng.random() < 0.4 else (
+        rng.uniform(0.5, 0.65), rng.uniform(0.0, 0.1))
+    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation,
+                                                             rng.uniform(0.55, 0.85)))
+
+
+def _hole(draw, centre: float, radius: float) -> None:
+    draw.ellipse([centre - radius, centre - radius, centre + radius, centre + radius],
+                 fill=(0, 0, 0, 0))
+
+
+def _gear(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    teeth = int(rng.integers(8, 14))
+    angles = np.linspace(0, 2 * math.pi, 4 * teeth, endpoint=False)
+    radii = np.tile([1.0, 1.0, 0.78, 0.78], teeth)
+    outline = np.stack([np.cos(angles) * radii, np.sin(angles) * radii], 1)
+    draw.polygon(_turned(outline, rng.uniform(0, math.pi), long_side / 2, centre),
+                 fill=_metal(rng) + (255,))
+    _hole(draw, centre, long_side * rng.uniform(0.1, 0.18))
+    return image
+
+
+def _hex_nut(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    draw.polygon(_turned(_regular_polygon(6), rng.uniform(0, math.pi), long_side / 2, centre),
+                 fill=_metal(rng) + (255,))
+    _hole(draw, centre, long_side * rng.uniform(0.2, 0.26))
+    return image
+
+
+def _washer(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    radius = long_side / 2
+    draw.ellipse([centre - radius, centre - radius, centre + radius, centre + radius],
+                 fill=_metal(rng) + (255,))
+    _hole(draw, centre, radius * rng.uniform(0.45, 0.6))
+    return image
+
+
+def _bolt(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    width = rng.uniform(0.12, 0.18)
+    head = [(-1, -2.2 * width), (-0.7, -2.2 * width), (-0.7, 2.2 * width), (-1, 2.2 * width)]
+    shaft = [(-0.7, -width), (1, -width), (1, width), (-0.7, width)]
+    angle, colour = rng.uniform(0, 2 * math.pi), _metal(rng) + (255,)
+    for part in (head, shaft):
+        draw.polygon(_turned(np.array(part), angle, long_side / 2, centre), fill=colour)
+    for x in np.arange(-0.3, 0.95, rng.uniform(0.08, 0.12)):           # the thread
+        draw.line(_turned(np.array([(x, -width), (x + 0.05, width)]), angle, long_side / 2,
+                          centre), fill=(60, 60, 60, 255), width=1)
+    return image
+
+
+def _spring(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    turns, width = int(rng.integers(4, 8)), rng.uniform(0.25, 0.4)
+    xs = np.linspace(-1, 1, 2 * turns + 1)
+    points = np.stack([xs, np.where(np.arange(len(xs)) % 2, width, -width)], 1)
+    draw.line(_turned(points, rng.uniform(0, 2 * math.pi), long_side / 2, centre),
+              fill=_metal(rng) + (255,), width=max(2, int(long_side / 14)), joint="curve")
+    return image
+
+
+def _bracket(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    arm = rng.uniform(0.25, 0.35)
+    outline = np.array([(-1, -1), (-1 + 2 * arm, -1), (-1 + 2 * arm, 1 - 2 * arm),
+                        (1, 1 - 2 * arm), (1, 1), (-1, 1)]) * 0.7
+    angle = rng.uniform(0, 2 * math.pi)
+    draw.polygon(_turned(outline, angle, long_side / 2, centre), fill=_metal(rng) + (255,))
+    for hole in ((-0.7 + arm * 0.7, -0.35), (0.35, 0.7 - arm * 0.7)):
+        x, y = _turned(np.array([hole]), angle, long_side / 2, centre)
+        draw.ellipse([x - long_side * 0.06, y - long_side * 0.06, x + long_side * 0.06,
+                      y + long_side * 0.06], fill=(0, 0, 0, 0))
+    return image
+
+
+def _cell_colours(rng):
+    membrane = tuple(int(v) for v in rng.uniform([120, 60, 150], [170, 100, 200])) + (255,)
+    inside = tuple(int(v) for v in rng.uniform([200, 160, 215], [235, 195, 245])) + (255,)
+    nucleus = tuple(int(v) for v in rng.uniform([60, 20, 90], [100, 50, 140])) + (255,)
+    return membrane, inside, nucleus
+
+
+def _blob(rng, radius: float, stretch: float = 1.0) -> np.ndarray:
+    wobble = _smooth_noise(rng, 40, 4)[0] * 0.12
+    return _circle(radius, wobble=wobble) * np.array([stretch, 1.0])
+
+
+def _cell(rng, long_side, stretch=1.0, lobes=1, vacuole=False):
+    image, draw, centre = _canvas(long_side)
+    membrane, inside, nucleus = _cell_colours(rng)
+    angle = rng.uniform(0, 2 * math.pi)
+    scale = long_side / 2 / (stretch if lobes == 1 else 1.8)
+    shifts = [0.0] if lobes == 1 else [-0.8, 0.8]
+    for shift in shifts:
+        outline = _blob(rng, 1.0, stretch) + np.array([shift, 0.0])
+        draw.polygon(_turned(outline, angle, scale, centre), fill=inside, outline=membrane,
+                     width=max(1, int(long_side / 16)))
+    for shift in shifts:
+        if vacuole:
+            draw.polygon(_turned(_blob(rng, 0.6) + np.array([0.15, 0]), angle, scale, centre),
+                         fill=(245, 235, 245, 255))
+        offset = np.array([shift + (-0.7 if vacuole else rng.uniform(-0.2, 0.2)), 0.0])
+        core = _blob(rng, 0.3 if vacuole else 0.42, stretch * 0.9) + offset
+        draw.polygon(_turned(core, angle, scale, centre), fill=nucleus)
+    return image
+
+
+def _star_cell(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    membrane, inside, nucleus = _cell_colours(rng)
+    arms = int(rng.integers(4, 7))
+    angles = np.linspace(0, 2 * math.pi, 8 * arms, endpoint=False)
+    radii = 0.45 + 0.55 * np.abs(np.cos(angles * arms / 2)) ** 3
+    outline = np.stack([np.cos(angles) * radii, np.sin(angles) * radii], 1)
+    angle = rng.uniform(0, 2 * math.pi)
+    draw.polygon(_turned(outline, angle, long_side / 2, centre), fill=inside, outline=membrane)
+    draw.polygon(_turned(_blob(rng, 0.28), angle, long_side / 2, centre), fill=nucleus)
+    return image
+
+
+def _red_blood_cell(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    red = tuple(int(v) for v in rng.uniform([200, 80, 100], [235, 120, 140]))
+    draw.polygon(_turned(_blob(rng, 1.0), 0.0, long_side / 2, centre), fill=red + (255,))
+    pale = tuple(min(255, v + 40) for v in red) + (255,)
+    draw.polygon(_turned(_blob(rng, 0.45), 0.0, long_side / 2, centre), fill=pale)
+    return image
+
+
+def _ink(rng) -> tuple[int, int, int, int]:
+    return ((int(rng.uniform(10, 50)),) * 2 + (int(rng.uniform(60, 140)),) + (255,)
+            if rng.random() < 0.5 else (int(rng.uniform(15, 45)),) * 3 + (255,))
+
+
+def _barcode(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    width, height = long_side, long_side * rng.uniform(0.35, 0.6)
+    left, top = centre - width / 2, centre - height / 2
+    draw.rectangle([left, top, left + width, top + height], fill=(250, 250, 250, 255))
+    x = int(left) + 2
+    while x < left + width - 3:
+        bar = int(rng.choice([1, 1, 2, 3]))
+        draw.rectangle([x, int(top) + 2, x + bar - 1, int(top + height) - 2],
+                       fill=(15, 15, 15, 255))
+        x += bar + int(rng.choice([1, 2, 3]))
+    return image.rotate(rng.uniform(-15, 15), Image.BICUBIC)
+
+
+def _qr_code(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    modules = int(rng.integers(11, 17))
+    cell = long_side / (modules + 2)
+    left = centre - long_side / 2
+    draw.rectangle([left, left, left + long_side, left + long_side], fill=(250, 250, 250, 255))
+    bits = rng.random((modules, modules)) < 0.5
+    for corner_y, corner_x in ((0, 0), (0, modules - 7), (modules - 7, 0)):
+        bits[corner_y:corner_y + 7, corner_x:corner_x + 7] = False
+        ring = np.zeros((7, 7), bool)
+        ring[[0, -1], :] = ring[:, [0, -1]] = True
+        ring[2:5, 2:5] = True
+        bits[corner_y:corner_y + 7, corner_x:corner_x + 7] = ring
+    for y, x in zip(*np.nonzero(bits)):
+        x0, y0 = left + cell * (x + 1), left + cell * (y + 1)
+        draw.rectangle([x0, y0, x0 + max(cell - 1, 0), y0 + max(cell - 1, 0)],
+                       fill=(10, 10, 10, 255))
+    return image.rotate(rng.uniform(-10, 10), Image.BICUBIC)
+
+
+def _stamp(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    ink = ((int(rng.uniform(170, 220)), 30, 40) if rng.random() < 0.6
+           else (40, 50, int(rng.uniform(150, 200)))) + (220,)
+    radius, width = long_side / 2, max(1, int(long_side / 14))
+    draw.ellipse([centre - radius, centre - radius, centre + radius, centre + radius],
+                 outline=ink, width=width)
+    inner = radius * 0.72
+    draw.ellipse([centre - inner, centre - inner, centre + inner, centre + inner],
+                 outline=ink, width=1)
+    for row in np.linspace(-0.3, 0.3, 3) * radius:
+        draw.line([centre - inner * 0.6, centre + row, centre + inner * 0.6, centre + row],
+                  fill=ink, width=max(1, width - 1))
+    return image
+
+
+def _signature(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    xs = np.linspace(-1, 1, 60)
+    ys = (0.3 * np.sin(xs * rng.uniform(6, 14) + rng.uniform(0, 6))
+          * np.cos(xs * rng.uniform(1, 3)) + 0.15 * _smooth_noise(rng, 60, 5)[0])
+    points = np.stack([xs, ys], 1)
+    draw.line(_turned(points, rng.uniform(-0.3, 0.3), long_side / 2, centre), fill=_ink(rng),
+              width=max(1, int(long_side / 20)), joint="curve")
+    return image
+
+
+def _checkbox(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    half, ink = long_side / 2, _ink(rng)
+    draw.rectangle([centre - half, centre - half, centre + half, centre + half],
+                   fill=(250, 250, 250, 255), outline=ink, width=max(1, int(long_side / 12)))
+    tick = np.array([(-0.6, 0.0), (-0.15, 0.55), (0.7, -0.6)]) if rng.random() < 0.6 else None
+    if tick is not None:
+        draw.line((tick * half + centre).flatten().tolist(), fill=ink,
+                  width=max(1, int(long_side / 8)))
+    else:
+        for sign in (1, -1):
+            draw.line([centre - half * 0.6, centre - sign * half * 0.6, centre + half * 0.6,
+                       centre + sign * half * 0.6], fill=ink, width=max(1, int(long_side / 8)))
+    return image
+
+
+def _photo(rng, long_side):
+    image, draw, centre = _canvas(long_side)
+    width, height = long_side, long_side * rng.uniform(0.6, 0.8)
+    left, top = centre - width / 2, centre - height / 2
+    sky = tuple(int(v) for v in rng.uniform([90, 140, 200], [150, 190, 240]))
+    draw.rectangle([left, top, left + width, top + height], fill=sky + (255,),
+                   outline=(255, 255, 255, 255), width=max(1, int(long_side / 20)))
+    hill = [(left + 1, top + height * rng.uniform(0.5, 0.7)),
+            (left + width * rng.uniform(0.3, 0.7), top + height * rng.uniform(0.3, 0.5)),
+            (left + width - 1, top + height * rng.uniform(0.5, 0.75)),
+            (left + width - 1, top + height - 1), (left + 1, top + height - 1)]
+    draw.polygon(hill, fill=tuple(int(v) for v in rng.uniform([40, 100, 40], [90, 160, 80]))
+                 + (255,))
+    sun = rng.uniform(0.1, 0.9) * width + left, top + height * 0.25
+    draw.ellipse([sun[0] - 2, sun[1] - 2, sun[0] + 2, sun[1] + 2], fill=(250, 220, 90, 255))
+    return image.rotate(rng.uniform(-12, 12), Image.BICUBIC)
+
+
+OBJECT_PAINTERS = {  # class name -> (rng, long side in pixels) -> an RGBA picture of it
+    "gear": _gear, "hex nut": _hex_nut, "washer": _washer, "bolt": _bolt,
+    "spring": _spring, "bracket": _bracket,
+    "round cell": lambda rng, size: _cell(rng, size),
+    "spindle cell": lambda rng, size: _cell(rng, size, stretch=rng.uniform(2.2, 3.0)),
+    "dividing cell": lambda rng, size: _cell(rng, size, lobes=2),
+    "signet ring cell": lambda rng, size: _cell(rng, size, vacuole=True),
+    "stellate cell": _star_cell, "erythrocyte": _red_blood_cell,
+    "barcode": _barcode, "qr code": _qr_code, "stamp": _stamp, "signature": _signature,
+    "checkbox": _checkbox, "photo": _photo,
+}
+
+
+def _place_painted(
+    rng, paint, image_size: int, owner: np.ndarray, visible: np.ndarray, full: np.ndarray,
+    style: "Style",
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """_place_object for a painted object: (covered (S, S) bool, pixels (S, S, 3) float,
+    valid where covered), or None when no position keeps every object mostly visible."""
+    largest = image_size / 3
+    smallest = min(16.0, largest)
+    if style.sizes is not None:
+        smallest, largest = style.sizes[0] * image_size, style.sizes[1] * image_size
+    for attempt in range(PLACEMENT_ATTEMPTS):
+        long_side = math.exp(rng.uniform(math.log(smallest), math.log(largest)))
+        picture = paint(rng, long_side)
+        picture = picture.crop(picture.getbbox() or (0, 0, 1, 1))
+        rgba = np.asarray(picture, dtype=np.float32)
+        mask = rgba[..., 3] > 127
+        height, width = mask.shape
+        fully_inside = attempt == PLACEMENT_ATTEMPTS - 1 or rng.random() < 0.8
+        low = np.zeros(2) if fully_inside else -np.array([width, height]) / 2
+        high = (np.array([image_size - width, image_size - height]) if fully_inside
+                else image_size - np.array([width, height]) / 2)
+        x, y = (int(v) for v in rng.uniform(low, np.maximum(high, low)))
+        covered = np.zeros((image_size, image_size), bool)
+        pixels = np.zeros((image_size, image_size, 3), np.float32)
+        top, left = max(y, 0), max(x, 0)
+        bottom, right = min(y + height, image_size), min(x + width, image_size)
+        if bottom <= top or right <= left:
+            continue
+        inside = mask[top - y:bottom - y, left - x:right - x]
+        covered[top:bottom, left:right] = inside
+        pixels[top:bottom, left:right] = rgba[top - y:bottom - y, left - x:right - x, :3]
+        if covered.sum() < MIN_VISIBLE_FRACTION * mask.sum():
+            continue
+        hidden = np.bincount(owner[covered] + 1, minlength=len(visible) + 1)[1:]
+        if np.all(visible - hidden >= MIN_VISIBLE_FRACTION * full):
+            return covered, pixels
+    return None
+
+
+FAR_DOMAINS = ("parts", "cells", "documents")
+
+
+# ----------------------------------------------------------------------------------------
 # Domains: `--data shapes:NAME`, for zero-shot transfer studies
 # ----------------------------------------------------------------------------------------
 
@@ -523,6 +924,21 @@ DOMAINS = {
         "one or two large objects on dark backgrounds",
         ("purple hexagon", "orange hexagon", "purple arrow", "orange arrow", "blue arrow"),
         Style(background="dark", sizes=(0.35, 0.75), objects=(1, 2))),
+    "parts": Domain(
+        "machine parts, steel or brass, on wood grain under a lamp: objects told apart by "
+        "form, not colour, on a photograph-like background; a train split",
+        ("gear", "hex nut", "washer", "bolt", "spring", "bracket"),
+        Style(background="wood"), novel=("washer", "bracket"), train_images=600),
+    "cells": Domain(
+        "cells under a microscope on stained tissue with fibres and debris; a train split",
+        ("round cell", "spindle cell", "dividing cell", "signet ring cell", "stellate cell",
+         "erythrocyte"),
+        Style(background="tissue", noise=4.0), novel=("signet ring cell", "stellate cell"),
+        train_images=600),
+    "documents": Domain(
+        "marks on a photographed printed page among lines of words; a train split",
+        ("barcode", "qr code", "stamp", "signature", "checkbox", "photo"),
+        Style(background="paper"), novel=("stamp", "photo"), train_images=600),
 }
 
 

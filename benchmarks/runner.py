@@ -2,7 +2,8 @@
 study's training runs, resumes them, reads them back and keeps the study's summary.
 
 A study runs settings (name -> (training script, its arguments)) for some seeds, each with
-the `tiny` preset on one split of the data, SFT for E epochs and GRQO for 1 + (E - 1). It has
+the `tiny` preset on one split of the data, SFT for E epochs and GRQO for 1 + (E - 1) (or
+S + (E - S), Study.grqo_sft_epochs). It has
 two folders:
 
     --out benchmarks/results/NAME   the summary, kept in git: summary.json, summary.md
@@ -62,6 +63,7 @@ class Study:
     # Further evaluations of every finished run: name -> evaluate.py's arguments (beside
     # --ckpt and --out), written to the run's evaluation_NAME.json.
     evaluations: dict[str, list[str]] = field(default_factory=dict)
+    grqo_sft_epochs: int = 1       # GRQO runs: this many SFT epochs, then GRQO to `epochs`
 
 
 def add_arguments(parser, out: str | None, split: str, epochs: int, device: str) -> None:
@@ -113,7 +115,8 @@ def is_grqo(study: Study, setting: str) -> bool:
 def train_command(study: Study, setting: str, seed: int) -> list[str]:
     """The training command of a run; one cut off (its last.pt) continues, exactly."""
     script, arguments = study.settings[setting]
-    schedule = (["--sft-epochs", "1", "--grqo-epochs", str(study.epochs - 1)]
+    schedule = (["--sft-epochs", str(study.grqo_sft_epochs),
+                 "--grqo-epochs", str(study.epochs - study.grqo_sft_epochs)]
                 if is_grqo(study, setting) else ["--epochs", str(study.epochs)])
     folder = run_folder(study, setting, seed)
     resume = ["--resume", str(folder / "last.pt")] if (folder / "last.pt").exists() else []

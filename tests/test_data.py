@@ -620,3 +620,31 @@ def test_text_prompts_hold_the_batch_classes_and_base_negatives_only(shapes_root
                                  torch.Generator().manual_seed(0), name_tokens=length.get,
                                  max_tokens=budget - 21)
     assert any(sample(seed)[0].class_names != prompts.class_names for seed in range(1, 5))
+
+
+@pytest.mark.parametrize("name", shapes.FAR_DOMAINS)
+def test_a_far_domain_draws_its_own_objects_with_tight_boxes(name):
+    """Every class of a far domain is a painted object (no drawn shape in a new colour), each
+    class appears, and each box is tight around pixels that differ from the background."""
+    domain = shapes.DOMAINS[name]
+    style = replace(domain.style, noise=0.0, blur=0.0)            # so untouched pixels stay
+    assert set(domain.classes) <= set(shapes.OBJECT_PAINTERS)
+    assert not set(" ".join(domain.classes).split()) & DEFAULT_WORDS
+    rng = np.random.default_rng(0)
+    categories = domain.categories()
+    seen = set()
+    for _ in range(4):
+        background_rng = np.random.default_rng(rng.integers(1 << 30))
+        state = background_rng.bit_generator.state
+        picture, stubs = shapes._draw_image(background_rng, 128, categories, style)
+        background_rng.bit_generator.state = state
+        empty = shapes.BACKGROUNDS[domain.style.background](background_rng, 128)
+        changed = np.abs(np.asarray(picture, np.int16) - np.asarray(empty, np.int16)).max(-1) > 0
+        for stub in stubs:
+            x, y, w, h = stub["bbox"]
+            seen.add(stub["category_id"])
+            assert 0 < stub["area"] <= w * h
+            inside = changed[y:y + h, x:x + w]
+            edges = (inside[0], inside[-1], inside[:, 0], inside[:, -1])
+            assert all(edge.any() for edge in edges), stub
+    assert seen == {category["id"] for category in categories}

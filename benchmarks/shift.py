@@ -1,0 +1,223 @@
+"""When does GRQO help? Fine-tuning across a large domain shift, against the shift's size.
+
+    python benchmarks/shift.py                             # everything still missing
+    python benchmarks/shift.py --stages pretrained         # the two starting points only
+    python benchmarks/shift.py --seeds 0 1 2 --targets cells parts
+    python benchmarks/shift.py --summary                   # the tables of what is recorded
+
+Stages, each a study of benchmarks/runner.py (raw runs in runs/shift_*, summaries in
+benchmarks/results/shift/), on the `tiny` preset:
+
+1. pretrained: the two starting points, seed 0. P_visual is the main job (train_grqo.py, SFT
+   1 + GRQO 11, visual prompts); P_text trains 12 SFT epochs with text prompts (the transfer
+   study's P, Grounding DINO's role). Each is evaluated zero-shot on every domain's `val` and
+   the default `val`: P_visual with generic prompts (10 shots a class from that data's support
+   split), P_text with text prompts (its visual prompt encoder never trained). That AP is how
+   far a domain is from the start: the lower, the farther.
+2. finetune: from each P (--init), on each target (the far domains and `outlines`, the mild
+   shift already measured from P_text): SFT for 6 epochs against GRQO for 0 + 6 at
+   train_grqo.py's defaults (the release's alpha and beta), paired seeds 0-4. Every run is
+   evaluated with generic prompts on every domain's `val` and the default `val`: the target
+   (learned), the default (forgotten) and the others (transfer).
+3. ablations: on the target and P with the largest paired gain, GRQO's terms apart (kl_only,
+   advantage_only, seeds 0-2) and SFT with a plain L2 pull of the weights toward P
+   (`--init-l2`, the simplest trust region), so that what GRQO adds beyond "stay near the
+   start" is measured.
+
+The criterion, stated before any result: GRQO gains on a target where the paired mean of
+GRQO minus SFT on the target's `val` is at least +1.0 AP and above its std over seeds 0-4.
+Runs go two at a time with one CPU thread each; a run cut off continues from its last.pt and
+a finished one is read back, never rerun.
+"""
+
+import argparse
+import functools
+import statistics
+import sys
+from pathlib import Path
+
+import runner
+
+sys.path.insert(0, str(runner.ROOT))
+from shapes import DOMAINS, FAR_DOMAINS  # noqa: E402
+
+RESULTS = runner.ROOT / "benchmarks" / "results" / "shift"
+STARTS = {"P_visual": ("train_grqo.py", []),
+          "P_text": ("train_sft.py", ["--prompts", "text"])}
+START_PROMPT = {"P_visual": "generic", "P_text": "text"}
+MILD_TARGET = "outlines"
+TARGETS = (*FAR_DOMAINS, MILD_TARGET)
+SETTINGS = {"sft": ("train_sft.py", []), "grqo": ("train_grqo.py", [])}
+ABLATIONS = {"kl_only": ("train_grqo.py", ["--alpha", "0"]),
+             "advantage_only": ("train_grqo.py", ["--beta", "0"]),
+             "sft_l2": ("train_sft.py", ["--init-l2", "1.0"])}
+GAIN = 1.0                                       # AP points, and above the std over seeds
+
+
+def evaluations(prompt: str) -> dict[str, list[str]]:
+    """evaluate.py's arguments on every domain's val and the default val, by name."""
+    shots = ["--shots", "10"] if prompt == "generic" else []
+    return {name: ["--data", data, "--split", "val", "--prompt", prompt, *shots]
+            for name, data in [("default", "shapes")]
+            + [(domain, f"shapes:{domain}") for domain in DOMAINS]}
+
+
+def make_study(args, argv, name: str, settings: runner.Settings, epochs: int, data: str,
+               extra: list[str], prompt: str) -> runner.Study:
+    """One study: runs in RUNS_NAME (default runs/shift_NAME), summary in OUT/NAME."""
+    study_args = argparse.Namespace(**{
+        **vars(args), "out": str(Path(args.out) / name), "epochs": epochs, "data": data,
+        "extra": extra, "split": "val",
+        "runs": str(Path(args.runs) / name) if args.runs else str(
+            runner.ROOT / "runs" / f"shift_{name}")})
+    study = runner.study_from_arguments(study_args, settings, __file__, argv)
+    study.evaluations = evaluations(prompt)
+    study.grqo_sft_epochs = 1 if name.startswith("pretrained") else 0
+    return study
+
+
+def starts(args, argv) -> dict[str, runner.Study]:
+    """P -> the study that trains it (12 epochs on the default train split, seed 0)."""
+    return {start: make_study(args, argv, f"pretrained_{start}", {start: STARTS[start]}, 12,
+                              "shapes", [], START_PROMPT[start]) for start in STARTS}
+
+
+def finetunes(args, argv, settings: runner.Settings, tag: str = "") -> dict:
+    """(P, target) -> the study of fine-tuning P on the target's train split."""
+    made = {}
+    for start, study in starts(args, argv).items():
+        init = ["--init", str(runner.run_folder(study, start, 0) / "last.pt")]
+        for target in args.targets:
+            made[start, target] = make_study(args, argv, f"{start}_{target}{tag}", settings, 6,
+                                             f"shapes:{target}", init, "generic")
+    return made
+
+
+# ----------------------------------------------------------------------------- tables
+
+def ap(row: dict | None, evaluation: str) -> float | None:
+    value = (row or {}).get("evaluations", {}).get(evaluation, {}).get("AP")
+    return None if value is None else 100 * value
+
+
+def cell(values: list) -> str:
+    known = [value for value in values if value is not None]
+    if not known:
+        return "-"
+    spread = f" ± {statistics.stdev(known):.1f}" if len(known) > 1 else ""
+    return f"{statistics.mean(known):.1f}{spread}"
+
+
+def done_rows(study: runner.Study) -> dict[tuple[str, int], dict]:
+    return {(row["setting"], row["seed"]): row for row in runner.collect(study, set())
+            if row["status"] == "done"}
+
+
+def differences(study: runner.Study, target: str, setting: str = "grqo",
+                against: str = "sft") -> dict[str, list[float]]:
+    """Per seed, `setting` minus `against` (same seed) on the target, the default val and
+    the mean of the other domains."""
+    rows = done_rows(study)
+    found = {"target": [], "default": [], "others": [], "seeds": []}
+    for (name, seed), row in sorted(rows.items()):
+        base = rows.get((against, seed))
+        if name != setting or base is None:
+            continue
+        others = [domain for domain in DOMAINS if domain != target]
+        values = [ap(row, target), ap(base, target), ap(row, "default"), ap(base, "default")]
+        other = [ap(row, domain) for domain in others] + [ap(base, domain) for domain in others]
+        if None in values or None in other:
+            continue
+        found["target"].append(values[0] - values[1])
+        found["default"].append(values[2] - values[3])
+        found["others"].append(statistics.mean(other[:len(others)])
+                               - statistics.mean(other[len(others):]))
+        found["seeds"].append(seed)
+    return found
+
+
+def gains(deltas: list[float]) -> bool:
+    """The criterion: a paired mean of at least GAIN AP, above its std over the seeds."""
+    if len(deltas) < 2:
+        return False
+    mean = statistics.mean(deltas)
+    return mean >= GAIN and mean > statistics.stdev(deltas)
+
+
+def distance_table(pretrained: dict[str, runner.Study]) -> list[str]:
+    """Each P's zero-shot AP on every val: the distance of each domain from the start."""
+    names = ["default", *DOMAINS]
+    lines = ["| start (prompts) | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for start, study in pretrained.items():
+        row = done_rows(study).get((start, 0))
+        lines.append(f"| {start} ({START_PROMPT[start]}) | "
+                     + " | ".join(cell([ap(row, name)]) for name in names) + " |")
+    return lines
+
+
+def shift_table(start: str, pretrained: runner.Study, tuned: dict) -> list[str]:
+    """Rows = targets ordered by P's zero-shot AP (farthest first); GRQO minus SFT."""
+    zero_shot = done_rows(pretrained).get((start, 0))
+    order = sorted((target for (p, target) in tuned if p == start),
+                   key=lambda target: ap(zero_shot, target) if ap(zero_shot, target)
+                   is not None else float("inf"))
+    lines = [f"From {start}, GRQO 0+6 minus SFT 6 (AP points, paired by seed):", "",
+             "| target | P's zero-shot AP | SFT on target | seeds | Δ target | Δ target per seed "
+             "| Δ default val | Δ other domains | gain |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    for target in order:
+        study = tuned[start, target]
+        found = differences(study, target)
+        sft = [ap(row, target) for (name, _), row in done_rows(study).items() if name == "sft"]
+        per_seed = ", ".join(f"{value:+.1f}" for value in found["target"]) or "-"
+        lines.append(f"| {target} | {cell([ap(zero_shot, target)])} | {cell(sft)} | "
+                     f"{len(found['target'])} | {cell(found['target'])} | {per_seed} | "
+                     f"{cell(found['default'])} | {cell(found['others'])} | "
+                     f"{'yes' if gains(found['target']) else 'no'} |")
+    return lines
+
+
+def render(pretrained: dict, tuned: dict) -> str:
+    lines = ["Zero-shot AP of each starting point on every val (the distance; lower = "
+             "farther):", "", *distance_table(pretrained)]
+    for start in pretrained:
+        lines += ["", *shift_table(start, pretrained[start], tuned)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
+    parser.add_argument("--stages", nargs="+", default=["pretrained", "finetune"],
+                        choices=["pretrained", "finetune"])
+    runner.add_arguments(parser, out=str(RESULTS), split="val", epochs=6, device="cpu")
+    args = parser.parse_args(argv)
+    pretrained, tuned = starts(args, argv), finetunes(args, argv, SETTINGS)
+    show = functools.partial(lambda rows: render(pretrained, tuned))
+    if not args.summary and "pretrained" in args.stages:
+        for start in args.starts:
+            runner.run_all(pretrained[start], [(start, 0)], 1, args.threads, show)
+            runner.report(pretrained[start], {(start, 0)}, show)
+    if not args.summary and "finetune" in args.stages:
+        ready = [start for start in args.starts
+                 if (start, 0) in done_rows(pretrained[start])]
+        batches = [seeds for seeds in ([s for s in args.seeds if s < 3],
+                                       [s for s in args.seeds if s >= 3]) if seeds]
+        for seeds in batches:               # seeds 0-2 of every target first, then 3-4
+            for start in ready:
+                for target in args.targets:
+                    jobs = [(setting, seed) for seed in seeds for setting in SETTINGS]
+                    runner.run_all(tuned[start, target], jobs, args.jobs, args.threads, show)
+                    runner.report(tuned[start, target], set(jobs), show)
+    tables = render(pretrained, tuned)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.summary:
+        (Path(args.out) / "summary.md").write_text(tables + "\n")
+    print(tables)
+
+
+if __name__ == "__main__":
+    main()
