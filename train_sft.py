@@ -388,6 +388,39 @@ class SFTObjective:
         return terms["sft"], terms
 
 
+class PullToStart(SFTObjective):
+    """SFT plus a plain L2 pull of the weights toward those the run started from (--init):
+    (weight / 2) * sum ||w - w_start||^2 over the trained weights, the simplest trust region
+    ("L2-SP", Li et al. 2018), against which GRQO's KL to a reference is measured
+    (benchmarks/shift.py). The start is taken before the first step and saved in
+    checkpoints, so a resumed run pulls toward the same weights."""
+
+    def __init__(self, match_cost: str, contrastive_weight: float, weight: float):
+        super().__init__(match_cost, contrastive_weight)
+        self.weight, self.start = weight, None
+
+    def start_epoch(self, model: DINOR1, epoch: int) -> None:
+        if self.start is None:
+            self.start = {name: value.detach().clone()
+                          for name, value in model.named_parameters() if value.requires_grad}
+
+    def state_dict(self) -> dict:
+        return {} if self.start is None else {"start": self.start}
+
+    def load_state_dict(self, state: dict, model: DINOR1) -> None:
+        if "start" in state:
+            device = next(model.parameters()).device
+            self.start = {name: value.to(device) for name, value in state["start"].items()}
+
+    def __call__(self, network, batch, prompts, targets, num_boxes, generator=None):
+        loss, terms = super().__call__(network, batch, prompts, targets, num_boxes, generator)
+        model = getattr(network, "module", network)                 # DDP's wrapped detector
+        terms["pull"] = self.weight / 2 * sum(
+            (value - self.start[name]).pow(2).sum()
+            for name, value in model.named_parameters() if name in self.start)
+        return loss + terms["pull"], terms
+
+
 def detector_prompts(prompts: "VisualInstructions | TextPrompts"
                      ) -> "VisualInstructions | list[str]":
     """A step's prompts as the detector takes them (model.Prompting): visual instructions as
@@ -749,7 +782,15 @@ def final_evaluation(model: DINOR1, args, out: Path, device: torch.device) -> di
 
 
 def main(argv=None) -> DINOR1:
-    args = finish_args(make_parser().parse_args(argv), "sft")
+    parser = make_parser()
+    parser.add_argument("--init-l2", type=float, default=0.0, metavar="WEIGHT",
+                        help="add (WEIGHT / 2) * sum ||w - w_start||^2, a pull toward the "
+                             "weights the run started from (--init); 0: none")
+    args = finish_args(parser.parse_args(argv), "sft")
+    if args.init_l2 < 0:
+        parser.error(f"--init-l2 must be at least 0, got {args.init_l2}")
+    if args.init_l2:
+        return train(args, PullToStart(args.match_cost, args.contrastive_weight, args.init_l2))
     return train(args, SFTObjective(args.match_cost, args.contrastive_weight))
 
 

@@ -48,9 +48,11 @@ START_PROMPT = {"P_visual": "generic", "P_text": "text"}
 MILD_TARGET = "outlines"
 TARGETS = (*FAR_DOMAINS, MILD_TARGET)
 SETTINGS = {"sft": ("train_sft.py", []), "grqo": ("train_grqo.py", [])}
+# --init-l2 0.1: L2-SP's weight for the pretrained part (Li et al., 2018), chosen before any run.
 ABLATIONS = {"kl_only": ("train_grqo.py", ["--alpha", "0"]),
              "advantage_only": ("train_grqo.py", ["--beta", "0"]),
-             "sft_l2": ("train_sft.py", ["--init-l2", "1.0"])}
+             "sft_l2": ("train_sft.py", ["--init-l2", "0.1"])}
+ABLATION_SEEDS = {"kl_only": [0, 1, 2], "advantage_only": [0, 1, 2], "sft_l2": [0, 1, 2, 3, 4]}
 GAIN = 1.0                                       # AP points, and above the std over seeds
 
 
@@ -82,14 +84,16 @@ def starts(args, argv) -> dict[str, runner.Study]:
                               "shapes", [], START_PROMPT[start]) for start in STARTS}
 
 
-def finetunes(args, argv, settings: runner.Settings, tag: str = "") -> dict:
-    """(P, target) -> the study of fine-tuning P on the target's train split."""
+def finetunes(args, argv) -> dict:
+    """(P, target) -> the study of fine-tuning P on the target's train split: SFT and GRQO,
+    and the ablations (run only where the gain is largest)."""
     made = {}
     for start, study in starts(args, argv).items():
         init = ["--init", str(runner.run_folder(study, start, 0) / "last.pt")]
-        for target in args.targets:
-            made[start, target] = make_study(args, argv, f"{start}_{target}{tag}", settings, 6,
-                                             f"shapes:{target}", init, "generic")
+        for target in TARGETS:
+            made[start, target] = make_study(args, argv, f"{start}_{target}",
+                                             {**SETTINGS, **ABLATIONS}, 6, f"shapes:{target}",
+                                             init, "generic")
     return made
 
 
@@ -178,12 +182,64 @@ def shift_table(start: str, pretrained: runner.Study, tuned: dict) -> list[str]:
     return lines
 
 
+def largest_gain(tuned: dict) -> tuple[str, str] | None:
+    """The (P, target) whose paired mean GRQO minus SFT on the target is largest."""
+    means = {key: statistics.mean(found) for key, study in tuned.items()
+             if (found := differences(study, key[1])["target"])}
+    return max(means, key=means.get) if means else None
+
+
+def ablation_table(tuned: dict) -> list[str]:
+    """Where the gain is largest: each ablation and GRQO against SFT and the L2 pull."""
+    chosen = largest_gain(tuned)
+    if chosen is None:
+        return []
+    study, target = tuned[chosen], chosen[1]
+    lines = [f"Ablations from {chosen[0]} on {target}, the largest paired gain (AP points):", "",
+             "| setting | against | seeds | Δ target | Δ target per seed | Δ default val "
+             "| Δ other domains |", "|---|---|---:|---:|---|---:|---:|"]
+    for setting, against in (("grqo", "sft"), ("kl_only", "sft"), ("advantage_only", "sft"),
+                             ("sft_l2", "sft"), ("grqo", "sft_l2")):
+        found = differences(study, target, setting, against)
+        per_seed = ", ".join(f"{value:+.1f}" for value in found["target"]) or "-"
+        lines.append(f"| {setting} | {against} | {len(found['target'])} | "
+                     f"{cell(found['target'])} | {per_seed} | {cell(found['default'])} | "
+                     f"{cell(found['others'])} |")
+    return lines
+
+
 def render(pretrained: dict, tuned: dict) -> str:
     lines = ["Zero-shot AP of each starting point on every val (the distance; lower = "
              "farther):", "", *distance_table(pretrained)]
     for start in pretrained:
         lines += ["", *shift_table(start, pretrained[start], tuned)]
-    return "\n".join(lines)
+    ablations = ablation_table(tuned)
+    return "\n".join(lines + ([""] + ablations if ablations else []))
+
+
+def run_finetunes(args, pretrained: dict, tuned: dict, show) -> None:
+    """SFT and GRQO from every P that is done, on every target: seed 0 everywhere first,
+    then seeds 1-2, then 3-4, so that partial results cover every target."""
+    ready = [start for start in args.starts if (start, 0) in done_rows(pretrained[start])]
+    for seeds in ([0], [1, 2], [3, 4]):
+        seeds = [seed for seed in seeds if seed in args.seeds]
+        for start in ready:
+            for target in args.targets:
+                jobs = [(setting, seed) for seed in seeds for setting in SETTINGS]
+                if jobs:
+                    runner.run_all(tuned[start, target], jobs, args.jobs, args.threads, show)
+
+
+def run_ablations(args, tuned: dict, show) -> None:
+    """The ablations where GRQO's paired gain is largest so far."""
+    chosen = largest_gain(tuned)
+    if chosen is None:
+        print("no paired SFT and GRQO runs yet: the ablations wait for them")
+        return
+    print(f"ablations from {chosen[0]} on {chosen[1]}")
+    jobs = [(setting, seed) for setting, seeds in ABLATION_SEEDS.items() for seed in seeds
+            if seed in args.seeds]
+    runner.run_all(tuned[chosen], jobs, args.jobs, args.threads, show)
 
 
 def main(argv=None):
@@ -191,30 +247,22 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
-    parser.add_argument("--stages", nargs="+", default=["pretrained", "finetune"],
-                        choices=["pretrained", "finetune"])
+    parser.add_argument("--stages", nargs="+", default=["pretrained", "finetune", "ablations"],
+                        choices=["pretrained", "finetune", "ablations"])
     runner.add_arguments(parser, out=str(RESULTS), split="val", epochs=6, device="cpu")
     args = parser.parse_args(argv)
-    pretrained, tuned = starts(args, argv), finetunes(args, argv, SETTINGS)
+    pretrained, tuned = starts(args, argv), finetunes(args, argv)
     show = functools.partial(lambda rows: render(pretrained, tuned))
     if not args.summary and "pretrained" in args.stages:
         for start in args.starts:
             runner.run_all(pretrained[start], [(start, 0)], 1, args.threads, show)
-            runner.report(pretrained[start], {(start, 0)}, show)
     if not args.summary and "finetune" in args.stages:
-        ready = [start for start in args.starts
-                 if (start, 0) in done_rows(pretrained[start])]
-        batches = [seeds for seeds in ([s for s in args.seeds if s < 3],
-                                       [s for s in args.seeds if s >= 3]) if seeds]
-        for seeds in batches:               # seeds 0-2 of every target first, then 3-4
-            for start in ready:
-                for target in args.targets:
-                    jobs = [(setting, seed) for seed in seeds for setting in SETTINGS]
-                    runner.run_all(tuned[start, target], jobs, args.jobs, args.threads, show)
-                    runner.report(tuned[start, target], set(jobs), show)
+        run_finetunes(args, pretrained, tuned, show)
+    if not args.summary and "ablations" in args.stages:
+        run_ablations(args, tuned, show)
     tables = render(pretrained, tuned)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.summary:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "summary.md").write_text(tables + "\n")
     print(tables)
 

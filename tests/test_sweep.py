@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import grqo_sweep  # noqa: E402
 import runner  # noqa: E402
 import sft_vs_grqo  # noqa: E402
+import shift  # noqa: E402
 
 
 def sweep_study(tmp_path: Path) -> runner.Study:
@@ -366,3 +367,76 @@ def test_the_users_table_puts_the_domain_trained_on_apart_from_the_others(tmp_pa
         in text
     # release minus sft_focal: outlines +10, the other domains +2, the default val 0
     assert "| release | sft_focal | 1 | 10.0 | 2.0 | 0.0 | 0.0 | - | +10.0 | 1.00x |" in text
+
+
+# ----------------------------------------------------------------------------- shift
+
+def shift_studies(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path / "results" / "shift"),
+                              runs=str(tmp_path / "runs"), split="val", epochs=6,
+                              data="shapes", device="cpu")
+    return shift.starts(args, ["--summary"]), shift.finetunes(args, ["--summary"])
+
+
+def write_shift_evaluations(folder: Path, values: dict[str, float]):
+    """evaluation_NAME.json for the default val and every domain (AP 0.05 where not given)."""
+    for name in ["default", *shift.DOMAINS]:
+        (folder / f"evaluation_{name}.json").write_text(
+            json.dumps({"AP": values.get(name, 0.05)}))
+
+
+def test_shift_starts_from_each_p_and_fine_tunes_sft_6_against_grqo_0_plus_6(tmp_path):
+    pretrained, tuned = shift_studies(tmp_path)
+    visual = runner.train_command(pretrained["P_visual"], "P_visual", 0)
+    assert Path(visual[1]).name == "train_grqo.py"               # the main job: 1 + 11
+    assert visual[visual.index("--sft-epochs") + 1] == "1"
+    assert visual[visual.index("--grqo-epochs") + 1] == "11"
+    text = runner.train_command(pretrained["P_text"], "P_text", 0)
+    assert text[text.index("--prompts") + 1] == "text" and "--epochs" in text
+    assert pretrained["P_text"].evaluations["cells"] == [
+        "--data", "shapes:cells", "--split", "val", "--prompt", "text"]
+    assert set(shift.FAR_DOMAINS) < set(pretrained["P_visual"].evaluations)
+    assert set(tuned) == {(p, target) for p in shift.STARTS for target in shift.TARGETS}
+    study = tuned["P_text", "parts"]
+    grqo, sft = (runner.train_command(study, setting, 3) for setting in ("grqo", "sft"))
+    for command in (grqo, sft):
+        assert command[command.index("--init") + 1] == str(
+            runner.run_folder(pretrained["P_text"], "P_text", 0) / "last.pt")
+        assert command[command.index("--data") + 1] == "shapes:parts"
+    assert grqo[grqo.index("--sft-epochs") + 1] == "0"
+    assert grqo[grqo.index("--grqo-epochs") + 1] == "6"
+    assert sft[sft.index("--epochs") + 1] == "6" and "--init-l2" not in sft
+    l2 = runner.train_command(study, "sft_l2", 0)
+    assert float(l2[l2.index("--init-l2") + 1]) > 0
+    assert study.evaluations["default"][-2:] == ["--shots", "10"]
+
+
+def test_shift_tables_order_targets_by_distance_and_apply_the_gain_criterion(tmp_path):
+    pretrained, tuned = shift_studies(tmp_path)
+    zero_shot = {"default": 0.5, "parts": 0.02, "cells": 0.10, "documents": 0.04,
+                 "outlines": 0.30}
+    for start in shift.STARTS:
+        folder = runner.run_folder(pretrained[start], start, 0)
+        write_run(folder, None, 0.5)
+        write_shift_evaluations(folder, zero_shot)
+    # From P_visual: on cells GRQO gains +2, +3, +1.5 (a gain); on parts +1, -1, +2 (none).
+    gains = {"cells": [2.0, 3.0, 1.5], "parts": [1.0, -1.0, 2.0]}
+    for target, deltas in gains.items():
+        for seed, delta in enumerate(deltas):
+            for setting, ap in (("sft", 0.30), ("grqo", 0.30 + delta / 100)):
+                folder = runner.run_folder(tuned["P_visual", target], setting, seed)
+                write_run(folder, {0: [None]}, ap)
+                write_shift_evaluations(folder, {target: ap, "default": 0.2 - (setting == "grqo")
+                                                 * 0.01})
+    text = shift.render(pretrained, tuned)
+    assert "| P_visual (generic) | 50.0 | " in text
+    table = text[text.index("From P_visual"):text.index("From P_text")]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| parts", "| documents", "| cells",
+                                                       "| outlines"]         # farthest first
+    assert "| cells | 10.0 | 30.0 ± 0.0 | 3 | 2.2 ± 0.8 | +2.0, +3.0, +1.5 | -1.0 ± 0.0 | " \
+           "0.0 ± 0.0 | yes |" in table
+    assert "| parts | 2.0 | 30.0 ± 0.0 | 3 | 0.7 ± 1.5 | +1.0, -1.0, +2.0 |" in table
+    assert table.split("| parts |")[1].splitlines()[0].endswith("| no |")
+    assert shift.largest_gain(tuned) == ("P_visual", "cells")
+    assert "Ablations from P_visual on cells" in text

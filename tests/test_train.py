@@ -476,3 +476,26 @@ def test_a_cuda_training_step_waits_for_the_device_only_where_it_must(shapes, tm
                                 "cuda", "--workers", "0"))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_a_pull_to_the_start_holds_the_weights_near_it_and_resumes_exactly(shapes, tmp_path):
+    """--init-l2: SFT plus (weight / 2) * ||w - w_start||^2 toward the --init weights; a run
+    cut off and resumed pulls toward the same start (the checkpoint holds it)."""
+    train_sft.main(run_args(shapes, tmp_path / "start", "--max-steps", "2"))
+    init = ["--init", str(tmp_path / "start" / "last.pt")]
+    start = torch.load(tmp_path / "start" / "last.pt", weights_only=True)["model"]
+
+    def distance(model):
+        return sum((value.detach() - start[name]).pow(2).sum().item()
+                   for name, value in model.named_parameters())
+
+    free = train_sft.main(run_args(shapes, tmp_path / "free", *init, "--max-steps", "6"))
+    pull = [*init, "--init-l2", "1000"]
+    pulled = train_sft.main(run_args(shapes, tmp_path / "pulled", *pull, "--max-steps", "6"))
+    assert distance(pulled) < 0.5 * distance(free)
+    log = [json.loads(line) for line in (tmp_path / "pulled" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["pull"] > 0
+    train_sft.main(run_args(shapes, tmp_path / "parts", *pull, "--max-steps", "3"))
+    resumed = train_sft.main(run_args(shapes, tmp_path / "parts", *pull, "--max-steps", "6",
+                                      "--resume", str(tmp_path / "parts" / "last.pt")))
+    assert_same_weights(pulled.state_dict(), resumed.state_dict())
