@@ -507,10 +507,13 @@ class BertTextEncoder(nn.Module):
         super().__init__()
         self.tokenizer, self.bert = tokenizer, bert
         self.out = nn.Linear(self.bert.config.hidden_size, dim)
-        ids = self.tokenizer.ids
-        self.register_buffer("delimiters", torch.tensor(
-            [ids[token] for token in ("[CLS]", "[SEP]", ".", "?") if token in ids]),
-            persistent=False)
+        self.register_buffer("delimiters", self.delimiter_ids(tokenizer), persistent=False)
+
+    @staticmethod
+    def delimiter_ids(tokenizer: WordPieceTokenizer) -> Tensor:
+        """The ids that end a caption's phrases (caption_phrases): [CLS], [SEP], "." and "?"."""
+        return torch.tensor([tokenizer.ids[token] for token in ("[CLS]", "[SEP]", ".", "?")
+                             if token in tokenizer.ids])
 
     @classmethod
     def from_folder(cls, folder: str | Path, dim: int) -> "BertTextEncoder":
@@ -589,7 +592,7 @@ class BertTextEncoder(nn.Module):
     def caption(self, names: list[str]) -> PromptTokens:
         """K class names -> their caption as the prompts of a batch of one: its T tokens'
         states projected to d, its phrases, each class's tokens and their mean."""
-        device = self.out.weight.device
+        device = self.delimiters.device
         ids, spans = self.caption_ids(names)
         tokens, phrases = self.encode_ids(torch.tensor([ids], device=device))
         width = max(end - start for start, end in spans)

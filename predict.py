@@ -102,7 +102,7 @@ def load_prototypes(path: str | Path, model: DINOR1) -> Prompts:
     if prototypes.ndim != 2 or prototypes.shape != (len(names), model.config.hidden_dim):
         raise ValueError(f"prototypes in {path} have shape {tuple(prototypes.shape)}; this "
                          f"model needs ({len(names)}, {model.config.hidden_dim})")
-    return Prompts(names=names, embeddings=prototypes.to(next(model.parameters()).device))
+    return Prompts(names=names, embeddings=prototypes.to(model_device(model)))
 
 
 def as_picture(image: str | Path | Image.Image | Tensor) -> Image.Image:
@@ -134,6 +134,11 @@ def check_box(box, picture: Image.Image, where: str) -> None:
                          f"{picture.width}x{picture.height} pixels")
 
 
+def model_device(model) -> torch.device:
+    """Where a detector's inputs go: its weights' device (an export.OnnxDetector: the CPU)."""
+    return model.device if hasattr(model, "device") else next(model.parameters()).device
+
+
 def prepare(model: DINOR1, picture: Image.Image, boxes: list) -> Batch:
     """A batch of one picture exactly as evaluation sees it (data.make_sample with the
     evaluation transforms), with `boxes` (x0, y0, x1, y1 pixels) as its targets: after the
@@ -143,7 +148,7 @@ def prepare(model: DINOR1, picture: Image.Image, boxes: list) -> Batch:
     labels = torch.zeros(len(pixels), dtype=torch.long)
     batch = collate([make_sample(picture, pixels, labels, transforms, image_id=0)],
                     model.config.pad_multiple)
-    return batch.to(next(model.parameters()).device)
+    return batch.to(model_device(model))
 
 
 @torch.no_grad()
@@ -228,22 +233,34 @@ def predict(model: DINOR1, image: str | Path | Image.Image | Tensor, prompts: Pr
     interactive = [e.box for e in prompts.exemplars if e.image is None]
     for box in interactive:
         check_box(box, picture, "the picture")
-    batch = prepare(model, picture, interactive)
+    return predict_batch(model, prepare(model, picture, interactive), prompts, threshold,
+                         top_k, chunk_size)[0]
+
+
+@torch.no_grad()
+def predict_batch(model: DINOR1, batch: Batch, prompts: Prompts, threshold: float = 0.3,
+                  top_k: int = 100, chunk_size: int = 80) -> list[Prediction]:
+    """predict() for a prepared batch: one picture with its interactive boxes as targets, or
+    several pictures (of one padded size, so that each gives what it gives alone) with
+    prompts that are not drawn on them."""
     vectors, names = prompt_set(model, encode_other_pictures(model, prompts), batch)
     if vectors is None and not prompts.text:
         raise ValueError("no prompt: give boxes (--box, --exemplar), --text or --classes")
     parts = []
     if vectors is not None:
-        parts.append(detect(model, batch, vectors, list(range(len(names))), chunk_size, top_k)[0])
+        parts.append(detect(model, batch, vectors, list(range(len(names))), chunk_size, top_k))
     if prompts.text:
         classes = list(range(len(names), len(names) + len(prompts.text)))
         text = text_prompt_chunks(model, prompts.text, chunk_size)
-        parts.append(detect(model, batch, text, classes, chunk_size, top_k)[0])
+        parts.append(detect(model, batch, text, classes, chunk_size, top_k))
         names = names + prompts.text
-    found = keep_top(parts, top_k)
-    keep = found.scores >= threshold
-    return Prediction(found.boxes[keep].cpu(), found.scores[keep].cpu(),
-                      found.labels[keep].cpu(), names)
+    predictions = []
+    for image_parts in zip(*parts):
+        found = keep_top(list(image_parts), top_k)
+        keep = found.scores >= threshold
+        predictions.append(Prediction(found.boxes[keep].cpu(), found.scores[keep].cpu(),
+                                      found.labels[keep].cpu(), names))
+    return predictions
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DINOR1:
@@ -331,9 +348,11 @@ def build_prompts(args, model: DINOR1) -> Prompts:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a checkpoint written by training, or a "
-                        "Grounding DINO folder (config.json, model.safetensors, vocab.txt or "
-                        "tokenizer.json)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="a checkpoint written by training, or a Grounding DINO "
+                        "folder (config.json, model.safetensors, vocab.txt or tokenizer.json)")
+    source.add_argument("--onnx", metavar="DIR", help="graphs written by export.py, run with "
+                        "onnxruntime (CPU, or its CUDA provider when installed)")
     parser.add_argument("--image", action="append", required=True,
                         help="a picture or a folder of pictures (repeatable)")
     parser.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1[=NAME]",
@@ -349,55 +368,102 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threshold", type=float, default=0.3, help="lowest score kept")
     parser.add_argument("--top-k", type=int, default=100, help="most detections per picture")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=1, help="pictures of one padded size "
+                        "searched at once (prompts not drawn on the pictures only)")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if not (args.box or args.exemplar or args.text or args.classes):
         raise SystemExit("no prompt: give --box, --exemplar, --text or --classes")
-    if Path(args.ckpt).is_dir() and (args.box or args.exemplar or args.classes):
+    visual = args.box or args.exemplar or args.classes
+    if args.ckpt and Path(args.ckpt).is_dir() and visual:
         raise SystemExit(UNTRAINED_VISUAL_PROMPTS.format(path=args.ckpt))
     try:
         command_line_exemplars(args.box, args.exemplar)       # syntax, before any loading
     except ValueError as error:
         raise SystemExit(str(error)) from error
     pictures = list_pictures(args.image)
-    model = load_model(args.ckpt, resolve_device(args.device))
+    if args.onnx:
+        from export import OnnxDetector
+        model = OnnxDetector(args.onnx)
+        if visual and not model.visual_prompts:
+            raise SystemExit(UNTRAINED_VISUAL_PROMPTS.format(path=model.manifest["checkpoint"]))
+    else:
+        model = load_model(args.ckpt, resolve_device(args.device))
     try:
         prompts = build_prompts(args, model)
     except (ValueError, DataError) as error:
         raise SystemExit(str(error)) from error
-    return run(model, prompts, pictures, Path(args.out), args.threshold, args.top_k)
+    batch_size = 1 if args.box else args.batch_size       # boxes drawn on each picture
+    return run(model, prompts, pictures, Path(args.out), args.threshold, args.top_k,
+               batch_size)
 
 
 def run(model: DINOR1, prompts: Prompts, pictures: list[Path], out: Path, threshold: float,
-        top_k: int) -> list[dict]:
-    """Predict on every picture, write a PNG per picture and detections.json. A picture
-    that fails (unreadable, a box outside it) is named and skipped; the others are still
-    written, then SystemExit names the ones that failed."""
+        top_k: int, batch_size: int = 1) -> list[dict]:
+    """Predict on every picture, write a PNG per picture and detections.json (in the order of
+    `pictures`). A picture that fails (unreadable, a box outside it) is named and skipped;
+    the others are still written, then SystemExit names the ones that failed. batch_size > 1
+    searches pictures of one padded size together (prompts must not be drawn on them)."""
     out.mkdir(parents=True, exist_ok=True)
-    results, failed = [], []
-    for picture_path, png_name in tqdm(list(zip(pictures, output_names(pictures))),
-                                       desc="predict", disable=len(pictures) < 2):
+    results, failed = {}, []
+
+    def write(index: int, picture: Image.Image, found: Prediction) -> None:
+        draw_detections(picture, found.detections, found.names).save(out / png_names[index])
+        results[index] = coco_results(found.detections, {"file_name": str(pictures[index])},
+                                      "name", found.names)
+
+    def fail(index: int, error: Exception) -> None:
+        message = str(error) if isinstance(error, DataError) else f"{pictures[index]}: {error}"
+        if len(pictures) > 1:
+            tqdm.write(message, file=sys.stderr)
+        failed.append((pictures[index], message))
+
+    png_names, waiting = output_names(pictures), {}
+    for index in tqdm(range(len(pictures)), desc="predict", disable=len(pictures) < 2):
         try:
-            picture = read_rgb_image(picture_path)
-            found = predict(model, picture, prompts, threshold, top_k)
+            picture = read_rgb_image(pictures[index])
+            if batch_size == 1:
+                write(index, picture, predict(model, picture, prompts, threshold, top_k))
+                continue
+            batch = prepare(model, picture, [])
+            bucket = waiting.setdefault(tuple(batch.images.shape[-2:]), [])
+            bucket.append((index, picture, batch))
+            if len(bucket) == batch_size:
+                search_together(model, waiting.pop(tuple(batch.images.shape[-2:])), prompts,
+                                threshold, top_k, write, fail)
         except (ValueError, DataError) as error:     # a DataError names the file already
-            message = str(error) if isinstance(error, DataError) else f"{picture_path}: {error}"
-            if len(pictures) > 1:
-                tqdm.write(message, file=sys.stderr)
-            failed.append((picture_path, message))
-            continue
-        draw_detections(picture, found.detections, found.names).save(out / png_name)
-        results += coco_results(found.detections, {"file_name": str(picture_path)}, "name",
-                                found.names)
-    (out / "detections.json").write_text(json.dumps(results, indent=1))
+            fail(index, error)
+    for group in waiting.values():                   # the last, smaller groups
+        search_together(model, group, prompts, threshold, top_k, write, fail)
+    ordered = [result for index in sorted(results) for result in results[index]]
+    (out / "detections.json").write_text(json.dumps(ordered, indent=1))
     if len(failed) < len(pictures):
-        print(f"{len(pictures) - len(failed)} pictures, {len(results)} detections: "
+        print(f"{len(pictures) - len(failed)} pictures, {len(ordered)} detections: "
               f"{out / 'detections.json'} and one PNG per picture in {out}")
     if len(pictures) == 1 and failed:
         raise SystemExit(failed[0][1])
     if failed:
         raise SystemExit(f"{len(failed)} of {len(pictures)} pictures failed: "
                          + ", ".join(str(path) for path, _ in failed))
-    return results
+    return ordered
+
+
+def search_together(model: DINOR1, group: list, prompts: Prompts, threshold: float,
+                    top_k: int, write, fail) -> None:
+    """Pictures of one padded size, each (index, picture, its batch of one), in one batch;
+    an error fails each of them."""
+    batches = [batch for _, _, batch in group]
+    batch = Batch(torch.cat([b.images for b in batches]), torch.cat([b.mask for b in batches]),
+                  [b.targets[0] for b in batches])
+    try:
+        found = predict_batch(model, batch, prompts, threshold, top_k)
+    except ValueError as error:
+        for index, _, _ in group:
+            fail(index, error)
+        return
+    for (index, picture, _), prediction in zip(group, found):
+        write(index, picture, prediction)
 
 
 if __name__ == "__main__":
