@@ -22,7 +22,7 @@ preprocessing, the token layout and the checkpoint's hash). Batch, height, width
 the preset's padding), tokens, classes and exemplars are dynamic: one graph serves every
 picture; the number of queries Q is constant, so a picture too small to give Q encoder tokens
 is refused. A Grounding DINO folder has no trained visual prompt encoder: its export serves
-text. Deformable attention goes into the graphs as its PyTorch reference (grid_sample); the
+text (but see PAD_MULTIPLE: Swin backbones do not export yet). Deformable attention goes into the graphs as its PyTorch reference (grid_sample); the
 Triton kernel stays the eager CUDA path. Needs onnx, onnxscript and onnxruntime
 (requirements-export.txt).
 """
@@ -47,9 +47,11 @@ from model import (DINOR1, BertTextEncoder, Phrases, PromptTokens, caption_phras
 
 OPSET = 18
 # The graphs take heights and widths in multiples of 32, the backbone's total stride, whatever
-# the checkpoint pads to (a Grounding DINO folder pads to 1): with sizes free to the pixel, the
-# exporter's symbolic sizes through Swin's padded windows and patch merging nest at every
-# stage, and the export of a small Swin had not finished after 15 minutes.
+# the checkpoint pads to (a Grounding DINO folder pads to 1). Even so, a Swin backbone does not
+# export yet: torchvision's shifted_window_attention pads each stage to its windows with
+# symbolic sizes, and torch.export's shape reasoning through them had not finished after 7
+# minutes for a 6-block Swin alone (15 for a small Grounding DINO), where the tiny backbone
+# takes about 35 s (docs/EXPERIMENTS.md, "ONNX export").
 PAD_MULTIPLE = 32
 FORMAT = "dino-r1-onnx/1"
 MAX_BATCH, MAX_SIDE, MAX_TOKENS, MAX_EXEMPLARS = 64, 4096, 256, 1024
@@ -295,7 +297,10 @@ class OnnxDetector:
 
     device = torch.device("cpu")
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None):
+    def __init__(self, folder: str | Path, providers: list[str] | None = None,
+                 threads: int | None = None):
+        """providers: onnxruntime's (default: CUDA when installed, then CPU); threads: its
+        CPU threads (default: onnxruntime's choice, one per core)."""
         require_onnx()
         import onnxruntime
         from model import DetectorConfig
@@ -312,12 +317,15 @@ class OnnxDetector:
         self.visual_prompts = self.manifest["visual_prompts"]
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                                   if p in onnxruntime.get_available_providers()]
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
         self.sessions = {}
         for name, graph in self.manifest["graphs"].items():
             path = self.folder / graph["file"]
             if not path.is_file():
                 raise SystemExit(f"{path} is missing, named in {manifest_path}")
-            session = onnxruntime.InferenceSession(str(path), providers=providers)
+            session = onnxruntime.InferenceSession(str(path), options, providers=providers)
             names = [node.name for node in session.get_inputs()]
             if names != list(graph["inputs"]):
                 raise SystemExit(f"{path} takes {names}, but {manifest_path} says "

@@ -5,9 +5,9 @@
 
 The detector graph only (the prompts are ready-made: 24 class vectors, one token each, as
 evaluate.py's generic prompts), on `val` pictures of the default data at the preset's size
-(--preset: random weights at 800x1333 for swin_t, pictures resized up). Eager and
-onnxruntime alternate, repeat by repeat; the medians and their ratio are printed and
-written. Run from the project's root; export.py's packages must be installed.
+(--preset: random weights at 800x1333 for swin_t, pictures resized up). Both use the same
+number of CPU threads (torch's); eager and onnxruntime alternate, repeat by repeat; the
+medians and their ratio are printed and written. Run from the project's root; export.py's packages must be installed.
 """
 
 import argparse
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
         if args.onnx is None:
             export.export(checkpoint, folder)
         export_seconds = time.perf_counter() - started
-        runtime = export.OnnxDetector(folder)
+        runtime = export.OnnxDetector(folder, threads=torch.get_num_threads())
         model = load_detector(checkpoint, kernel="torch")[0].eval()
         vectors = torch.randn(1, 24, model.config.hidden_dim, generator=torch.Generator()
                               .manual_seed(0))
