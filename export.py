@@ -1,12 +1,11 @@
 """Export a detector to ONNX and run it with onnxruntime: every prompt mode, any picture size.
 
     python export.py --ckpt runs/grqo/last.pt --out exported/
-    python export.py --ckpt path/to/grounding-dino-folder --out exported_gd/    # text only
     python predict.py --onnx exported/ --image photo.jpg --box 40,60,90,120
     python predict.py --onnx exported/ --image photos/ --text "red circle" --batch-size 4
 
-The detector is cut into three graphs so that every prompt mode works from them, and a
-vocabulary's prompts are computed once and reused for every picture:
+The detector is cut into three graphs so that every prompt mode works from them, and
+exemplars on other pictures or saved prototypes are encoded once for every picture:
 
     detector.onnx        images (B, 3, H, W), mask (B, H, W), the prompt tokens (B, T, d) with
                          their padding, phrase attention (B, T, T) and position ids, each
@@ -19,18 +18,18 @@ Tokenising, the phrase masks and the prompts' layout stay in Python, in the same
 eager path calls (BertTextEncoder.caption, one_token_per_class, predict.prompt_set); the
 vocabulary travels in DIR beside manifest.json (inputs, outputs, dynamic sizes, opset, the
 preprocessing, the token layout and the checkpoint's hash). Batch, height, width (multiples of
-the preset's padding), tokens, classes and exemplars are dynamic: one graph serves every
+32, PAD_MULTIPLE), tokens, classes and exemplars are dynamic: one graph serves every
 picture; the number of queries Q is constant, so a picture too small to give Q encoder tokens
-is refused. A Grounding DINO folder has no trained visual prompt encoder: its export serves
-text (but see PAD_MULTIPLE: Swin backbones do not export yet). Deformable attention goes into the graphs as its PyTorch reference (grid_sample); the
-Triton kernel stays the eager CUDA path. Needs onnx, onnxscript and onnxruntime
-(requirements-export.txt).
+is refused (after the run: the graph selects min(Q, tokens)). The `tiny` backbone only, for
+now: a Swin backbone (swin_t, Grounding DINO folders, whose export would serve text only) is
+refused, see PAD_MULTIPLE. Deformable attention goes into the graphs as its PyTorch
+reference (grid_sample); the Triton kernel stays the eager CUDA path. Needs onnx,
+onnxscript and onnxruntime (requirements-export.txt).
 """
 
 import argparse
 import hashlib
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -199,6 +198,7 @@ def file_hash(path: Path) -> str:
 
 
 def tokenizer_settings(tokenizer: WordPieceTokenizer) -> dict:
+    """WordPieceTokenizer's keywords that rebuild `tokenizer` from vocab.txt."""
     return dict(byte_fallback=tokenizer.byte_fallback, lowercase=tokenizer.lowercase,
                 strip_accents=tokenizer.strip_accents,
                 chinese_characters=tokenizer.chinese_characters,
@@ -211,6 +211,10 @@ def export(checkpoint: str | Path, out: str | Path, trace_side: int | None = Non
     require_onnx()
     checkpoint, out = Path(checkpoint), Path(out)
     model = load_detector(checkpoint)[0].eval().float()
+    if model.config.backbone != "tiny":
+        raise SystemExit(f"{checkpoint} has a {model.config.backbone} backbone: export.py "
+                         f"exports the tiny backbone only for now (a Swin's export with free "
+                         f"sizes does not finish, see export.PAD_MULTIPLE)")
     model.config = replace(model.config, pad_multiple=max(PAD_MULTIPLE, model.config.pad_multiple))
     for module in model.modules():          # the graphs use the PyTorch reference
         if hasattr(module, "kernel"):
@@ -281,6 +285,7 @@ class OnnxTextEncoder(BertTextEncoder):
 
     def encode_ids(self, input_ids: Tensor, padding: Tensor | None = None
                    ) -> tuple[Tensor, Phrases]:
+        """BertTextEncoder.encode_ids, BERT and the projection run by text_encoder.onnx."""
         if padding is None:
             padding = torch.zeros_like(input_ids, dtype=torch.bool)
         phrases = caption_phrases(input_ids, padding, self.delimiters, self.dim)
@@ -402,4 +407,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main() is None)
+    main()

@@ -6,12 +6,15 @@ boxes on other pictures, class names or saved per-class prototypes.
     python predict.py --ckpt CKPT --image photos/ --exemplar ref.jpg:10,10,80,90=cup
     python predict.py --ckpt CKPT --image photo.jpg --text "red circle" --text "blue star"
     python predict.py --ckpt CKPT --image photo.jpg --classes prototypes.pt
+    python predict.py --onnx DIR --image photos/ --text "red circle" --batch-size 4
 
 Boxes are x0,y0,x1,y1 in pixels of the picture they are drawn on. Boxes that share a name
 become one prompt, the mean of their embeddings (several shots of one class, as generic
 prototypes are built in evaluate.py); an unnamed box is a prompt of its own, "prompt 1",
 "prompt 2", ... `--classes` reads prototypes written by
-`python evaluate.py --ckpt CKPT --save-prototypes FILE`.
+`python evaluate.py --ckpt CKPT --save-prototypes FILE`. `--onnx DIR` runs the graphs that
+export.py wrote with onnxruntime instead; `--batch-size N` searches pictures of one padded
+size together (not with --box, whose boxes are encoded on each picture).
 
 Writes to --out (default predictions/) one PNG per picture with boxes, names and scores,
 and detections.json: COCO-style results {"file_name", "bbox": [x, y, w, h] in the
@@ -30,6 +33,7 @@ import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -243,6 +247,7 @@ def predict_batch(model: DINOR1, batch: Batch, prompts: Prompts, threshold: floa
     """predict() for a prepared batch: one picture with its interactive boxes as targets, or
     several pictures (of one padded size, so that each gives what it gives alone) with
     prompts that are not drawn on them."""
+    model.eval()
     vectors, names = prompt_set(model, encode_other_pictures(model, prompts), batch)
     if vectors is None and not prompts.text:
         raise ValueError("no prompt: give boxes (--box, --exemplar), --text or --classes")
@@ -405,6 +410,9 @@ def run(model: DINOR1, prompts: Prompts, pictures: list[Path], out: Path, thresh
     `pictures`). A picture that fails (unreadable, a box outside it) is named and skipped;
     the others are still written, then SystemExit names the ones that failed. batch_size > 1
     searches pictures of one padded size together (prompts must not be drawn on them)."""
+    if batch_size > 1 and any(exemplar.image is None for exemplar in prompts.exemplars):
+        raise ValueError("boxes drawn on the pictures themselves are encoded on each one: "
+                         "search them one at a time (batch size 1)")
     out.mkdir(parents=True, exist_ok=True)
     results, failed = {}, []
 
@@ -427,11 +435,15 @@ def run(model: DINOR1, prompts: Prompts, pictures: list[Path], out: Path, thresh
                 write(index, picture, predict(model, picture, prompts, threshold, top_k))
                 continue
             batch = prepare(model, picture, [])
-            bucket = waiting.setdefault(tuple(batch.images.shape[-2:]), [])
-            bucket.append((index, picture, batch))
-            if len(bucket) == batch_size:
-                search_together(model, waiting.pop(tuple(batch.images.shape[-2:])), prompts,
-                                threshold, top_k, write, fail)
+            waiting.setdefault(tuple(batch.images.shape[-2:]), []).append(
+                (index, picture, batch))
+            fullest = max(waiting, key=lambda size: len(waiting[size]))
+            # A full batch goes; so does the fullest when too many pictures wait (a folder of
+            # many sizes must not fill the memory).
+            if len(waiting[fullest]) == batch_size or sum(map(len, waiting.values())) \
+                    > 4 * batch_size:
+                search_together(model, waiting.pop(fullest), prompts, threshold, top_k, write,
+                                fail)
         except (ValueError, DataError) as error:     # a DataError names the file already
             fail(index, error)
     for group in waiting.values():                   # the last, smaller groups
@@ -445,20 +457,21 @@ def run(model: DINOR1, prompts: Prompts, pictures: list[Path], out: Path, thresh
         raise SystemExit(failed[0][1])
     if failed:
         raise SystemExit(f"{len(failed)} of {len(pictures)} pictures failed: "
-                         + ", ".join(str(path) for path, _ in failed))
+                         + ", ".join(str(path) for path, _ in sorted(failed)))
     return ordered
 
 
 def search_together(model: DINOR1, group: list, prompts: Prompts, threshold: float,
-                    top_k: int, write, fail) -> None:
+                    top_k: int, write: Callable[[int, Image.Image, Prediction], None],
+                    fail: Callable[[int, Exception], None]) -> None:
     """Pictures of one padded size, each (index, picture, its batch of one), in one batch;
-    an error fails each of them."""
+    an error (a refused size, memory, onnxruntime) fails each of them, and the run goes on."""
     batches = [batch for _, _, batch in group]
     batch = Batch(torch.cat([b.images for b in batches]), torch.cat([b.mask for b in batches]),
                   [b.targets[0] for b in batches])
     try:
         found = predict_batch(model, batch, prompts, threshold, top_k)
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:
         for index, _, _ in group:
             fail(index, error)
         return

@@ -356,14 +356,18 @@ def _draw_image(
             placement = _place_painted(rng, paint, image_size, owner, visible, full, style)
         if placement is None:
             continue
-        covered = placement[1] > 0 if paint is None else placement[0]
+        if paint is None:
+            polygon, mask = placement                      # mask: 1 fill, 2 outline
+            covered = mask > 0
+        else:
+            covered, pixels = placement
         visible = visible - np.bincount(owner[covered] + 1, minlength=len(visible) + 1)[1:]
         visible, full = np.append(visible, covered.sum()), np.append(full, covered.sum())
         owner[covered] = len(placed)
         if paint is None:
-            _paint(rng, canvas, placement[1], placement[0], colour, style.outline_only)
+            _paint(rng, canvas, mask, polygon, colour, style.outline_only)
         else:
-            canvas[covered] = placement[1][covered]
+            canvas[covered] = pixels[covered]
         rows, columns = np.flatnonzero(covered.any(axis=1)), np.flatnonzero(covered.any(axis=0))
         box = [
             int(columns[0]),

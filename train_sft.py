@@ -408,9 +408,11 @@ class PullToStart(SFTObjective):
         return {} if self.start is None else {"start": self.start}
 
     def load_state_dict(self, state: dict, model: DINOR1) -> None:
-        if "start" in state:
-            device = next(model.parameters()).device
-            self.start = {name: value.to(device) for name, value in state["start"].items()}
+        if "start" not in state:
+            raise SystemExit("--resume: the checkpoint holds no start to pull toward (it was "
+                             "not trained with --init-l2); resume it without --init-l2")
+        device = next(model.parameters()).device
+        self.start = {name: value.to(device) for name, value in state["start"].items()}
 
     def __call__(self, network, batch, prompts, targets, num_boxes, generator=None):
         loss, terms = super().__call__(network, batch, prompts, targets, num_boxes, generator)
@@ -485,9 +487,10 @@ def train_one_epoch(network: torch.nn.Module, objective: SFTObjective,
         step_prompts, targets = prompt_sampler(
             batch, step_generator(seed, epoch, batch_index, rank, 1),
             step_generator(seed, epoch, batch_index, 2))          # the coin: no rank
-        batch, targets = batch.to(device, True), [t.to(device, True) for t in targets]
+        batch = batch.to(device, non_blocking=True)
+        targets = [target.to(device, non_blocking=True) for target in targets]
         if isinstance(step_prompts, VisualInstructions):
-            step_prompts = step_prompts.to(device, True)
+            step_prompts = step_prompts.to(device, non_blocking=True)
         has_boxes, num_boxes = agree_before_step(any(len(t.labels) for t in targets),
                                                  targets, device)
         if not has_boxes:
@@ -789,6 +792,8 @@ def main(argv=None) -> DINOR1:
     args = finish_args(parser.parse_args(argv), "sft")
     if args.init_l2 < 0:
         parser.error(f"--init-l2 must be at least 0, got {args.init_l2}")
+    if args.init_l2 and not args.init:
+        parser.error("--init-l2 pulls toward the weights of --init: give --init")
     if args.init_l2:
         return train(args, PullToStart(args.match_cost, args.contrastive_weight, args.init_l2))
     return train(args, SFTObjective(args.match_cost, args.contrastive_weight))

@@ -1,13 +1,14 @@
 """Pictures a second, the eager detector against its export run by onnxruntime, side by side.
 
     python benchmarks/onnx_speed.py --ckpt runs/grqo/last.pt --batch 1 4 --json out.json
-    python benchmarks/onnx_speed.py --preset swin_t --batch 1 --repeats 3     # random weights
+    python benchmarks/onnx_speed.py --batch 1 --repeats 3          # random tiny weights
 
 The detector graph only (the prompts are ready-made: 24 class vectors, one token each, as
 evaluate.py's generic prompts), on `val` pictures of the default data at the preset's size
-(--preset: random weights at 800x1333 for swin_t, pictures resized up). Both use the same
-number of CPU threads (torch's); eager and onnxruntime alternate, repeat by repeat; the
-medians and their ratio are printed and written. Run from the project's root; export.py's packages must be installed.
+(pictures resized up for a preset of 800 pixels; export.py takes the tiny backbone only for
+now). Both use the same number of CPU threads (torch's); eager and onnxruntime alternate,
+repeat by repeat; the medians and their ratio are printed and written. Run from the
+project's root; export.py's packages must be installed.
 """
 
 import argparse
@@ -24,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import export  # noqa: E402
 from checkpoints import CHECKPOINT_FORMAT, load_detector  # noqa: E402
-from data import collate, make_sample, make_transforms, read_rgb_image, resolve_data_root  # noqa: E402
+from data import (collate, make_sample, make_transforms, read_rgb_image,  # noqa: E402
+                  resolve_data_root)
 from model import build_model, one_token_per_class  # noqa: E402
 
 

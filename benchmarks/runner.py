@@ -108,7 +108,7 @@ def run_folder(study: Study, setting: str, seed: int) -> Path:
 
 
 def is_grqo(study: Study, setting: str) -> bool:
-    """Whether a setting trains with train_grqo.py ("1 + (E - 1)" epochs) or SFT."""
+    """Whether a setting trains with train_grqo.py (S + (E - S) epochs) or SFT."""
     return study.settings[setting][0] == "train_grqo.py"
 
 

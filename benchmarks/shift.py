@@ -1,6 +1,7 @@
 """When does GRQO help? Fine-tuning across a large domain shift, against the shift's size.
 
-    python benchmarks/shift.py                             # everything still missing
+    python benchmarks/shift.py                             # the P's and fine-tuning runs
+    python benchmarks/shift.py --stages ablations          # once those are done
     python benchmarks/shift.py --stages pretrained         # the two starting points only
     python benchmarks/shift.py --seeds 0 1 2 --targets cells parts
     python benchmarks/shift.py --summary                   # the tables of what is recorded
@@ -19,10 +20,11 @@ benchmarks/results/shift/), on the `tiny` preset:
    train_grqo.py's defaults (the release's alpha and beta), paired seeds 0-4. Every run is
    evaluated with generic prompts on every domain's `val` and the default `val`: the target
    (learned), the default (forgotten) and the others (transfer).
-3. ablations: on the target and P with the largest paired gain, GRQO's terms apart (kl_only,
-   advantage_only, seeds 0-2) and SFT with a plain L2 pull of the weights toward P
-   (`--init-l2`, the simplest trust region), so that what GRQO adds beyond "stay near the
-   start" is measured.
+3. ablations: on the target and P with the largest paired gain when the stage runs (run it
+   once seeds 0-4 of every target are done, so that the choice does not move), GRQO's terms
+   apart (kl_only, advantage_only, seeds 0-2) and SFT with a plain L2 pull of the weights
+   toward P (`--init-l2`, the simplest trust region), so that what GRQO adds beyond "stay
+   near the start" is measured.
 
 The criterion, stated before any result: GRQO gains on a target where the paired mean of
 GRQO minus SFT on the target's `val` is at least +1.0 AP and above its std over seeds 0-4.
@@ -31,7 +33,6 @@ a finished one is read back, never rerun.
 """
 
 import argparse
-import functools
 import statistics
 import sys
 from pathlib import Path
@@ -247,12 +248,14 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
-    parser.add_argument("--stages", nargs="+", default=["pretrained", "finetune", "ablations"],
+    parser.add_argument("--stages", nargs="+", default=["pretrained", "finetune"],
                         choices=["pretrained", "finetune", "ablations"])
     runner.add_arguments(parser, out=str(RESULTS), split="val", epochs=6, device="cpu")
     args = parser.parse_args(argv)
     pretrained, tuned = starts(args, argv), finetunes(args, argv)
-    show = functools.partial(lambda rows: render(pretrained, tuned))
+    def show(rows):
+        return render(pretrained, tuned)
+
     if not args.summary and "pretrained" in args.stages:
         for start in args.starts:
             runner.run_all(pretrained[start], [(start, 0)], 1, args.threads, show)

@@ -553,7 +553,7 @@ class DeviceReads:
     `.numpy()`, intercepted. Use: `with DeviceReads(monkeypatch) as reads: ...`."""
 
     def __init__(self, monkeypatch):
-        self.monkeypatch, self.names = monkeypatch, []
+        self.monkeypatch, self.names = monkeypatch.context(), []   # undone on exit, alone
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -569,17 +569,18 @@ class DeviceReads:
                     names.append(name)
                 return func(*args, **(kwargs or {}))
 
+        patch = self.monkeypatch.__enter__()
         for method in ("cpu", "tolist", "numpy"):
             original = getattr(torch.Tensor, method)
-            self.monkeypatch.setattr(torch.Tensor, method, lambda tensor, *a, _name=method,
-                                     _f=original, **k: names.append(_name) or _f(tensor, *a, **k))
+            patch.setattr(torch.Tensor, method, lambda tensor, *a, _name=method, _f=original,
+                          **k: names.append(_name) or _f(tensor, *a, **k))
         self.mode = CountReads()
         self.mode.__enter__()
         return names
 
     def __exit__(self, *exc):
         self.mode.__exit__(*exc)
-        self.monkeypatch.undo()
+        self.monkeypatch.__exit__(*exc)
 
 
 def test_the_losses_wait_for_the_device_once(tiny, monkeypatch):
@@ -614,3 +615,23 @@ def test_the_training_forward_reads_nothing_from_the_device(tiny, monkeypatch):
         tiny(batch.images, batch.mask, instructions, dn_targets=targets,
              generator=torch.Generator().manual_seed(0))
     assert reads == ["_local_scalar_dense"]
+
+
+def test_exemplars_in_any_order_and_spare_slots_give_the_same_embeddings(tiny):
+    """The visual prompt encoder lays exemplars out by image without sorting them: a
+    permuted image_index gives the permuted embeddings, and more slots than needed (the
+    export's E) change nothing."""
+    batch, _, _ = tiny_batch()
+    tiny.eval()
+    features = tiny.backbone(batch.images, batch.mask)
+    image_index = torch.tensor([0, 1, 0, 0])
+    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.5, 0.5, 0.3, 0.3], [0.6, 0.6, 0.3, 0.2],
+                          [0.7, 0.3, 0.1, 0.15]])
+    with torch.no_grad():
+        embeddings = tiny.prompt_encoder(features, image_index, boxes)
+        order = torch.tensor([3, 1, 0, 2])
+        permuted = tiny.prompt_encoder(features, image_index[order], boxes[order])
+        spare = tiny.prompt_encoder(features, image_index, boxes, max_per_image=len(boxes))
+    torch.testing.assert_close(permuted, embeddings[order])
+    torch.testing.assert_close(spare, embeddings)
+

@@ -469,13 +469,17 @@ def test_a_cuda_training_step_waits_for_the_device_only_where_it_must(shapes, tm
     for name in ("finite_in_every_process", "log_step"):
         monkeypatch.setattr(train_sft, name, allowed(getattr(train_sft, name)))
     epoch = train_sft.train_one_epoch
-    monkeypatch.setattr(train_sft, "train_one_epoch", lambda *a, **k: (
-        torch.cuda.set_sync_debug_mode("error"), epoch(*a, **k))[1])
-    try:
-        train_sft.main(run_args(shapes, tmp_path / "run", "--max-steps", "2", "--device",
-                                "cuda", "--workers", "0"))
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+
+    def strict_epoch(*arguments, **keywords):          # the steps only, not the checkpoint
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return epoch(*arguments, **keywords)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(train_sft, "train_one_epoch", strict_epoch)
+    train_sft.main(run_args(shapes, tmp_path / "run", "--max-steps", "2", "--device", "cuda",
+                            "--workers", "0"))
 
 
 def test_a_pull_to_the_start_holds_the_weights_near_it_and_resumes_exactly(shapes, tmp_path):
