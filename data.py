@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torchvision.transforms.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes, make_grid
@@ -85,10 +85,12 @@ class Target:
     size: torch.Tensor
 
     def to(self, device, non_blocking: bool = False) -> "Target":
+        """On `device` (non_blocking: see Batch.to)."""
         return replace(self, **{name: getattr(self, name).to(device, non_blocking=non_blocking)
                                 for name in ("boxes", "labels", "orig_size", "size")})
 
     def pin_memory(self) -> "Target":
+        """In pinned memory, for non-blocking copies to CUDA."""
         return replace(self, **{name: getattr(self, name).pin_memory()
                                 for name in ("boxes", "labels", "orig_size", "size")})
 
@@ -111,9 +113,11 @@ class Batch:
         is in pinned memory (DataLoader(pin_memory=True) calls pin_memory below)."""
         return replace(self, images=self.images.to(device, non_blocking=non_blocking),
                        mask=self.mask.to(device, non_blocking=non_blocking),
-                       targets=[target.to(device, non_blocking) for target in self.targets])
+                       targets=[target.to(device, non_blocking=non_blocking)
+                                for target in self.targets])
 
     def pin_memory(self) -> "Batch":
+        """In pinned memory: DataLoader(pin_memory=True) calls it in its pinning thread."""
         return replace(self, images=self.images.pin_memory(), mask=self.mask.pin_memory(),
                        targets=[target.pin_memory() for target in self.targets])
 
@@ -143,6 +147,7 @@ class VisualInstructions:
     max_per_image: int | None = None
 
     def to(self, device, non_blocking: bool = False) -> "VisualInstructions":
+        """On `device` (non_blocking: see Batch.to)."""
         return replace(self, **{name: getattr(self, name).to(device, non_blocking=non_blocking)
                                 for name in ("boxes", "image_index", "labels", "selected")})
 
@@ -254,8 +259,10 @@ def _check_annotations(data: dict, annotation_file: Path) -> None:
             raise DataError(f"{name} has no bbox [x, y, width, height]")
 
 
-def read_rgb_image(path: Path) -> Image.Image:
-    """Open an image as 8-bit RGB, whatever its mode (grayscale, palette, RGBA, 16-bit).
+def read_rgb_image(path: Path, upright: bool = False) -> Image.Image:
+    """Open an image as 8-bit RGB, whatever its mode (grayscale, palette, RGBA, CMYK, 16-bit);
+    `upright`: turned as its EXIF orientation says (a phone's photo; datasets are annotated
+    on the stored pixels, so they are read as stored).
 
     Raises DataError naming the file when it is missing, cannot be decoded or has more
     than MAX_IMAGE_PIXELS pixels.
@@ -268,7 +275,7 @@ def read_rgb_image(path: Path) -> Image.Image:
                     f"data.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,}: resize it, or raise "
                     f"the limit if the memory allows")
             image.load()
-            return _to_rgb(image)
+            return _to_rgb(ImageOps.exif_transpose(image) if upright else image)
     except FileNotFoundError as error:
         raise DataError(f"image file {path} is missing") from error
     except (OSError, SyntaxError, ValueError) as error:  # what PIL raises on corrupt files

@@ -14,7 +14,7 @@ MAX_LINES = 1_300
 # The project's modules from the lowest to the highest: a module may import only modules
 # before it. A new module takes its place here.
 LAYERS = ["bert", "deform_attn", "grqo", "shapes", "data", "model", "losses", "checkpoints",
-          "evaluate", "train_sft", "train_grqo", "export", "predict"]
+          "evaluate", "train_sft", "train_grqo", "export", "predict", "demo"]
 
 
 def project_files() -> list[Path]:
