@@ -208,3 +208,25 @@ def test_a_file_that_is_not_a_picture_gets_a_message_then_a_good_request_works(
     assert "error" not in found and len(found["detections"]) == 100
     assert browser.find_element(By.ID, "message").text == ""
     assert torch.tensor([d["score"] for d in found["detections"]]).ge(0).all()
+
+
+def test_a_second_request_waits_for_the_first(app):
+    """One detection at a time: while one holds the model, another request waits (and is
+    answered once the model is free)."""
+    import urllib.request
+
+    served, url = app
+    answers = []
+
+    def ask():
+        body = json.dumps({"image": {"offered": 0}, "text": ["red circle"]}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url + "detect", body)) as reply:
+            answers.append(json.loads(reply.read()))
+
+    with served.lock:                                  # the first detection, still running
+        waiting = threading.Thread(target=ask)
+        waiting.start()
+        waiting.join(timeout=3)
+        assert waiting.is_alive() and not answers
+    waiting.join(timeout=60)
+    assert len(answers) == 1 and len(answers[0]["detections"]) == 100
