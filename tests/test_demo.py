@@ -230,3 +230,21 @@ def test_a_second_request_waits_for_the_first(app):
         assert waiting.is_alive() and not answers
     waiting.join(timeout=60)
     assert len(answers) == 1 and len(answers[0]["detections"]) == 100
+
+
+def test_boxes_for_a_grounding_dino_folder_get_predicts_message(tmp_path):
+    """A Grounding DINO folder has no trained visual prompt encoder: boxes are refused with
+    predict.py's message, text is answered."""
+    from checkpoints import UNTRAINED_VISUAL_PROMPTS
+    from test_grounding_dino import save_tiny_grounding_dino
+
+    folder = tmp_path / "gd"
+    folder.mkdir()
+    save_tiny_grounding_dino(folder)
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (160, 128), (90, 120, 150)).save(picture)
+    served = demo.Demo(str(folder), [picture])
+    with pytest.raises(demo.BadRequest) as refused:
+        served.detect({"image": {"offered": 0}, "boxes": boxed((10, 10, 50, 50))})
+    assert str(refused.value) == UNTRAINED_VISUAL_PROMPTS.format(path=folder)
+    assert served.detect({"image": {"offered": 0}, "text": ["cat"]})["names"] == ["cat"]
