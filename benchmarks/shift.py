@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 import runner
+from transfer import cell      # mean ± std of the known values, one decimal
 
 sys.path.insert(0, str(runner.ROOT))
 from shapes import DOMAINS, FAR_DOMAINS  # noqa: E402
@@ -101,19 +102,13 @@ def finetunes(args, argv) -> dict:
 # ----------------------------------------------------------------------------- tables
 
 def ap(row: dict | None, evaluation: str) -> float | None:
+    """An evaluation's AP in points, or None."""
     value = (row or {}).get("evaluations", {}).get(evaluation, {}).get("AP")
     return None if value is None else 100 * value
 
 
-def cell(values: list) -> str:
-    known = [value for value in values if value is not None]
-    if not known:
-        return "-"
-    spread = f" ± {statistics.stdev(known):.1f}" if len(known) > 1 else ""
-    return f"{statistics.mean(known):.1f}{spread}"
-
-
 def done_rows(study: runner.Study) -> dict[tuple[str, int], dict]:
+    """The finished runs of a study by (setting, seed)."""
     return {(row["setting"], row["seed"]): row for row in runner.collect(study, set())
             if row["status"] == "done"}
 
